@@ -1,0 +1,29 @@
+"""mixdq: MixDQ mixed-precision quantization for few-step text-to-image models.
+
+The flow, one verb per step:
+
+    pipe = load_pipeline()                                  # loading.py
+    calibration = Calibration.default(pipe)                 # calibrate.py
+    scores = sensitivity(pipe, calibration)                 # sensitivity.py
+    plan = allocate(scores, layer_costs(pipe.unet), budget_mb=...)   # allocate.py
+    report = quantize(pipe, plan, calibration)              # quantize.py
+    save_quantized(pipe, "out/")                            # export.py
+    pipe = load_quantized("out/")
+"""
+from .calibrate import Calibration, float_ranges
+from .errors import BudgetError, ExportError, MixDQError, ModelNotFoundError, PlanError
+from .loading import generation_defaults, load_pipeline
+from .memory import LayerCosts, layer_costs, model_nbytes
+from .plan import LayerBits, Plan
+from .quant import quantizable_layers
+from .quantize import QuantReport, bos_embedding, current_plan, quantize
+
+__all__ = [
+    "load_pipeline", "generation_defaults", "Calibration", "float_ranges", "quantize",
+    "QuantReport", "current_plan", "bos_embedding", "Plan", "LayerBits", "quantizable_layers",
+    "layer_costs", "LayerCosts", "model_nbytes", "MixDQError", "PlanError", "BudgetError",
+    "ModelNotFoundError", "ExportError",
+]
+from .export import load_quantized, save_quantized  # noqa: E402
+
+__all__ += ["save_quantized", "load_quantized"]

@@ -1,0 +1,128 @@
+"""Calibration: activation ranges from running the pipeline on real prompts.
+
+Ranges are taken at the model's own step count, resolution and guidance, with
+a fixed seed per prompt, because that is where the quantized model will run.
+
+Two ways to observe:
+  `observing(unet, "quantize")`  quantized layers record their input range and
+      quantize with it as they go, so each layer is calibrated on what its
+      (already quantized) upstream layers really produce.  `quantize` uses this.
+  `float_ranges(pipe, calibration)`  ranges of the float model for every
+      layer at once, through the same layer code (BOS token excluded, shortcut
+      slices apart).  Sensitivity analysis uses this.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .loading import GENERIC_PROMPTS, generation_defaults, model_dir
+from .plan import LayerBits, Plan
+from .quant import quantizable_layers, quantized_layers, replace_layers, restore_layers
+from .quant.quantizers import ActRange
+
+
+@dataclass
+class Calibration:
+    """What to run the pipeline on. None means the model's own default."""
+
+    prompts: list[str] = field(default_factory=list)
+    seed: int = 0
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise ValueError("calibration needs at least one prompt")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+    @classmethod
+    def default(cls, pipe, n: int = 32, **kw) -> "Calibration":
+        """The prompt list shipped with the model (or the generic one), first n."""
+        folder = model_dir(pipe)
+        path = folder / "calibration_prompts.txt" if folder else None
+        if not (path and path.is_file()):
+            path = GENERIC_PROMPTS
+        prompts = [p.strip() for p in Path(path).read_text().splitlines() if p.strip()]
+        if n > len(prompts):
+            raise ValueError(f"{path} holds {len(prompts)} prompts; asked for {n}")
+        return cls(prompts=prompts[:n], **kw)
+
+    def settings(self, pipe) -> dict:
+        """Generation settings with the model defaults filled in."""
+        out = generation_defaults(pipe)
+        for key in ("num_inference_steps", "guidance_scale", "height", "width"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_pipeline(pipe, calibration: Calibration, output_type: str = "latent",
+                 progress: bool = True, desc: str = "calibrating", callback=None):
+    """Run the pipeline over the calibration prompts, batch by batch.
+
+    Each prompt i gets its own generator seeded with seed + i, so results do not
+    depend on the batch size.  Returns the list of per-batch outputs.
+    """
+    settings = calibration.settings(pipe)
+    prompts = calibration.prompts
+    bs = calibration.batch_size
+    pipe.set_progress_bar_config(disable=True)
+    outputs = []
+    batches = range(0, len(prompts), bs)
+    for k, start in enumerate(tqdm(batches, desc=desc, disable=not progress, unit="batch")):
+        chunk = prompts[start:start + bs]
+        gens = [torch.Generator("cpu").manual_seed(calibration.seed + start + i)
+                for i in range(len(chunk))]
+        with torch.inference_mode():
+            outputs.append(pipe(prompt=chunk, generator=gens, output_type=output_type, **settings))
+        if callback is not None:
+            callback(k + 1, len(batches))
+    return outputs
+
+
+@contextlib.contextmanager
+def observing(unet, mode: str = "quantize"):
+    """Record activation ranges of the quantized layers while the block runs.
+
+    On exit the ranges are frozen into the layers' scales and zero points.
+    """
+    if mode not in ("quantize", "float"):
+        raise ValueError("mode must be 'quantize' or 'float'")
+    layers = quantized_layers(unet)
+    for layer in layers.values():
+        layer.start_observing(mode)
+    try:
+        yield layers
+    finally:
+        for layer in layers.values():
+            layer.stop_observing()
+
+
+def float_ranges(pipe, calibration: Calibration, bos_embedding=None, progress=True
+                 ) -> dict[str, list[ActRange]]:
+    """Activation ranges of the float model for every quantizable layer."""
+    unet = pipe.unet
+    names = [n for n, m in quantizable_layers(unet).items()]
+    plan = Plan({n: LayerBits(16, 16) for n in names})
+    if bos_embedding is None:
+        from .quantize import bos_embedding as compute_bos
+        bos_embedding = compute_bos(pipe)
+    originals = replace_layers(unet, plan, bos_embedding=bos_embedding, include_float=True)
+    try:
+        with observing(unet, "float") as layers:
+            run_pipeline(pipe, calibration, progress=progress, desc="float ranges")
+            return {n: list(layer.ranges) for n, layer in layers.items()}
+    finally:
+        restore_layers(unet, originals)

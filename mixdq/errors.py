@@ -1,0 +1,21 @@
+"""Errors users see. Each message names the problem and how to fix it."""
+
+
+class MixDQError(Exception):
+    """Base class for every error mixdq raises on purpose."""
+
+
+class PlanError(MixDQError, ValueError):
+    """A plan is malformed or does not fit the model."""
+
+
+class BudgetError(MixDQError, ValueError):
+    """No plan fits the requested memory budget."""
+
+
+class ModelNotFoundError(MixDQError, FileNotFoundError):
+    """A model source could not be found locally and cannot be downloaded."""
+
+
+class ExportError(MixDQError):
+    """An exported folder could not be written or read back."""

@@ -1,0 +1,70 @@
+"""Bytes a UNet holds, measured and predicted.
+
+`model_nbytes` measures: the sum of every parameter's and buffer's nbytes.
+`layer_costs` predicts, per layer and weight bit-width, the bytes the layer
+will hold once quantized; `quantize` then makes the prediction true (tested).
+1 MB = 1e6 bytes throughout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .plan import WEIGHT_BITS, LayerBits, Plan
+from .quant import is_bos_layer, layer_spec, quantizable_layers, quantized_nbytes, shortcut_splits
+
+MB = 1_000_000
+
+
+def model_nbytes(module: nn.Module) -> int:
+    """Bytes held by all parameters and buffers (each tensor counted once)."""
+    seen = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.nbytes
+    return total
+
+
+@dataclass
+class LayerCosts:
+    fixed_bytes: int                      # everything outside the quantizable layers
+    bytes: dict[str, dict[int, int]]      # layer -> weight bits -> bytes (act quantized)
+    float_bytes: dict[str, int]           # layer left untouched (W16A16)
+    weight_numel: dict[str, int]
+
+    def layer_bytes(self, name: str, bits: LayerBits) -> int:
+        return self.float_bytes[name] if bits.is_float else self.bytes[name][bits.weight]
+
+    def total_bytes(self, plan: Plan) -> int:
+        return self.fixed_bytes + sum(
+            self.layer_bytes(n, plan[n]) if n in plan else self.float_bytes[n]
+            for n in self.float_bytes)
+
+    def total_mb(self, plan: Plan) -> float:
+        return self.total_bytes(plan) / MB
+
+    def float_mb(self) -> float:
+        return (self.fixed_bytes + sum(self.float_bytes.values())) / MB
+
+
+def layer_costs(unet: nn.Module) -> LayerCosts:
+    """Exact bytes of each quantizable layer at each weight bit-width."""
+    layers = quantizable_layers(unet)
+    splits = shortcut_splits(unet)
+    costs, floats, numel = {}, {}, {}
+    layer_bytes = 0
+    for name, module in layers.items():
+        shape, has_bias, dtype = layer_spec(module)
+        kw = dict(parts=2 if splits.get(name) else 1,
+                  bos=isinstance(module, nn.Linear) and is_bos_layer(name) or getattr(module, "bos_aware", False))
+        costs[name] = {w: quantized_nbytes(shape, has_bias, LayerBits(w, 8), dtype, **kw) for w in WEIGHT_BITS}
+        floats[name] = quantized_nbytes(shape, has_bias, LayerBits(16, 16), dtype)
+        numel[name] = 1
+        for d in shape:
+            numel[name] *= d
+        layer_bytes += model_nbytes(module)
+    fixed = model_nbytes(unet) - layer_bytes
+    return LayerCosts(fixed_bytes=fixed, bytes=costs, float_bytes=floats, weight_numel=numel)

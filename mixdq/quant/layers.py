@@ -1,0 +1,239 @@
+"""Quantized replacements for nn.Linear and nn.Conv2d.
+
+A quantized layer holds only what it needs at inference:
+  weight_packed  integer codes in their container (see packing.py)
+  weight_scale   float32 per output channel
+  bias           model dtype
+  act_scale, act_zero_point   float32, one entry per input slice (1, or 2 for
+                 the up-block shortcut conv that sees concat(hidden, skip))
+  bos_out, bos_key            BOS-aware cross-attention K/V only
+The float weight is gone; `weight_bits == 16` keeps it (float weight, quantized
+activations).  `quantized_nbytes` predicts these bytes exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..plan import FLOAT_BITS, LayerBits
+from . import kernels
+from .packing import pack, packed_nbytes, unpack
+from .quantizers import ActRange, act_qparams, fake_quantize_act, quantize_weight
+
+# How many leading values of the BOS embedding identify it.  Cheap to compare
+# on every forward; a prompt's real BOS matches exactly (CLIP is causal, so
+# token 0 is the same for every prompt), a zeroed negative prompt does not.
+BOS_KEY_LEN = 8
+
+
+def quantized_nbytes(weight_shape, has_bias: bool, bits: LayerBits, dtype: torch.dtype,
+                     parts: int = 1, bos: bool = False) -> int:
+    """Exact bytes a layer holds under `bits` (the float layer when W16A16)."""
+    es = torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(weight_shape)
+    out = weight_shape[0]
+    bias = out * es if has_bias else 0
+    if bits.is_float:
+        return numel * es + bias
+    if bits.weight == FLOAT_BITS:
+        weight = numel * es
+    else:
+        weight = packed_nbytes(numel, bits.weight) + out * 4
+    extra = 2 * parts * 4  # act scale + zero point, float32, per slice
+    if bos:
+        extra += (out + BOS_KEY_LEN) * es
+    return weight + bias + extra
+
+
+class QuantLayer(nn.Module):
+    """State and arithmetic shared by QuantLinear and QuantConv2d."""
+
+    def __init__(self, weight_shape, has_bias: bool, bits: LayerBits, dtype, device=None,
+                 split: int = 0, bos: bool = False):
+        super().__init__()
+        self.weight_shape = tuple(weight_shape)
+        self.weight_bits = bits.weight
+        self.act_bits = bits.act
+        self.split = split  # >0: input channels [:split] and [split:] get their own act range
+        self.bos_aware = bos
+        self.kernel = "dequant"
+        out = self.weight_shape[0]
+        parts = 2 if split else 1
+        kw = dict(device=device)
+        if self.weight_bits == FLOAT_BITS:
+            self.register_buffer("weight", torch.empty(self.weight_shape, dtype=dtype, **kw))
+        else:
+            nbytes = packed_nbytes(math.prod(self.weight_shape), self.weight_bits)
+            container = torch.int8 if self.weight_bits >= 5 else torch.uint8
+            self.register_buffer("weight_packed", torch.empty(nbytes, dtype=container, **kw))
+            self.register_buffer("weight_scale", torch.empty(out, dtype=torch.float32, **kw))
+        self.register_buffer("bias", torch.empty(out, dtype=dtype, **kw) if has_bias else None)
+        self.register_buffer("act_scale", torch.ones(parts, dtype=torch.float32, **kw))
+        self.register_buffer("act_zero_point", torch.zeros(parts, dtype=torch.float32, **kw))
+        if bos:
+            self.register_buffer("bos_out", torch.empty(out, dtype=dtype, **kw))
+            self.register_buffer("bos_key", torch.empty(BOS_KEY_LEN, dtype=dtype, **kw))
+        # Calibration state (not saved): None when frozen, else one ActRange per slice.
+        self.observing: str | None = None  # None | "quantize" (sequential) | "float"
+        self.ranges: list[ActRange] = [ActRange() for _ in range(parts)]
+
+    # -- construction ---------------------------------------------------------
+    def _load_float(self, weight: torch.Tensor, bias: torch.Tensor | None, bos_embedding=None):
+        with torch.no_grad():
+            if self.weight_bits == FLOAT_BITS:
+                self.weight.copy_(weight)
+            else:
+                q, scale = quantize_weight(weight, self.weight_bits)
+                self.weight_packed.copy_(pack(q, self.weight_bits))
+                self.weight_scale.copy_(scale)
+            if bias is not None:
+                self.bias.copy_(bias)
+            if self.bos_aware:
+                e = bos_embedding.to(weight.dtype).reshape(1, 1, -1)
+                # W e_BOS + b with the *float* weight: token 0 stays exact.
+                self.bos_out.copy_(F.linear(e, weight, bias).reshape(-1))
+                self.bos_key.copy_(e.reshape(-1)[:BOS_KEY_LEN])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.bias.dtype if self.bias is not None else (
+            self.weight.dtype if self.weight_bits == FLOAT_BITS else self.bos_out.dtype
+            if self.bos_aware else torch.float32)
+
+    @property
+    def bits(self) -> LayerBits:
+        return LayerBits(self.weight_bits, self.act_bits)
+
+    def dequantized_weight(self, dtype) -> torch.Tensor:
+        if self.weight_bits == FLOAT_BITS:
+            return self.weight.to(dtype)
+        q = unpack(self.weight_packed, self.weight_bits, self.weight_shape)
+        shape = (-1,) + (1,) * (q.dim() - 1)
+        return (q.to(dtype) * self.weight_scale.to(dtype).view(shape))
+
+    # -- activations -------------------------------------------------------------
+    def _slices(self, x: torch.Tensor, dim: int):
+        if not self.split:
+            return [x]
+        return [x.narrow(dim, 0, self.split), x.narrow(dim, self.split, x.shape[dim] - self.split)]
+
+    def _quantize_input(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Fake-quantize x (observing first when calibrating)."""
+        if self.act_bits == FLOAT_BITS and self.observing is None:
+            return x
+        parts = self._slices(x, dim)
+        if self.observing is not None:
+            for r, p in zip(self.ranges, parts):
+                r.update(p)
+            if self.observing == "float" or self.act_bits == FLOAT_BITS:
+                return x
+            # Sequential calibration: downstream layers see this layer's input
+            # quantized with the range gathered so far.
+            self._freeze_ranges()
+        out = [fake_quantize_act(p, self.act_scale[i], self.act_zero_point[i], self.act_bits)
+               for i, p in enumerate(parts)]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=dim)
+
+    def _freeze_ranges(self) -> None:
+        if self.act_bits == FLOAT_BITS:
+            return
+        for i, r in enumerate(self.ranges):
+            scale, zp = act_qparams(r.lo, r.hi, self.act_bits)
+            self.act_scale[i] = scale
+            self.act_zero_point[i] = zp
+
+    def set_ranges(self, ranges: list[ActRange]) -> None:
+        if len(ranges) != len(self.ranges):
+            raise ValueError(f"expected {len(self.ranges)} activation ranges, got {len(ranges)}")
+        self.ranges = [ActRange(r.lo, r.hi, r.batches) for r in ranges]
+        with torch.no_grad():
+            self._freeze_ranges()
+
+    def start_observing(self, mode: str) -> None:
+        self.observing = mode
+        self.ranges = [ActRange() for _ in self.ranges]
+
+    def stop_observing(self) -> None:
+        self.observing = None
+        with torch.no_grad():
+            self._freeze_ranges()
+
+    def extra_repr(self) -> str:
+        s = f"{tuple(self.weight_shape)}, W{self.weight_bits}A{self.act_bits}, kernel={self.kernel}"
+        if self.split:
+            s += f", split={self.split}"
+        if self.bos_aware:
+            s += ", bos_aware"
+        return s
+
+
+class QuantLinear(QuantLayer):
+    # diffusers reads these off its layers (e.g. SDXL's add_embedding.linear_1.in_features)
+    in_features = property(lambda self: self.weight_shape[1])
+    out_features = property(lambda self: self.weight_shape[0])
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: LayerBits, bos_embedding=None) -> "QuantLinear":
+        layer = cls(linear.weight.shape, linear.bias is not None, bits, linear.weight.dtype,
+                    linear.weight.device, bos=bos_embedding is not None)
+        layer._load_float(linear.weight, linear.bias, bos_embedding)
+        layer.kernel = kernels.select_kernel(linear.weight.device)
+        return layer
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.kernel == "int_mm" and self.weight_bits == 8 and self.act_bits == 8
+                and self.observing is None and kernels.int_mm_usable(x.reshape(-1, x.shape[-1]), self.weight_packed)):
+            return kernels.int8_linear(x, self.act_scale, self.act_zero_point,
+                                       self.weight_packed.view(self.weight_shape),
+                                       self.weight_scale, self.bias)
+        w = self.dequantized_weight(x.dtype)
+        return F.linear(self._quantize_input(x, -1), w, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.bos_aware or x.dim() != 3:
+            return self._linear(x)
+        # BOS-aware K/V: token 0 in full precision, tokens 1.. quantized (and only
+        # they set the activation range).
+        rest = self._linear(x[:, 1:])
+        first = x[:, :1]
+        is_bos = (first[:, 0, :BOS_KEY_LEN] == self.bos_key).all(dim=-1)
+        head = self.bos_out.to(x.dtype).expand(x.shape[0], 1, -1)
+        if not bool(is_bos.all()):
+            # e.g. a zeroed negative prompt has no real BOS: compute that token
+            # on the fly, float input, no activation quantization.
+            exact = F.linear(first, self.dequantized_weight(x.dtype), self.bias)
+            head = torch.where(is_bos.view(-1, 1, 1), head, exact)
+        return torch.cat([head, rest], dim=1)
+
+
+class QuantConv2d(QuantLayer):
+    in_channels = property(lambda self: self.weight_shape[1] * self.conv_args.get("groups", 1))
+    out_channels = property(lambda self: self.weight_shape[0])
+    kernel_size = property(lambda self: tuple(self.weight_shape[2:]))
+
+    def __init__(self, weight_shape, has_bias, bits, dtype, device=None, split=0, bos=False,
+                 conv_args: dict | None = None):
+        super().__init__(weight_shape, has_bias, bits, dtype, device, split=split, bos=False)
+        self.conv_args = dict(conv_args or {})
+
+    @staticmethod
+    def conv_args_of(conv: nn.Conv2d) -> dict:
+        if conv.padding_mode != "zeros":
+            raise NotImplementedError(f"padding_mode={conv.padding_mode!r} is not supported")
+        return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                    groups=conv.groups)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, bits: LayerBits, split: int = 0) -> "QuantConv2d":
+        layer = cls(conv.weight.shape, conv.bias is not None, bits, conv.weight.dtype,
+                    conv.weight.device, split=split, conv_args=cls.conv_args_of(conv))
+        layer._load_float(conv.weight, conv.bias)
+        layer.kernel = kernels.select_kernel(conv.weight.device)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(x.dtype)
+        return F.conv2d(self._quantize_input(x, 1), w, self.bias, **self.conv_args)

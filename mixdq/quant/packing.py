@@ -1,0 +1,65 @@
+"""Containers for low-bit weight codes, with their exact byte counts.
+
+| bits    | container            | codes per byte |
+|---------|----------------------|----------------|
+| 8, 6, 5 | int8                 | 1              |
+| 4, 3    | uint8, two nibbles   | 2              |
+| 2       | uint8, four crumbs   | 4              |
+
+3-bit codes use the 4-bit container and 5/6-bit codes the int8 one: packing
+them tighter would save at most 25% on those layers but cost an unaligned
+unpack on every forward.  Codes are packed over the flattened weight, padded
+to a whole byte, so bytes = ceil(numel / codes_per_byte).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def codes_per_byte(bits: int) -> int:
+    if bits in (5, 6, 8):
+        return 1
+    if bits in (3, 4):
+        return 2
+    if bits == 2:
+        return 4
+    raise ValueError(f"no packed container for {bits}-bit weights; supported: 2, 3, 4, 5, 6, 8")
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    return math.ceil(numel / codes_per_byte(bits))
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed integer codes (int8 tensor, any shape) into a flat byte tensor."""
+    per = codes_per_byte(bits)
+    flat = q.reshape(-1)
+    if per == 1:
+        return flat.to(torch.int8).clone()
+    width = 8 // per
+    offset = 2 ** (width - 1)  # store codes as unsigned: [-2^(w-1), 2^(w-1)-1] -> [0, 2^w - 1]
+    u = (flat.to(torch.int16) + offset).to(torch.uint8)
+    pad = (-u.numel()) % per
+    if pad:
+        u = torch.cat([u, u.new_zeros(pad)])
+    u = u.view(-1, per)
+    out = torch.zeros(u.shape[0], dtype=torch.uint8, device=q.device)
+    for i in range(per):
+        out |= u[:, i] << (width * i)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    """Inverse of pack: int8 codes with the given shape."""
+    per = codes_per_byte(bits)
+    numel = math.prod(shape)
+    if per == 1:
+        return packed.view(torch.int8).reshape(shape)
+    width = 8 // per
+    mask = (1 << width) - 1
+    offset = 2 ** (width - 1)
+    parts = [((packed >> (width * i)) & mask) for i in range(per)]
+    u = torch.stack(parts, dim=1).reshape(-1)[:numel]
+    return (u.to(torch.int8) - offset).reshape(shape)

@@ -1,0 +1,109 @@
+"""quantize(pipe, plan, calibration): the UNet becomes the quantized one, in place.
+
+    pipe = mixdq.load_pipeline()
+    mixdq.quantize(pipe, plan, calibration=mixdq.Calibration.default(pipe))
+    image = pipe("a red circle").images[0]
+
+Steps: validate the plan, compute the BOS embedding from the pipeline's own
+text encoders, swap each planned layer for a packed quantized one (the float
+weight is dropped), then calibrate activation ranges sequentially.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .calibrate import Calibration, observing, run_pipeline
+from .errors import PlanError
+from .memory import MB, model_nbytes
+from .plan import FLOAT_BITS, Plan
+from .quant import kernels, quantizable_layers, quantized_layers, replace_layers
+from .quant.quantizers import ActRange
+
+
+@dataclass
+class QuantReport:
+    plan: Plan
+    float_bytes: int
+    quantized_bytes: int
+    kernel: dict
+    seconds_quantize: float
+    seconds_calibrate: float
+    bos_aware: bool
+    calibration: dict | None = None
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.quantized_bytes / self.float_bytes
+
+    def __str__(self) -> str:
+        return (f"UNet {self.float_bytes / MB:.2f} MB -> {self.quantized_bytes / MB:.2f} MB "
+                f"({self.ratio:.3f}x), {self.plan.summary()}, W8A8 kernel: {self.kernel['kernel']}, "
+                f"quantize {self.seconds_quantize:.2f}s + calibrate {self.seconds_calibrate:.2f}s")
+
+
+def bos_embedding(pipe) -> torch.Tensor:
+    """Token 0 of the text embedding the UNet sees: the same for every prompt.
+
+    CLIP is causal, so the BOS position attends only to itself; one encode of
+    any prompt gives it.  For SDXL it is both encoders' states concatenated.
+    """
+    with torch.no_grad():
+        out = pipe.encode_prompt(prompt="", device=pipe.unet.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)
+    return out[0][0, 0].detach().clone()
+
+
+def quantize(pipe, plan: Plan, calibration: Calibration | None = None,
+             ranges: dict[str, list[ActRange]] | None = None, *, bos_aware: bool = True,
+             kernel: str | None = None, progress: bool = True, callback=None) -> QuantReport:
+    """Quantize pipe.unet per `plan`, in place.
+
+    Activation ranges come from `ranges` when given, else from running
+    `calibration` (needed whenever the plan quantizes an activation).
+    `kernel` overrides the W8A8 path ('int_mm' or 'dequant').
+    """
+    unet = pipe.unet
+    if quantized_layers(unet):
+        raise PlanError("this UNet is already quantized; load the float model again to re-quantize")
+    plan.validate(quantizable_layers(unet))
+    needs_acts = any(b.act != FLOAT_BITS for b in plan.values())
+    if needs_acts and calibration is None and ranges is None:
+        raise PlanError("the plan quantizes activations: pass calibration=mixdq.Calibration.default(pipe) "
+                        "or precomputed ranges=")
+    float_bytes = model_nbytes(unet)
+    t0 = time.perf_counter()
+    bos = bos_embedding(pipe) if bos_aware else None
+    originals = replace_layers(unet, plan, ranges=ranges, bos_embedding=bos)
+    del originals  # the float weights go here
+    gc.collect()
+    layers = quantized_layers(unet)
+    chosen = kernels.select_kernel(unet.device, override=kernel)
+    for layer in layers.values():
+        layer.kernel = chosen
+    t1 = time.perf_counter()
+    if needs_acts and ranges is None:
+        with observing(unet, "quantize"):
+            run_pipeline(pipe, calibration, progress=progress, callback=callback)
+    t2 = time.perf_counter()
+    unet.mixdq_meta = {
+        "bos_aware": bos_aware,
+        "kernel": chosen,
+        "calibration": calibration.to_dict() if calibration is not None else None,
+    }
+    counts = {}
+    for layer in layers.values():
+        counts[str(layer.bits)] = counts.get(str(layer.bits), 0) + 1
+    return QuantReport(plan=plan, float_bytes=float_bytes, quantized_bytes=model_nbytes(unet),
+                       kernel=kernels.kernel_report(unet.device) | {"kernel": chosen},
+                       seconds_quantize=t1 - t0, seconds_calibrate=t2 - t1, bos_aware=bos_aware,
+                       calibration=unet.mixdq_meta["calibration"], counts=counts)
+
+
+def current_plan(unet) -> Plan:
+    """The plan a (possibly) quantized UNet runs: read off its layers."""
+    return Plan({name: layer.bits for name, layer in quantized_layers(unet).items()})
