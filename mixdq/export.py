@@ -118,7 +118,7 @@ def _empty_quantized_unet(folder: Path, plan: Plan, dtype, bos_aware: bool):
     except Exception as e:
         raise ExportError(f"plan.json does not match unet/config.json: {e}") from None
     splits = shortcut_splits(unet)
-    for name, bits in plan.items():
+    for name, bits in plan.quantized().items():
         m = layers[name]
         shape, has_bias = tuple(m.weight.shape), m.bias is not None
         if isinstance(m, torch.nn.Linear):
@@ -152,7 +152,9 @@ def load_quantized(folder, device=None, kernel: str | None = None, verify: bool 
     dtype = getattr(torch, meta.get("dtype", "float32"))
     unet = _empty_quantized_unet(folder, plan, dtype, meta.get("bos_aware", True))
     try:
-        state = load_file(str(unet_path), device=str(device))
+        # clone: fresh, aligned allocations rather than views into the file
+        # buffer, so BLAS takes the same code path (and rounding) as before saving
+        state = {k: v.clone() for k, v in load_file(str(unet_path), device=str(device)).items()}
     except (SafetensorError, OSError) as e:
         raise ExportError(f"{unet_path} cannot be read ({e}); export the model again") from None
     expected = unet.state_dict()

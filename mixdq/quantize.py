@@ -81,6 +81,7 @@ def quantize(pipe, plan: Plan, calibration: Calibration | None = None,
     originals = replace_layers(unet, plan, ranges=ranges, bos_embedding=bos)
     del originals  # the float weights go here
     gc.collect()
+    _rehome_tensors(unet)
     layers = quantized_layers(unet)
     chosen = kernels.select_kernel(unet.device, override=kernel)
     for layer in layers.values():
@@ -102,6 +103,20 @@ def quantize(pipe, plan: Plan, calibration: Calibration | None = None,
                        kernel=kernels.kernel_report(unet.device) | {"kernel": chosen},
                        seconds_quantize=t1 - t0, seconds_calibrate=t2 - t1, bos_aware=bos_aware,
                        calibration=unet.mixdq_meta["calibration"], counts=counts)
+
+
+def _rehome_tensors(unet) -> None:
+    """Give every tensor of the UNet its own fresh allocation.
+
+    Weights loaded by diffusers can be views into a file buffer at any
+    alignment, and BLAS picks a different code path (so rounds differently) for
+    unaligned data.  An exported model is loaded into fresh allocations; doing
+    the same here is what makes a reloaded model generate bit-identical images.
+    """
+    with torch.no_grad():
+        for tensor in list(unet.parameters()) + list(unet.buffers()):
+            if tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()
 
 
 def current_plan(unet) -> Plan:

@@ -72,7 +72,7 @@ def _scheduler():
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler(prediction_type="v_prediction", timestep_spacing="trailing",
-                                  rescale_betas_zero_snr=True)
+                                  rescale_betas_zero_snr=True, steps_offset=1)
 
 
 def build_tiny_sdxl(folder):

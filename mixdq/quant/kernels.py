@@ -2,15 +2,30 @@
 
 The machines differ (see README): on an EPYC with AVX-512 VNNI `torch._int_mm`
 is several times faster than float32 matmul, on an AVX2-only EPYC it is 30-100x
-slower.  So the choice is measured once per machine (a ~0.1 s micro-benchmark,
-cached on disk) instead of assumed.  Override with MIXDQ_KERNEL=int_mm|dequant
-or `select_kernel(device, override=...)`.
+slower while FBGEMM's prepacked int8 linear is about 2x faster than float32.
+So the choice is measured once per machine (a ~1 s micro-benchmark, cached on
+disk) instead of assumed.  Override with MIXDQ_KERNEL=int_mm|dequant or
+`select_kernel(device, override=...)`.
 
-Paths:
-  int_mm   activations quantized to int8, `torch._int_mm` against int8
-           weights, epilogue s_a * s_w * (acc - z * sum(W)) + bias.
-  dequant  weights dequantized on the fly, activations fake-quantized, float
-           matmul: the reference, and the path every non-W8A8 layer takes.
+Two levels:
+  layer kernel (`select_kernel`, what `layer.kernel` holds)
+    int_mm   activations quantized to 8 bits, an integer GEMM / conv against
+             the integer weight codes, epilogue s_a * s_w * (acc - z * sum(W)) + b.
+    dequant  weights dequantized on the fly, activations fake-quantized, float
+             matmul: the reference, and the path every non-8-bit layer takes.
+  int8 backend (`linear_backend` / `conv_backend`: which implementation of the
+  int_mm path runs, per layer type; see int8_ops.py for each)
+    int_mm   torch._int_mm (+ NHWC im2col for convs); no extra memory.
+    onednn   oneDNN qlinear / qconv on a prepacked weight copy.
+    fbgemm   FBGEMM's float-in/float-out int8 linear on a prepacked copy.
+  `key`: the tensor that owns the codes (the layer's packed buffer), under
+  which per-weight constants are cached; defaults to weight_q's storage owner.
+  The prepacked backends hold a second copy of each 8-bit weight, so they are
+  chosen only where the copy-free int_mm is slower than float32 (AVX2-only
+  CPUs); MIXDQ_INT8_BACKEND=int_mm|onednn|fbgemm|reference forces one.
+  CUDA: int_mm for linears (torch.compile fuses the activation quantization
+  and the epilogue into neighbouring kernels); convs keep cuDNN in the model
+  dtype on weights dequantized per call (no int8 conv in torch on CUDA).
 """
 from __future__ import annotations
 
@@ -24,7 +39,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import int8_ops
+
 KERNELS = ("int_mm", "dequant")
+BACKENDS = ("int_mm", "onednn", "fbgemm", "reference")
+# bump when _measure_cpu measures something new, so cached choices are redone
+_MEASURE_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -43,6 +63,26 @@ def _cpu_id() -> str:
     return f"{model}|{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}"
 
 
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_capability() -> dict:
+    """What RESULTS.md records next to every CPU figure."""
+    flags = cpu_flags()
+    return {"cpu": _cpu_id().split("|")[0], "capability": torch.backends.cpu.get_cpu_capability(),
+            "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx_int8": "amx_int8" in flags,
+            "avx2": "avx2" in flags, "threads": torch.get_num_threads(),
+            "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
+
+
 def _time(fn, repeat=5) -> float:
     fn()
     best = float("inf")
@@ -54,23 +94,77 @@ def _time(fn, repeat=5) -> float:
 
 
 def _measure_cpu() -> dict:
-    """Time int8 GEMM (with its activation quantization) against float32 GEMM."""
+    """Time each int8 backend (activation quantization and epilogue included)
+    against float32, for a linear and a 3x3 conv of SDXL's 640-channel stage.
+
+    Shapes are kept small enough for ~1 s in all; the backends' relative speed
+    is what matters, and it is a property of the instruction set (VNNI or not),
+    not of the exact shape.
+    """
+    torch.manual_seed(0)
     m, k, n = 1024, 640, 640
     x = torch.randn(m, k)
-    w = torch.randn(n, k)
-    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    w = torch.randn(n, k) / k ** 0.5
+    ws = w.abs().amax(1) / 127
+    wq = torch.round(w / ws[:, None]).to(torch.int8)
+    b = torch.zeros(n)
+    xs, xz = 8.0 / 255, 128
+    lin = {"float32": lambda: F.linear(x, w, b)}
+    for be in ("int_mm", "fbgemm", "onednn"):
+        lin[be] = (lambda f=int8_ops.LINEAR_BACKENDS[be]: f(x, xs, xz, wq, ws, b))
+    c, h = 320, 32
+    xc = torch.randn(1, c, h, h)
+    wc = torch.randn(c, c, 3, 3) / (9 * c) ** 0.5
+    wcs = wc.abs().amax((1, 2, 3)) / 127
+    wcq = torch.round(wc / wcs[:, None, None, None]).to(torch.int8)
+    conv = {"float32": lambda: F.conv2d(xc, wc, None, 1, 1)}
+    for be in ("int_mm", "onednn"):
+        conv[be] = (lambda f=int8_ops.CONV_BACKENDS[be]: f(xc, xs, xz, wcq, wcs, None, 1, 1))
 
-    def int_path():
-        xq = torch.clamp(torch.round(x / 0.05) + 3, 0, 255).sub_(128).to(torch.int8)
-        return torch._int_mm(xq, wq.t()).float() * 0.01
+    def run(fns):
+        out = {}
+        for name, fn in fns.items():
+            try:
+                out[name] = _time(fn, repeat=3)
+            except (RuntimeError, NotImplementedError):  # backend missing in this build
+                out[name] = float("inf")
+        return out
 
-    t_float = _time(lambda: F.linear(x, w))
-    try:
-        t_int = _time(int_path)
-    except RuntimeError:
-        t_int = float("inf")
-    return {"float32_s": t_float, "int_mm_s": t_int,
-            "kernel": "int_mm" if t_int < t_float else "dequant"}
+    with torch.inference_mode():
+        t_lin, t_conv = run(lin), run(conv)
+    int8_ops.clear_cache()
+
+    def pick(times):
+        # copy-free int_mm whenever it beats float32; a prepacked backend only
+        # where int_mm loses and the prepacked one wins; else float (dequant)
+        if times["int_mm"] < times["float32"]:
+            return "int_mm"
+        rest = {k: v for k, v in times.items() if k not in ("float32", "int_mm")}
+        best = min(rest, key=rest.get)
+        return best if rest[best] < times["float32"] else None
+
+    lb, cb = pick(t_lin), pick(t_conv)
+    return {"float32_s": t_lin["float32"], "int_mm_s": t_lin["int_mm"],
+            "linear_s": t_lin, "conv_s": t_conv,
+            "linear_backend": lb or "reference", "conv_backend": cb or "reference",
+            "kernel": "int_mm" if lb else "dequant", "version": _MEASURE_VERSION,
+            "reason": "measured: no VNNI, fastest of float32 / int_mm / prepacked backends"}
+
+
+def _choose_cpu() -> dict:
+    """VNNI (AVX-512 VNNI, AVX-VNNI or AMX): int_mm everywhere, without measuring.
+
+    On these CPUs `_int_mm` was measured 4-6x faster than float32 per layer
+    (bench/RESULTS.md); a 1 s micro-benchmark on a shared 2-core machine is
+    noisier than that margin (it once ranked float32 first under load), so the
+    instruction set decides.  Elsewhere the micro-benchmark does.
+    """
+    flags = cpu_flags()
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return {"kernel": "int_mm", "linear_backend": "int_mm", "conv_backend": "int_mm",
+                "version": _MEASURE_VERSION,
+                "reason": "VNNI: " + ", ".join(sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}))}
+    return _measure_cpu()
 
 
 @lru_cache(maxsize=None)
@@ -81,8 +175,8 @@ def _cpu_choice() -> dict:
         table = json.loads(path.read_text())
     except (OSError, ValueError):
         table = {}
-    if key not in table:
-        table[key] = _measure_cpu()
+    if table.get(key, {}).get("version") != _MEASURE_VERSION:
+        table[key] = _choose_cpu()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -115,7 +209,10 @@ def kernel_report(device="cpu") -> dict:
     report = {"device": str(device), "kernel": select_kernel(device)}
     if device.type == "cpu":
         report["cpu"] = _cpu_id()
-        report.update({k: v for k, v in _cpu_choice().items() if k != "kernel"})
+        report.update({k: v for k, v in _cpu_choice().items() if k not in ("kernel", "version")})
+        report["linear_backend"] = linear_backend(device)
+        report["conv_backend"] = conv_backend(device)
+        report["cpu_flags"] = cpu_capability()
     elif device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
     return report
@@ -129,22 +226,82 @@ def int_mm_usable(x2d: torch.Tensor, weight_q: torch.Tensor) -> bool:
     return m > 16 and k % 8 == 0 and weight_q.shape[0] % 8 == 0
 
 
+def _backend_override() -> str | None:
+    choice = os.environ.get("MIXDQ_INT8_BACKEND")
+    if choice and choice != "auto":
+        if choice not in BACKENDS:
+            raise ValueError(f"unknown MIXDQ_INT8_BACKEND {choice!r}; choose one of {BACKENDS} or auto")
+        return choice
+    return None
+
+
+def linear_backend(device: torch.device | str = "cpu") -> str:
+    """Which int8 implementation runs an int_mm-kernel linear on `device`."""
+    forced = _backend_override()
+    if torch.device(device).type == "cuda":
+        return "reference" if forced == "reference" else "int_mm"
+    return forced or _cpu_choice().get("linear_backend", "int_mm")
+
+
+def conv_backend(device: torch.device | str = "cpu") -> str:
+    """Which int8 implementation runs an int_mm-kernel conv on `device`.
+
+    'reference' means: dequantized weights in the float dtype, fake-quantized
+    activations (no int8 conv that beats float here, or none at all: CUDA).
+    """
+    forced = _backend_override()
+    if torch.device(device).type == "cuda":
+        return "int_mm" if forced == "int_mm" else "reference"
+    if forced in ("fbgemm",):  # FBGEMM has no float-output int8 conv
+        return _cpu_choice().get("conv_backend", "int_mm")
+    return forced or _cpu_choice().get("conv_backend", "int_mm")
+
+
 def int8_linear(x: torch.Tensor, act_scale: torch.Tensor, act_zero_point: torch.Tensor,
                 weight_q: torch.Tensor, weight_scale: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
-    """y = s_a * s_w * (Xq - z) Wq^T + b, computed as an int8 x int8 -> int32 GEMM.
+                bias: torch.Tensor | None, key: torch.Tensor | None = None) -> torch.Tensor:
+    """y = s_a * s_w * (Xq - z) Wq^T + b on integer kernels (see int8_ops).
 
-    Activation codes live in [0, 255]; shifting both codes and zero point by
-    128 puts them in int8 without changing (Xq - z).
+    weight_q: (N, K) int8 codes of any bit width <= 8.  Activation codes live
+    in [0, 255]; the int_mm backend shifts codes and zero point by 128 into
+    int8 without changing (Xq - z).  Per-weight constants (the zero-point
+    correction folded into the bias, prepacked copies) are cached by the tensor
+    owning the codes and recomputed when it or the activation range changes.
     """
-    shape = x.shape
-    x2d = x.reshape(-1, shape[-1])
-    xq = torch.clamp(torch.round(x2d / act_scale) + act_zero_point, 0, 255).sub_(128).to(torch.int8)
-    acc = torch._int_mm(xq, weight_q.t())
-    zp = act_zero_point - 128
-    # sum over K of W: the zero-point correction; cheap next to the GEMM
-    row_sum = weight_q.sum(dim=1, dtype=torch.int32)
-    y = (acc - zp.to(torch.int32) * row_sum).to(torch.float32) * (act_scale * weight_scale)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*shape[:-1], weight_q.shape[0])
+    be = linear_backend(x.device)
+    if be == "int_mm" and not int8_ops.int_mm_ok(x.numel() // x.shape[-1], x.shape[-1], weight_q.shape[0], x.device):
+        be = "reference"
+    if be == "reference":
+        return int8_ops.linear_reference(x, act_scale, act_zero_point, weight_q, weight_scale, bias)
+    return int8_ops.LINEAR_BACKENDS[be](x, act_scale, act_zero_point, weight_q, weight_scale, bias, key=key)
+
+
+def conv_usable(x: torch.Tensor, weight_q: torch.Tensor, groups: int = 1) -> bool:
+    """Whether int8_conv2d has an integer kernel for this call (else: dequant path)."""
+    if groups != 1 or conv_backend(x.device) == "reference":
+        return False
+    if x.device.type == "cuda":
+        k = weight_q[0].numel()
+        return k % 8 == 0 and weight_q.shape[0] % 8 == 0
+    return True
+
+
+def int8_conv2d(x: torch.Tensor, act_scale: torch.Tensor, act_zero_point: torch.Tensor,
+                weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                stride=1, padding=0, dilation=1, groups=1, split: int = 0,
+                key: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantized conv2d on integer kernels.  split > 0: input channels [:split]
+    and [split:] carry their own activation scale / zero point (act_scale[0/1]);
+    only 1x1 stride-1 convs (the up-block shortcut) are split in these UNets."""
+    if split:
+        k = tuple(weight_q.shape[2:])
+        if k != (1, 1) or int8_ops._pair(stride) != (1, 1) or int8_ops._pair(padding) != (0, 0):
+            raise ValueError("split activation ranges are supported for 1x1 stride-1 convs only")
+        return int8_ops.split_conv1x1_int_mm(x, act_scale, act_zero_point, split, weight_q, weight_scale, bias,
+                                             key=key)
+    be = conv_backend(x.device)
+    if be == "reference" or groups != 1:
+        return int8_ops.conv2d_reference(x, act_scale[0], act_zero_point[0], weight_q, weight_scale, bias,
+                                         stride, padding, dilation, groups)
+    return int8_ops.CONV_BACKENDS[be](x, act_scale[0], act_zero_point[0], weight_q, weight_scale, bias,
+                                      stride, padding, dilation, groups, key=key)

@@ -92,11 +92,3 @@ def quantize_act(x: torch.Tensor, scale, zero_point, bits: int) -> torch.Tensor:
 def fake_quantize_act(x: torch.Tensor, scale, zero_point, bits: int) -> torch.Tensor:
     return (quantize_act(x, scale, zero_point, bits) - zero_point) * scale
 
-
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """10 log10(sum y^2 / sum (y_q - y)^2); inf when identical."""
-    ref = reference.detach().double()
-    noise = (approx.detach().double() - ref).pow(2).sum()
-    if noise == 0:
-        return float("inf")
-    return float(10 * torch.log10(ref.pow(2).sum() / noise))

@@ -1,0 +1,399 @@
+"""INT8 compute kernels for quantized layers: W(<=8)A8 linear and conv2d.
+
+Every kernel computes the same function as the fake-quant reference
+
+    y = (s_a * (Xq - z)) @ (s_w * Wq)^T + b        (conv: the same over patches)
+
+with Xq = clamp(round(x / s_a) + z, 0, 255) (asymmetric uint8 activations, one
+scale / zero point per tensor) and Wq integer codes (int8 tensor, symmetric per
+output channel, any bit width <= 8), and is tested against it
+(tests/test_int8_ops.py).
+
+Backends (what was measured on which CPU is in bench/RESULTS.md):
+
+  int_mm   `torch._int_mm` (int8 x int8 -> int32), activations shifted to int8
+           (codes - 128, zero point - 128), epilogue
+           s_a s_w (acc - z' sum_k W) + b with the zero-point term folded into
+           an effective bias.  Needs no weight copy, so 4- and 2-bit layers run
+           it too (codes unpacked to int8 just for the call).  Convs run as an
+           NHWC im2col + the same GEMM.  On AVX-512 VNNI it ran 4-6x faster than
+           float32; on AVX2-only CPUs `_int_mm` is 30-100x *slower* (README).
+  onednn   `onednn::qlinear_pointwise` / `qconv2d_pointwise` (uint8 x int8,
+           fused epilogue, float output) on a prepacked weight.  The prepack is
+           a second copy of the weight (about the int8 size), so it is used only
+           where `int_mm` loses, e.g. AVX2-only CPUs.
+  fbgemm   `quantized::linear_with_input_q_dq_qweight_dq_output_fp32`: one op,
+           float in, float out, on prepacked weights; the AVX2 path for linears
+           (about 2x float32 there), also a weight copy.
+  reference  the float fake-quant formula, for tests and unsupported cases.
+
+Activation quantization on the CPU uses `torch.quantize_per_tensor` (one
+vectorised pass, ~10x faster than round/clamp/cast as separate ops) and
+reinterprets the quantized tensor's bytes as a plain int8/uint8 tensor: no copy.
+On CUDA (and when compiling) the arithmetic form is used, which inductor fuses
+into the neighbouring ops.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+# torch.quantize_per_tensor warns that quantized dtypes are deprecated; the op
+# still runs and is the fastest quantizer on CPU.  Silence exactly that warning.
+warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated.*")
+warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+
+QMIN_U8, QMAX_U8 = 0, 255
+SHIFT = 128  # uint8 code - 128 = int8 code; zero point shifts alike
+
+
+# ---------------------------------------------------------------------------
+# activation quantization
+# ---------------------------------------------------------------------------
+def _plain(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bytes of quantized tensor q as a plain tensor of `dtype` (no copy)."""
+    out = torch.empty((0,), dtype=dtype, device=q.device)
+    out.set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
+    return out
+
+
+def _fast_cpu_quant_ok(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.compiler.is_compiling() and hasattr(torch, "quantize_per_tensor"))
+
+
+def quantize_act(x: torch.Tensor, scale, zero_point, signed: bool = True) -> torch.Tensor:
+    """Asymmetric 8-bit codes of x: uint8 in [0, 255], or (signed) those minus 128 as int8.
+
+    scale / zero_point: Python numbers or 0-d/1-element tensors (zero_point in
+    the uint8 convention either way).
+    """
+    if _fast_cpu_quant_ok(x):
+        s = float(scale)
+        z = int(round(float(zero_point)))
+        try:
+            if signed:
+                return _plain(torch.quantize_per_tensor(x.contiguous(), s, z - SHIFT, torch.qint8), torch.int8)
+            return _plain(torch.quantize_per_tensor(x.contiguous(), s, z, torch.quint8), torch.uint8)
+        except (RuntimeError, NotImplementedError):
+            pass  # an op removed in a later torch: fall through to the arithmetic form
+    q = torch.clamp(torch.round(x / scale) + zero_point, QMIN_U8, QMAX_U8)
+    if signed:
+        return (q - SHIFT).to(torch.int8)
+    return q.to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------
+# per-weight constants, computed once and cached
+# ---------------------------------------------------------------------------
+# Keyed by the tensor that owns the codes (a layer buffer); invalidated when it
+# or the activation parameters change in place (load_state_dict, recalibration).
+# (by identity: tensors compare elementwise, so a plain WeakKeyDictionary breaks)
+_CACHE = WeakIdKeyDictionary()
+
+
+def _owner(t: torch.Tensor) -> torch.Tensor:
+    while t._base is not None:
+        t = t._base
+    return t
+
+
+def _versions(*ts) -> tuple:
+    """What identifies the current contents of ts: version counters (bumped by
+    in-place writes), plus the values of small CPU tensors (activation scale and
+    zero point: cheap, and exact even for inference tensors, which have no version
+    counter), plus Python numbers as they are."""
+    out = []
+    for t in ts:
+        if not isinstance(t, torch.Tensor):
+            out.append(t)
+        elif t.device.type == "cpu" and t.numel() <= 4:
+            out.append(tuple(t.reshape(-1).tolist()))
+        elif t.is_inference():
+            out.append(("inference", t.data_ptr()))  # immutable outside inference mode
+        else:
+            out.append(t._version)
+    return tuple(out)
+
+
+def cached(key_tensor: torch.Tensor, name: str, deps: tuple, make):
+    """make() once per (key tensor, name) while the version/value deps are unchanged."""
+    if torch.compiler.is_compiling():
+        return make()  # traced graphs see the computation; inductor folds or fuses it
+    owner = _owner(key_tensor)
+    try:
+        slot = _CACHE.setdefault(owner, {})
+    except TypeError:  # inference tensors etc. that refuse weak references
+        return make()
+    hit = slot.get(name)
+    if hit is not None and hit[0] == deps:
+        return hit[1]
+    value = make()
+    slot[name] = (deps, value)
+    return value
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def _scalar(t) -> float:
+    return float(t) if not isinstance(t, torch.Tensor) else float(t.reshape(-1)[0])
+
+
+def _epilogue_consts(w_q2d: torch.Tensor, w_scale: torch.Tensor, bias, x_scale, x_zp, key, name):
+    """(scale per output channel, effective bias) of y = acc * scale + beff.
+
+    acc = sum_k (Xq - 128) Wq, so (Xq - z) Wq = acc - (z - 128) * rowsum(Wq).
+    """
+    def make():
+        s = (w_scale.float() * _as_tensor(x_scale, w_scale.device)).reshape(-1)
+        zp = _as_tensor(x_zp, w_scale.device) - SHIFT
+        rowsum = w_q2d.sum(dim=1, dtype=torch.int32).float()
+        beff = -zp * s * rowsum
+        if bias is not None:
+            beff = beff + bias.float()
+        return s.contiguous(), beff.contiguous()
+
+    deps = _versions(key, w_scale, bias, x_scale, x_zp)
+    return cached(key, name, deps, make)
+
+
+def _as_tensor(v, device) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.reshape(-1)[0].float().to(device)
+    return torch.tensor(float(v), device=device)
+
+
+def _epilogue(acc: torch.Tensor, scale: torch.Tensor, beff: torch.Tensor, dtype) -> torch.Tensor:
+    # two passes over the int32 accumulator (convert+scale, then add) in eager;
+    # torch.compile fuses them into one.
+    y = torch.mul(acc, scale) if torch.compiler.is_compiling() else acc.to(torch.float32).mul_(scale)
+    y = y.add_(beff) if not torch.compiler.is_compiling() else y + beff
+    return y if dtype == torch.float32 else y.to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# linear
+# ---------------------------------------------------------------------------
+def linear_reference(x, x_scale, x_zp, w_q, w_scale, bias=None):
+    """The fake-quant formula in float32 (what every kernel must reproduce)."""
+    xq = torch.clamp(torch.round(x.float() / x_scale) + x_zp, QMIN_U8, QMAX_U8)
+    xd = (xq - x_zp) * x_scale
+    wd = w_q.float() * w_scale.float().view(-1, 1)
+    y = F.linear(xd, wd, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def int_mm_ok(m: int, k: int, n: int, device) -> bool:
+    """CUDA's _int_mm needs M > 16 and K, N multiples of 8; the CPU takes any shape."""
+    if torch.device(device).type != "cuda":
+        return True
+    return m > 16 and k % 8 == 0 and n % 8 == 0
+
+
+def linear_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None):
+    """int8 GEMM via torch._int_mm.  w_q: (N, K) int8 codes.  key: tensor owning
+    the codes, for caching the epilogue constants (defaults to w_q itself)."""
+    shape = x.shape
+    x2d = x.reshape(-1, shape[-1])
+    xq = quantize_act(x2d, x_scale, x_zp, signed=True)
+    acc = torch._int_mm(xq, w_q.t())
+    scale, beff = _epilogue_consts(w_q, w_scale, bias, x_scale, x_zp,
+                                   w_q if key is None else key, "lin_epi")
+    y = _epilogue(acc, scale, beff, x.dtype)
+    return y.reshape(*shape[:-1], w_q.shape[0])
+
+
+def _onednn_w_zp(n, device):
+    return torch.zeros(n, dtype=torch.long, device=device)
+
+
+def linear_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None):
+    """onednn::qlinear_pointwise on a cached prepacked weight (an extra weight copy)."""
+    shape = x.shape
+    x2d = x.reshape(-1, shape[-1])
+    key = w_q if key is None else key
+    packed = cached(key, "onednn_lin", _versions(key), lambda: torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None))
+    wz = cached(key, "onednn_wz", (), lambda: _onednn_w_zp(w_q.shape[0], w_q.device))
+    ws = w_scale.float().contiguous()
+    xq = quantize_act(x2d.float(), x_scale, x_zp, signed=False)
+    y = torch.ops.onednn.qlinear_pointwise(
+        xq, _scalar(x_scale), int(round(_scalar(x_zp))), packed, ws, wz,
+        None if bias is None else bias.float(), 1.0, 0, torch.float32, "none", [], "")
+    return y.to(x.dtype).reshape(*shape[:-1], w_q.shape[0])
+
+
+def linear_fbgemm(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None):
+    """quantized::linear_with_input_q_dq_qweight_dq_output_fp32 (FBGEMM; AVX2 path)."""
+    shape = x.shape
+    x2d = x.reshape(-1, shape[-1]).float().contiguous()
+    key = w_q if key is None else key
+
+    def make():
+        n = w_q.shape[0]
+        qw = torch._make_per_channel_quantized_tensor(
+            w_q.contiguous(), w_scale.double(), torch.zeros(n, dtype=torch.long), 0)
+        with _engine("fbgemm"):
+            return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float())
+
+    packed = cached(key, "fbgemm_lin", _versions(key, w_scale, bias), make)
+    with _engine("fbgemm"):
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            x2d, _scalar(x_scale), int(round(_scalar(x_zp))), packed)
+    return y.to(x.dtype).reshape(*shape[:-1], w_q.shape[0])
+
+
+class _engine:
+    """Temporarily select a quantized engine (fbgemm / onednn / x86)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self.old = torch.backends.quantized.engine
+        if self.name != self.old and self.name in torch.backends.quantized.supported_engines:
+            torch.backends.quantized.engine = self.name
+
+    def __exit__(self, *exc):
+        if torch.backends.quantized.engine != self.old:
+            torch.backends.quantized.engine = self.old
+
+
+LINEAR_BACKENDS = {
+    "int_mm": linear_int_mm,
+    "onednn": linear_onednn,
+    "fbgemm": linear_fbgemm,
+    "reference": lambda x, xs, xz, w, ws, b=None, key=None: linear_reference(x, xs, xz, w, ws, b),
+}
+
+
+# ---------------------------------------------------------------------------
+# conv2d
+# ---------------------------------------------------------------------------
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def conv2d_reference(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0,
+                     dilation=1, groups=1):
+    xq = torch.clamp(torch.round(x.float() / x_scale) + x_zp, QMIN_U8, QMAX_U8)
+    xd = (xq - x_zp) * x_scale
+    wd = w_q.float() * w_scale.float().view(-1, 1, 1, 1)
+    y = F.conv2d(xd, wd, None if bias is None else bias.float(), stride, padding, dilation, groups)
+    return y.to(x.dtype)
+
+
+def _im2col_nhwc(xq_nhwc: torch.Tensor, pad_value: int, kh, kw, stride, padding, dilation):
+    """(B, H, W, C) int8 -> (B*Ho*Wo, kh*kw*C) patches, C fastest (contiguous copies)."""
+    b, h, w, c = xq_nhwc.shape
+    ph, pw = padding
+    if ph or pw:
+        xq_nhwc = F.pad(xq_nhwc, (0, 0, pw, pw, ph, ph), value=pad_value)
+    hp, wp = xq_nhwc.shape[1:3]
+    sh, sw = stride
+    dh, dw = dilation
+    ho = (hp - dh * (kh - 1) - 1) // sh + 1
+    wo = (wp - dw * (kw - 1) - 1) // sw + 1
+    s = xq_nhwc.stride()
+    cols = xq_nhwc.as_strided((b, ho, wo, kh, kw, c), (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]))
+    return cols.reshape(b * ho * wo, kh * kw * c), (b, ho, wo)
+
+
+def conv2d_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0, dilation=1,
+                  groups=1, key=None):
+    """Implicit-GEMM conv: NHWC im2col of the int8 codes, then the int8 GEMM.
+
+    Zero padding of the float input is the zero point in code space, so patches
+    are padded with z - 128.  Output is returned as an NCHW-shaped view of the
+    NHWC GEMM result (channels_last memory), which the following GroupNorm /
+    SiLU / add accept without a copy.
+    """
+    if groups != 1:
+        return conv2d_reference(x, x_scale, x_zp, w_q, w_scale, bias, stride, padding, dilation, groups)
+    o, c, kh, kw = w_q.shape
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    key = w_q if key is None else key
+    xq = quantize_act(x, x_scale, x_zp, signed=True)           # NCHW int8, one pass
+    xq = xq.permute(0, 2, 3, 1)
+    if kh == 1 and kw == 1 and padding == (0, 0) and stride == (1, 1):
+        cols, (b, ho, wo) = xq.reshape(-1, c), (x.shape[0], x.shape[2], x.shape[3])
+        w2 = w_q.reshape(o, c)
+    else:
+        zp_s8 = int(round(_scalar(x_zp))) - SHIFT
+        cols, (b, ho, wo) = _im2col_nhwc(xq, zp_s8, kh, kw, stride, padding, dilation)
+        # weight in (O, kh, kw, C) order to match the patches: a per-call int8
+        # copy of the codes (cheap next to the GEMM; caching it would double
+        # the layer's memory)
+        w2 = w_q.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
+    acc = torch._int_mm(cols if cols.is_contiguous() else cols.contiguous(), w2.t())
+    scale, beff = _epilogue_consts(w_q.reshape(o, -1), w_scale, bias, x_scale, x_zp, key, "conv_epi")
+    y = _epilogue(acc, scale, beff, x.dtype)
+    return y.view(b, ho, wo, o).permute(0, 3, 1, 2)
+
+
+def conv2d_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0, dilation=1,
+                  groups=1, key=None):
+    """onednn::qconv2d_pointwise on a cached prepacked weight (an extra weight copy)."""
+    stride, padding, dilation = map(lambda v: list(_pair(v)), (stride, padding, dilation))
+    key = w_q if key is None else key
+    s, z = _scalar(x_scale), int(round(_scalar(x_zp)))
+    ws = w_scale.float().contiguous()
+    packed = cached(key, "onednn_conv", _versions(key, w_scale) + (s, z), lambda: torch.ops.onednn.qconv_prepack(
+        w_q.contiguous(), ws, s, z, stride, padding, dilation, groups, None))
+    wz = cached(key, "onednn_wz", (), lambda: _onednn_w_zp(w_q.shape[0], w_q.device))
+    xq = quantize_act(x.float(), s, z, signed=False)
+    y = torch.ops.onednn.qconv2d_pointwise(
+        xq, s, z, packed, ws, wz, None if bias is None else bias.float(), stride, padding,
+        dilation, groups, 1.0, 0, torch.float32, "none", [], "")
+    return y.to(x.dtype)
+
+
+CONV_BACKENDS = {
+    "int_mm": conv2d_int_mm,
+    "onednn": conv2d_onednn,
+    "reference": lambda x, xs, xz, w, ws, b=None, stride=1, padding=0, dilation=1, groups=1, key=None:
+        conv2d_reference(x, xs, xz, w, ws, b, stride, padding, dilation, groups),
+}
+
+
+# ---------------------------------------------------------------------------
+# inputs split in two activation ranges (the up-block shortcut conv)
+# ---------------------------------------------------------------------------
+def split_conv1x1_int_mm(x, x_scales, x_zps, split: int, w_q, w_scale, bias=None, key=None):
+    """1x1 conv over concat(hidden, skip) whose two slices have their own act range.
+
+    One int8 GEMM per slice (the weight split along input channels), summed in
+    float: y = sum_i s_i s_w (acc_i - z_i' rowsum(W_i)) + b.
+    """
+    o, c = w_q.shape[:2]
+    key = w_q if key is None else key
+    w2 = w_q.reshape(o, c)
+    y = None
+    for i, (lo, hi) in enumerate(((0, split), (split, c))):
+        xi = x[:, lo:hi]
+        xq = quantize_act(xi, x_scales[i], x_zps[i], signed=True).permute(0, 2, 3, 1).reshape(-1, hi - lo)
+        wi = w2[:, lo:hi]
+        acc = torch._int_mm(xq if xq.is_contiguous() else xq.contiguous(), wi.t())
+        scale, beff = _epilogue_consts(wi, w_scale, bias if i == 0 else None, x_scales[i], x_zps[i],
+                                       key, f"split_epi{i}")
+        yi = _epilogue(acc, scale, beff, torch.float32)
+        y = yi if y is None else y.add_(yi)
+    b, _, h, w = x.shape
+    return y.to(x.dtype).view(b, h, w, o).permute(0, 3, 1, 2)
+
+
+def macs_linear(m, k, n) -> int:
+    return m * k * n
+
+
+def macs_conv(b, c, o, kh, kw, ho, wo) -> int:
+    return b * ho * wo * o * c * kh * kw
+
+
+__all__ = ["quantize_act", "linear_reference", "linear_int_mm", "linear_onednn", "linear_fbgemm",
+           "conv2d_reference", "conv2d_int_mm", "conv2d_onednn", "split_conv1x1_int_mm",
+           "LINEAR_BACKENDS", "CONV_BACKENDS", "int_mm_ok", "clear_cache", "cached"]

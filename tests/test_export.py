@@ -1,0 +1,97 @@
+import json
+import os
+
+import pytest
+import torch
+
+import mixdq
+from mixdq import Calibration, ExportError, Plan
+
+PROMPTS = ["a red circle", "a blue square", "a cat"]
+
+
+def _gen(pipe, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return pipe("a red circle", generator=g, output_type="pt", **mixdq.generation_defaults(pipe)).images
+
+
+@pytest.fixture
+def quantized(tiny_sdxl_pipe):
+    names = list(mixdq.quantizable_layers(tiny_sdxl_pipe.unet))
+    cycle = [(8, 8), (4, 8), (2, 16), (16, 8), (16, 16)]
+    plan = Plan({n: cycle[i % len(cycle)] for i, n in enumerate(names)})
+    mixdq.quantize(tiny_sdxl_pipe, plan, Calibration(PROMPTS), progress=False)
+    return tiny_sdxl_pipe
+
+
+def test_roundtrip_bit_identical(quantized, tmp_path):
+    before = _gen(quantized)
+    out = mixdq.save_quantized(quantized, tmp_path / "export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    loaded = mixdq.load_pipeline(out, device="cpu")  # load_pipeline recognises exports
+    assert torch.equal(_gen(loaded), before)
+    assert mixdq.model_nbytes(loaded.unet) == mixdq.model_nbytes(quantized.unet)
+    assert mixdq.current_plan(loaded.unet) == mixdq.current_plan(quantized.unet)
+    meta = json.loads((out / "mixdq.json").read_text())
+    assert meta["bos_aware"] is True and meta["unet_bytes"] == mixdq.model_nbytes(quantized.unet)
+    # no float UNet weights in the folder: the safetensors is the packed model
+    size = (out / "unet" / "mixdq_unet.safetensors").stat().st_size
+    assert size < 1.1 * mixdq.model_nbytes(quantized.unet)
+
+
+def test_failed_write_leaves_nothing(quantized, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(ExportError, match="disk full"):
+        mixdq.save_quantized(quantized, tmp_path / "export")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_folder_and_overwrite(quantized, tmp_path):
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="already exists"):
+        mixdq.save_quantized(quantized, target)
+    assert (target / "keep.txt").read_text() == "mine"
+    mixdq.save_quantized(quantized, target, overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / "mixdq.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_not_quantized(tiny_sdxl_pipe, tmp_path):
+    with pytest.raises(ExportError, match="not quantized"):
+        mixdq.save_quantized(tiny_sdxl_pipe, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_corrupted_and_mismatched(quantized, tmp_path):
+    out = mixdq.save_quantized(quantized, tmp_path / "export")
+    weights = out / "unet" / "mixdq_unet.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="checksum"):
+        mixdq.load_quantized(out, device="cpu")
+    with pytest.raises(ExportError):  # even unverified, a broken header is caught
+        weights.write_bytes(b"not a safetensors file")
+        mixdq.load_quantized(out, device="cpu", verify=False)
+
+    out2 = mixdq.save_quantized(quantized, tmp_path / "export2")
+    plan = json.loads((out2 / "plan.json").read_text())
+    name = next(iter(plan["layers"]))
+    plan["layers"][name] = [16, 16] if plan["layers"][name] != [16, 16] else [8, 8]
+    (out2 / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(ExportError, match="does not match"):
+        mixdq.load_quantized(out2, device="cpu")
+
+    os.remove(out2 / "mixdq.json")
+    with pytest.raises(ExportError, match="not a mixdq export"):
+        mixdq.load_quantized(out2, device="cpu")
+    (out2 / "mixdq.json").write_text("{broken")
+    with pytest.raises(ExportError, match="corrupted"):
+        mixdq.load_quantized(out2, device="cpu")

@@ -1,0 +1,126 @@
+"""End to end on small random SDXL and SD1.5 pipelines: quantize, generate, measure."""
+import pytest
+import torch
+
+import mixdq
+from mixdq import Calibration, Plan, PlanError
+from mixdq.quant import quantized_layers, shortcut_splits
+
+PROMPTS = ["a red circle", "a blue square", "two green triangles", "a cat"]
+
+
+def _gen(pipe, prompt="a red circle", seed=0, **kw):
+    settings = mixdq.generation_defaults(pipe) | kw
+    g = torch.Generator().manual_seed(seed)
+    return pipe(prompt, generator=g, output_type="pt", **settings).images
+
+
+def _mixed_plan(unet):
+    names = list(mixdq.quantizable_layers(unet))
+    cycle = [(8, 8), (4, 8), (2, 8), (16, 8), (8, 16), (3, 6), (5, 4), (16, 16)]
+    return Plan({n: cycle[i % len(cycle)] for i, n in enumerate(names)})
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_quantize_and_generate(arch, request):
+    pipe = request.getfixturevalue(f"tiny_{arch}_pipe")
+    ref = _gen(pipe)
+    costs = mixdq.layer_costs(pipe.unet)
+    plan = _mixed_plan(pipe.unet)
+    report = mixdq.quantize(pipe, plan, Calibration(PROMPTS, batch_size=2), progress=False)
+    out = _gen(pipe)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert not torch.equal(out, ref)
+    # measured bytes: exactly the tensors held, exactly the prediction, smaller than float
+    held = sum(t.nbytes for t in pipe.unet.state_dict().values())
+    assert mixdq.model_nbytes(pipe.unet) == held == report.quantized_bytes
+    assert held == costs.total_bytes(plan)
+    assert held < report.float_bytes
+    # every quantized layer got a calibrated range, and lost its float weight
+    layers = quantized_layers(pipe.unet)
+    assert len(layers) == len(plan.quantized())
+    for name, layer in layers.items():
+        if layer.act_bits != 16:
+            assert all(r.batches > 0 for r in layer.ranges), name
+            assert layer.act_scale.min() > 0
+        if layer.weight_bits != 16:
+            assert not hasattr(layer, "weight") or layer.weight is None
+    assert mixdq.current_plan(pipe.unet) == Plan(plan.quantized())
+
+
+def test_w8a8_close_and_bits_order(tiny_sdxl_dir):
+    ref_pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
+    ref = _gen(ref_pipe)
+    names = list(mixdq.quantizable_layers(ref_pipe.unet))
+    errors = {}
+    for w in (8, 4, 2):
+        pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
+        mixdq.quantize(pipe, Plan.uniform(names, w, 16), progress=False)
+        errors[w] = (_gen(pipe) - ref).pow(2).mean().item()
+    assert errors[8] < errors[4] < errors[2]
+
+
+def test_int_mm_and_dequant_kernels_agree(tiny_sdxl_dir):
+    outs = {}
+    for kernel in ("int_mm", "dequant"):
+        pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
+        names = list(mixdq.quantizable_layers(pipe.unet))
+        report = mixdq.quantize(pipe, Plan.uniform(names, 8, 8), Calibration(PROMPTS), kernel=kernel,
+                                progress=False)
+        assert report.kernel["kernel"] == kernel
+        outs[kernel] = _gen(pipe)
+    torch.testing.assert_close(outs["int_mm"], outs["dequant"], rtol=0, atol=2e-3)
+
+
+def test_sequential_calibration_sees_quantized_upstream(tiny_sdxl_dir):
+    """Ranges differ from the float model's ranges once upstream layers are quantized."""
+    pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
+    cal = Calibration(PROMPTS[:2])
+    float_r = mixdq.float_ranges(pipe, cal, progress=False)
+    names = list(mixdq.quantizable_layers(pipe.unet))
+    mixdq.quantize(pipe, Plan.uniform(names, 2, 4), cal, progress=False)
+    layers = quantized_layers(pipe.unet)
+    changed = sum(abs(layers[n].ranges[0].hi - float_r[n][0].hi) > 1e-6 for n in names[5:])
+    assert changed > len(names) // 2
+    # float ranges: every layer, BOS-excluded K/V, two slices for the split shortcuts
+    assert set(float_r) == set(names)
+    for name, split in shortcut_splits(pipe.unet).items():
+        assert len(float_r[name]) == 2
+
+
+def test_errors(tiny_sdxl_pipe):
+    names = list(mixdq.quantizable_layers(tiny_sdxl_pipe.unet))
+    with pytest.raises(PlanError, match="calibration"):
+        mixdq.quantize(tiny_sdxl_pipe, Plan.uniform(names, 8, 8), progress=False)
+    with pytest.raises(PlanError, match="not a quantizable layer"):
+        mixdq.quantize(tiny_sdxl_pipe, Plan({"nope": (8, 16)}), progress=False)
+    mixdq.quantize(tiny_sdxl_pipe, Plan.uniform(names, 8, 16), progress=False)
+    with pytest.raises(PlanError, match="already quantized"):
+        mixdq.quantize(tiny_sdxl_pipe, Plan.uniform(names, 8, 16), progress=False)
+
+
+def test_bos_token_exact_in_pipeline(tiny_sdxl_pipe):
+    """Token 0 of every cross-attention K/V equals the float projection of BOS."""
+    pipe = tiny_sdxl_pipe
+    bos = mixdq.bos_embedding(pipe)
+    emb = pipe.encode_prompt(prompt="a blue square", device="cpu", do_classifier_free_guidance=False)[0]
+    assert torch.equal(emb[0, 0], bos)  # causal CLIP: BOS state is prompt-independent
+    names = [n for n in mixdq.quantizable_layers(pipe.unet) if n.endswith("attn2.to_k")]
+    floats = {n: pipe.unet.get_submodule(n) for n in names}
+    expected = {n: m(emb) for n, m in floats.items()}
+    mixdq.quantize(pipe, Plan.uniform(names, 4, 8), Calibration(PROMPTS), progress=False)
+    for n in names:
+        out = pipe.unet.get_submodule(n)(emb)
+        torch.testing.assert_close(out[:, 0], expected[n][:, 0], rtol=0, atol=1e-6)
+        assert not torch.allclose(out[:, 1:], expected[n][:, 1:], atol=1e-6)
+
+
+def test_zeroed_negative_prompt_with_guidance(tiny_sdxl_pipe):
+    """SDXL zeroes the negative embedding for an empty negative prompt: no BOS there."""
+    pipe = tiny_sdxl_pipe
+    names = list(mixdq.quantizable_layers(pipe.unet))
+    assert pipe.config.force_zeros_for_empty_prompt
+    mixdq.quantize(pipe, Plan.uniform(names, 8, 8), Calibration(PROMPTS, guidance_scale=3.0),
+                   progress=False)
+    out = _gen(pipe, guidance_scale=3.0)
+    assert torch.isfinite(out).all()
