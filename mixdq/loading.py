@@ -74,8 +74,11 @@ def load_pipeline(source: str | os.PathLike | None = None, *, lora: str | None =
         raise ModelNotFoundError(
             f"model source {str(source)!r} is neither a local folder nor a hub id like "
             "'stabilityai/sdxl-turbo'; check the path")
+    # A hub pipeline's name_or_path is a cache snapshot folder: remember its id's settings now.
+    pipe._mixdq_defaults = dict(KNOWN_DEFAULTS.get(str(source), {}))
     if lora is not None:
         _fuse_lcm_lora(pipe, lora)
+        pipe._mixdq_defaults.update(LCM_DEFAULTS)
     pipe.to(device)
     pipe._mixdq_source = {"source": str(source), "kind": kind, "lora": lora}
     return pipe
@@ -123,7 +126,6 @@ def _fuse_lcm_lora(pipe, lora: str) -> None:
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    pipe._mixdq_defaults = dict(LCM_DEFAULTS)
 
 
 def model_dir(pipe) -> Path | None:
@@ -139,8 +141,6 @@ def generation_defaults(pipe) -> dict:
     vae_scale = getattr(pipe, "vae_scale_factor", 8)
     size = pipe.unet.config.sample_size * vae_scale
     out = dict(num_inference_steps=1, guidance_scale=0.0, height=size, width=size)
-    name = str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", ""))
-    out.update(KNOWN_DEFAULTS.get(name, {}))
     folder = model_dir(pipe)
     if folder and (folder / DEFAULTS_FILE).is_file():
         out.update(json.loads((folder / DEFAULTS_FILE).read_text()))

@@ -62,3 +62,22 @@ def test_embedded_default():
     pipe = mixdq.load_pipeline(device="cpu")
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     assert pipe.unet.config.addition_embed_type == "text_time"
+
+
+def test_hub_id_from_local_cache(tiny_sdxl_dir, tmp_path, monkeypatch):
+    """A hub id resolves through the Hugging Face cache layout, offline."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--stabilityai--sdxl-turbo"
+    shutil.copytree(tiny_sdxl_dir, repo / "snapshots" / "0123abcd", ignore=shutil.ignore_patterns("_tok"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    pipe = mixdq.load_pipeline("stabilityai/sdxl-turbo", device="cpu")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    # the model's own few-step settings, though name_or_path is a cache folder
+    assert mixdq.generation_defaults(pipe) == dict(num_inference_steps=1, guidance_scale=0.0,
+                                                   height=512, width=512)
