@@ -1,0 +1,58 @@
+"""`python -m mixdq VERB`: the library verbs end to end, in a real subprocess."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+VERBS = ["calibrate", "sensitivity", "allocate", "quantize", "export", "generate", "bench"]
+
+
+def run(*args, check=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "mixdq", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_help(verb, capsys):
+    from mixdq.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: python -m mixdq " + verb in out and "--model" in out
+
+
+def test_quantize_export_generate(tiny_sdxl_dir, tmp_path):
+    common = ["--model", str(tiny_sdxl_dir), "--prompts-file", str(tmp_path / "p.txt")]
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    report = json.loads(run("quantize", *common, "--plan", "W8A8").stdout)
+    assert report["quantized_mb"] < report["float_mb"] and report["plan"].startswith("W8A8x")
+    run("export", *common, "--plan", "W4A8", "--out", str(tmp_path / "q"))
+    assert (tmp_path / "q" / "mixdq.json").is_file()
+    run("generate", "--model", str(tmp_path / "q"), "--prompt", "a red circle",
+        "--image", str(tmp_path / "a.png"))
+    from PIL import Image
+
+    assert Image.open(tmp_path / "a.png").size == (16, 16)
+    ranges = json.loads(run("calibrate", *common).stdout)
+    assert ranges["calibration"]["prompts"] == ["a red circle", "a blue square"]
+    assert all(r[0][0] <= 0 <= r[0][1] for r in ranges["ranges"].values())
+
+
+def test_bad_arguments_are_clear(tiny_sdxl_dir, tmp_path):
+    p = run("quantize", "--model", str(tiny_sdxl_dir), "--plan", "W7A8", check=False)
+    assert p.returncode == 2 and "weight bits 7" in p.stderr and "allowed" in p.stderr
+    p = run("quantize", "--model", str(tiny_sdxl_dir), "--plan", "no-such-plan", check=False)
+    assert p.returncode == 2 and "neither a plan file" in p.stderr
+    p = run("generate", "--model", str(tmp_path / "missing"), "--prompt", "x", check=False)
+    assert p.returncode == 2 and "neither a local folder nor a hub id" in p.stderr
+    p = run("export", "--model", str(tiny_sdxl_dir), "--plan", "W8A16", "--out", str(tiny_sdxl_dir),
+            check=False)
+    assert p.returncode == 2 and "already exists" in p.stderr
