@@ -1,0 +1,573 @@
+"""Measure a quantized pipeline against its float original: the numbers the app shows.
+
+    float_pipe, quant_pipe = mixdq.measure.pair(pipe)       # shared encoders/VAE, own UNet
+    mixdq.quantize(quant_pipe, plan, calibration)
+    stats = mixdq.measure.compare(float_pipe, quant_pipe, "a red circle", seed=0)
+
+`compare` generates the same prompt and seed with both pipelines and measures, in that one
+call: UNet weight bytes of each (counted tensor by tensor), peak process memory while each
+generates, UNet latency per step (the same inputs replayed on both UNets, interleaved, median),
+SSIM and PSNR of the quantized image against the float one (`mixdq.metrics`), and for captions
+of the embedded model's world whether each image shows what the caption says (`mixdq.zoo`).
+
+Also here, so the command line and the app share them: the default calibration and sensitivity
+the CLI would use (`default_calibration`, `cached_sensitivity`), the shipped presets
+(`presets`), the bits-per-layer chart data (`plan_chart_data`), and a quantized model as one
+zip archive (`export_archive` / `import_archive`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ExportError, MixDQError
+from .memory import MB, model_nbytes
+
+MAX_STEPS = 50          # few-step models: more than this is a typo, and minutes of CPU
+MAX_SEED = 2**63 - 1    # torch.Generator.manual_seed takes any int64 >= 0
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+# An archive is a few files; refuse obviously hostile ones before extracting anything.
+MAX_ARCHIVE_MEMBERS = 10_000
+
+
+class InputError(MixDQError, ValueError):
+    """A generation request the library refuses (empty prompt, absurd steps or seed)."""
+
+
+# ------------------------------------------------------------------------------------------
+# Input checks (the app and the CLI show these messages as they are).
+# ------------------------------------------------------------------------------------------
+def check_request(prompt, seed, steps) -> tuple[str, int, int]:
+    """Validate and normalise (prompt, seed, steps); raise InputError naming the fix."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("the prompt is empty: describe the image to generate")
+    try:
+        seed_f = float(seed)
+    except (TypeError, ValueError):
+        raise InputError(f"seed must be a whole number, got {seed!r}") from None
+    if not math.isfinite(seed_f) or seed_f != int(seed_f) or not 0 <= int(seed_f) <= MAX_SEED:
+        raise InputError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    try:
+        steps_f = float(steps)
+    except (TypeError, ValueError):
+        raise InputError(f"steps must be a whole number, got {steps!r}") from None
+    if not math.isfinite(steps_f) or steps_f != int(steps_f) or not 1 <= int(steps_f) <= MAX_STEPS:
+        raise InputError(f"steps must be a whole number from 1 to {MAX_STEPS} (few-step models use "
+                         f"1-4), got {steps!r}")
+    return prompt.strip(), int(seed_f), int(steps_f)
+
+
+# ------------------------------------------------------------------------------------------
+# Pipelines side by side.
+# ------------------------------------------------------------------------------------------
+def pair(pipe):
+    """(float_pipe, copy) sharing text encoders, tokenizers, VAE and scheduler config; the copy
+    owns a deep copy of the UNet, ready for `mixdq.quantize` (which works in place)."""
+    twin = type(pipe)(**{**pipe.components, "unet": copy.deepcopy(pipe.unet),
+                         "scheduler": copy.deepcopy(pipe.scheduler)})
+    for attr in ("_mixdq_source", "_mixdq_defaults"):
+        if hasattr(pipe, attr):
+            setattr(twin, attr, copy.deepcopy(getattr(pipe, attr)))
+    # generation_defaults reads the model folder's few-step settings through the config
+    twin.register_to_config(_name_or_path=getattr(pipe, "name_or_path", None)
+                            or pipe.config.get("_name_or_path"))
+    twin.set_progress_bar_config(disable=True)
+    return pipe, twin
+
+
+def same_architecture(a, b) -> bool:
+    """Whether two UNets share one architecture (so their images are comparable)."""
+    ca, cb = dict(a.unet.config), dict(b.unet.config)
+    for c in (ca, cb):
+        for k in [k for k in c if k.startswith("_")]:
+            c.pop(k)
+    return json.dumps(ca, sort_keys=True, default=str) == json.dumps(cb, sort_keys=True, default=str)
+
+
+# ------------------------------------------------------------------------------------------
+# Peak memory and step latency.
+# ------------------------------------------------------------------------------------------
+def _status_kb(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss_mb() -> float | None:
+    kb = _status_kb("VmRSS")
+    return kb * 1024 / MB if kb is not None else None
+
+
+@contextmanager
+def peak_memory():
+    """Peak resident memory of this process (MB) while the block runs: yields a dict whose
+    "peak_mb" is filled on exit, and "method" says how it was measured.
+
+    Linux keeps a high-water mark (VmHWM) that writing "5" to /proc/self/clear_refs resets, so
+    the peak is exact and costs nothing.  Where that is not allowed, a thread samples VmRSS
+    every 2 ms (may miss a shorter spike)."""
+    out: dict = {"peak_mb": None, "method": None}
+    reset = False
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        pass
+    stop = threading.Event()
+    samples = [current_rss_mb() or 0.0]
+
+    def sample():
+        while not stop.wait(0.002):
+            v = current_rss_mb()
+            if v is not None:
+                samples.append(v)
+
+    thread = None
+    if not reset:
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join()
+        samples.append(current_rss_mb() or 0.0)
+        hwm = _status_kb("VmHWM") if reset else None
+        if hwm is not None:
+            out.update(peak_mb=hwm * 1024 / MB, method="VmHWM")
+        else:
+            out.update(peak_mb=max(samples), method="VmRSS sampled every 2 ms")
+
+
+class _FirstCall:
+    """Keeps the inputs of the UNet's first call (to replay them for timing)."""
+
+    def __init__(self, unet):
+        self.args = self.kwargs = None
+        self.handle = unet.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def _pre(self, _m, args, kwargs):
+        if self.args is None:
+            self.args = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+            self.kwargs = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+                           for k, v in kwargs.items()}
+
+    def remove(self):
+        self.handle.remove()
+
+
+@torch.inference_mode()
+def step_latency(unets: dict, args, kwargs, repeats: int = 5) -> dict[str, list[float]]:
+    """Seconds per UNet forward, for each UNet on the same inputs, interleaved round by round
+    (so background load hits both alike); one untimed warm-up call each first."""
+    times = {k: [] for k in unets}
+    cuda = any(next(u.parameters()).is_cuda for u in unets.values())
+
+    def sync():
+        if cuda:   # GPU kernels run asynchronously: time to completion, not to launch
+            torch.cuda.synchronize()
+
+    for unet in unets.values():
+        unet(*args, **kwargs)
+    for _ in range(repeats):
+        for k, unet in unets.items():
+            sync()
+            t0 = time.perf_counter()
+            unet(*args, **kwargs)
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+@contextmanager
+def peak_gpu_memory(device):
+    """Peak CUDA memory allocated by torch (MB) while the block runs; None off CUDA."""
+    out = {"peak_mb": None}
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield out
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield out
+    finally:
+        torch.cuda.synchronize(device)
+        out["peak_mb"] = torch.cuda.max_memory_allocated(device) / MB
+
+
+# ------------------------------------------------------------------------------------------
+# The comparison.
+# ------------------------------------------------------------------------------------------
+def is_embedded(pipe) -> bool:
+    """Whether the pipeline is the embedded model (or an export of it): its checker applies."""
+    from .loading import EMBEDDED, model_dir
+
+    folder = model_dir(pipe)
+    if folder is None:
+        return False
+    if folder.resolve() == EMBEDDED.resolve():
+        return True
+    meta = folder / "mixdq.json"   # an export remembers that its model was the embedded one
+    try:
+        return meta.is_file() and json.loads(meta.read_text()).get("embedded_model") is True
+    except (OSError, ValueError):
+        return False
+
+
+def prompt_check(image, prompt: str) -> dict[str, bool] | None:
+    """Per attribute, does the image match the prompt?  None when the prompt is not a caption
+    of the embedded model's world (the checker only knows that world)."""
+    from . import zoo
+
+    if zoo.parse_caption(prompt) is None:
+        return None
+    return zoo.check(image, prompt)
+
+
+def generate(pipe, prompt: str, seed: int, settings: dict):
+    """One image, seeded on the CPU generator (the same noise on any device)."""
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        return pipe(prompt=prompt, generator=gen, **settings).images[0]
+
+
+def compare(float_pipe, quant_pipe, prompt: str, seed: int = 0, steps: int | None = None, *,
+            check: bool | None = None, timing_repeats: int = 5, progress=None) -> dict:
+    """Generate `prompt` with both pipelines (same seed and settings) and measure everything.
+
+    check: run the embedded model's attribute checker (default: when the float model is the
+    embedded one and the prompt is one of its captions).  progress(fraction, text) is called
+    between stages when given.  Returns a plain dict (see the module doc)."""
+    from .loading import generation_defaults
+    from .metrics import images_to_tensor, psnr, ssim
+
+    def say(frac, text):
+        if progress is not None:
+            progress(frac, text)
+
+    settings = generation_defaults(float_pipe)
+    prompt, seed, steps = check_request(prompt, seed, settings["num_inference_steps"] if steps is None else steps)
+    settings["num_inference_steps"] = steps
+
+    say(0.0, "generating with the float model")
+    recorder = _FirstCall(float_pipe.unet)
+    device = float_pipe.unet.device
+    try:
+        with peak_memory() as mem_f, peak_gpu_memory(device) as gpu_f:
+            t0 = time.perf_counter()
+            float_image = generate(float_pipe, prompt, seed, settings)
+            float_s = time.perf_counter() - t0
+    finally:
+        recorder.remove()
+    say(0.35, "generating with the quantized model")
+    with peak_memory() as mem_q, peak_gpu_memory(quant_pipe.unet.device) as gpu_q:
+        t0 = time.perf_counter()
+        quant_image = generate(quant_pipe, prompt, seed, settings)
+        quant_s = time.perf_counter() - t0
+    say(0.7, f"timing the UNets ({timing_repeats} interleaved steps each)")
+    times = step_latency({"float": float_pipe.unet, "quantized": quant_pipe.unet},
+                         recorder.args, recorder.kwargs, repeats=timing_repeats)
+    say(0.9, "comparing images")
+    a, b = images_to_tensor([float_image]), images_to_tensor([quant_image])
+    ssim_v, psnr_v = float(ssim(b, a)), float(psnr(b, a))
+    if check is None:
+        check = is_embedded(float_pipe)
+    checks = None
+    if check:
+        cf, cq = prompt_check(float_image, prompt), prompt_check(quant_image, prompt)
+        if cf is not None:
+            checks = {"float": cf, "quantized": cq}
+    float_bytes, quant_bytes = model_nbytes(float_pipe.unet), model_nbytes(quant_pipe.unet)
+    step_f, step_q = statistics.median(times["float"]), statistics.median(times["quantized"])
+    say(1.0, "done")
+    return {
+        "prompt": prompt, "seed": seed, "settings": settings,
+        "float_image": float_image, "quant_image": quant_image,
+        "unet_float_mb": float_bytes / MB, "unet_quant_mb": quant_bytes / MB,
+        "unet_ratio": quant_bytes / float_bytes,
+        "peak_mb": {"float": mem_f["peak_mb"], "quantized": mem_q["peak_mb"]},
+        "peak_method": mem_q["method"],
+        "peak_gpu_mb": ({"float": gpu_f["peak_mb"], "quantized": gpu_q["peak_mb"]}
+                        if gpu_q["peak_mb"] is not None else None),
+        "step_ms": {"float": step_f * 1e3, "quantized": step_q * 1e3},
+        "step_ms_all": {k: [t * 1e3 for t in v] for k, v in times.items()},
+        "speedup": step_f / step_q if step_q > 0 else float("nan"),
+        "generate_s": {"float": float_s, "quantized": quant_s},
+        "ssim": ssim_v, "psnr": psnr_v, "checks": checks,
+        "kernel": (getattr(quant_pipe.unet, "mixdq_meta", None) or {}).get("kernel"),
+    }
+
+
+def difference_map(float_image, quant_image, gain: float | None = None):
+    """|quantized - float| per pixel as an image, amplified so small errors are visible.
+    gain=None scales the largest difference to full white.  Returns (PIL image, gain)."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(float_image.convert("RGB"), dtype=np.float32)
+    b = np.asarray(quant_image.convert("RGB"), dtype=np.float32)
+    diff = np.abs(b - a).max(axis=2)
+    if gain is None:
+        gain = 255.0 / diff.max() if diff.max() > 0 else 1.0
+    out = np.clip(diff * gain, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, mode="L"), gain
+
+
+# ------------------------------------------------------------------------------------------
+# Calibration, sensitivity, presets: what the CLI would use.
+# ------------------------------------------------------------------------------------------
+def default_calibration(pipe):
+    """The calibration `python -m mixdq ...` uses with no calibration flags (same cache key,
+    so sensitivity computed by either is reused by the other)."""
+    import argparse
+
+    from .sensitivity import add_calibration_args, calibration_from_args
+
+    parser = argparse.ArgumentParser()
+    add_calibration_args(parser)
+    return calibration_from_args(pipe, parser.parse_args([]))
+
+
+def cached_sensitivity(pipe, calibration=None, presets_dir=None):
+    """The sensitivity table if it is already complete on disk (or shipped in presets/ for
+    this exact model), else None.  Never starts the (long) analysis itself."""
+    from . import sensitivity as S
+    from .quant import quantizable_layers
+
+    fingerprint = None
+    for path in sorted(Path(presets_dir or PRESETS_DIR).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("format") == "mixdq-sensitivity/1":
+            fingerprint = fingerprint or S.model_fingerprint(pipe)
+            if str(data.get("meta", {}).get("model", "")) == fingerprint[:16]:
+                return S.Sensitivity.from_dict(data)
+    calibration = calibration or default_calibration(pipe)
+    try:
+        key, _ = S.cache_key(pipe, calibration)
+        folder = S.cache_root() / key
+        if not (folder / "model.json").is_file():
+            return None
+        done = S._read_results(folder)
+        names = list(quantizable_layers(pipe.unet))
+        groups = {n: S.layer_group(n) for n in names}
+        wbits = S._candidates(None, S.DEFAULT_WEIGHT_BITS)
+        abits = S._candidates(None, S.DEFAULT_ACT_BITS)
+        for job in S._jobs(names, groups, wbits, abits):
+            if not all(m in done.get(job, {}) for m in S.metrics_for(groups[job[0]])):
+                return None
+    except (AttributeError, OSError, ValueError, KeyError):  # cache layout changed: recompute
+        return None
+    return S.sensitivity(pipe, calibration, progress=False)
+
+
+@dataclass
+class Preset:
+    name: str
+    plan: object                  # mixdq.Plan
+    size_mb: float                # layer_costs(unet).total_mb(plan): what quantize will store
+    stats: dict = field(default_factory=dict)   # presets/NAME.stats.json, measured when shipped
+
+
+def presets(unet, folder: Path | None = None) -> list[Preset]:
+    """The shipped plans (presets/NAME.json, numbers in NAME.stats.json) that fit this UNet,
+    smallest first.  Plans for other models are skipped."""
+    from .memory import layer_costs
+    from .plan import Plan
+    from .quant import quantizable_layers
+
+    folder = Path(folder or PRESETS_DIR)
+    names = list(quantizable_layers(unet))
+    costs = None
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        if path.name.endswith(".stats.json"):
+            continue
+        try:
+            plan = Plan.load(path)
+            plan.validate(names)
+        except MixDQError:
+            continue
+        costs = costs or layer_costs(unet)
+        stats_path = path.with_name(path.stem + ".stats.json")
+        try:
+            stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+        except ValueError:
+            stats = {}
+        out.append(Preset(path.stem, plan, costs.total_mb(plan), stats))
+    return sorted(out, key=lambda p: p.size_mb)
+
+
+def budget_bounds(costs, weight_candidates=None) -> tuple[float, float]:
+    """(smallest, largest) UNet MB any plan over the allocator's candidate weight bits can
+    take, before sensitivity is known.  The smallest is exact (lowest candidate bits); the
+    largest takes each layer's widest option with or without activation quantization, so the
+    allocator's exact maximum (which knows the activation bits) can be a little lower."""
+    from .allocate import DEFAULT_WEIGHT_CANDIDATES
+    from .plan import FLOAT_BITS
+    from .sensitivity import layer_group
+
+    cands = weight_candidates or DEFAULT_WEIGHT_CANDIDATES
+    lo = hi = costs.fixed_bytes
+    for name, float_bytes in costs.float_bytes.items():
+        options = [costs.bytes[name][w] for w in cands[layer_group(name)] if w != FLOAT_BITS]
+        if FLOAT_BITS in cands[layer_group(name)]:
+            options += [float_bytes, costs.bytes[name][FLOAT_BITS]]
+        lo += min(options)
+        hi += max(options)
+    return lo / MB, hi / MB
+
+
+def equivalent_bits(size_mb: float, float_mb: float, float_bits: int = 32) -> float:
+    """The bit-width a uniformly quantized UNet of `size_mb` would have: float bits scaled by
+    size / float size (32 on CPU, 16 for a float16 model; scales and kept-float parts count)."""
+    return float_bits * size_mb / float_mb
+
+
+def dtype_bits(unet) -> int:
+    import torch
+
+    return torch.finfo(unet.dtype).bits
+
+
+# ------------------------------------------------------------------------------------------
+# Looking inside a plan.
+# ------------------------------------------------------------------------------------------
+_INPUT = ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "class_embedding",
+          "encoder_hid_proj")
+
+
+def block_of(name: str) -> str:
+    """The UNet block a layer belongs to, as the chart groups them: input (conv_in and the
+    time/size embeddings), down_blocks.i, mid_block, up_blocks.i, output (norm and conv_out)."""
+    parts = name.split(".")
+    if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 1:
+        return f"{parts[0]}.{parts[1]}"
+    if parts[0] in _INPUT:
+        return "input"
+    if parts[0] == "mid_block":
+        return "mid_block"
+    return "output"
+
+
+def _block_order(block: str) -> tuple:
+    """Data-flow order (diffusers registers up_blocks before mid_block)."""
+    kind, _, idx = block.partition(".")
+    rank = {"input": 0, "down_blocks": 1, "mid_block": 2, "up_blocks": 3, "output": 4}[kind]
+    return rank, int(idx) if idx else 0
+
+
+def plan_chart_data(plan, unet) -> list[dict]:
+    """One row per quantizable layer, blocks in data-flow order (layers in the UNet's own
+    order inside a block): block, group (content or quality), weight and activation bits
+    (16 = kept float), parameter count."""
+    from .plan import FLOAT_BITS
+    from .quant import layer_spec, quantizable_layers
+    from .sensitivity import layer_group
+
+    rows = []
+    for name, module in quantizable_layers(unet).items():
+        bits = plan.get(name)
+        shape, _, _ = layer_spec(module)
+        rows.append({"layer": name, "block": block_of(name), "group": layer_group(name),
+                     "weight_bits": bits.weight if bits else FLOAT_BITS,
+                     "act_bits": bits.act if bits else FLOAT_BITS,
+                     "params": math.prod(shape)})
+    return sorted(rows, key=lambda r: _block_order(r["block"]))   # stable: keeps order inside a block
+
+
+# ------------------------------------------------------------------------------------------
+# One-file export.
+# ------------------------------------------------------------------------------------------
+def export_archive(pipe, path, *, embedded: bool | None = None) -> Path:
+    """Write the quantized pipeline (the `save_quantized` folder) as one zip archive at `path`,
+    atomically: the zip is built beside it and renamed into place."""
+    from .export import save_quantized
+
+    path = Path(path).expanduser().resolve()
+    if path.suffix != ".zip":
+        raise ExportError(f"{path} must end in .zip")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
+    try:
+        folder = save_quantized(pipe, work / path.stem)
+        if embedded if embedded is not None else is_embedded(pipe):
+            meta = json.loads((folder / "mixdq.json").read_text())
+            meta["embedded_model"] = True     # keeps the attribute checker on when loaded back
+            (folder / "mixdq.json").write_text(json.dumps(meta, indent=1))
+        tmp_zip = work / "archive.zip"
+        # Stored, not deflated: safetensors of packed integers hardly compress, and storing is fast.
+        with zipfile.ZipFile(tmp_zip, "w", compression=zipfile.ZIP_STORED) as zf:
+            for f in sorted(folder.rglob("*")):
+                if f.is_file():
+                    zf.write(f, f.relative_to(folder.parent).as_posix())
+        os.replace(tmp_zip, path)
+    except ExportError:
+        raise
+    except OSError as e:
+        raise ExportError(f"could not write {path}: {e}") from e
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+def import_archive(path, dest=None, device=None):
+    """Load a pipeline from an archive written by `export_archive` (or any zip of a
+    `save_quantized` folder).  Extracts into `dest` (default: a new temporary folder, kept
+    because the pipeline reads its settings from there).  Raises ExportError with the reason."""
+    from .export import load_quantized
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ExportError(f"{path.name} is not a zip archive: upload the .zip written by Export")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_ARCHIVE_MEMBERS:
+                raise ExportError(f"{path.name} holds {len(infos)} files; a mixdq export holds a few dozen")
+            for info in infos:
+                p = Path(info.filename)
+                if p.is_absolute() or ".." in p.parts:
+                    raise ExportError(f"{path.name} contains an unsafe path {info.filename!r}; refusing it")
+            roots = [Path(i.filename).parent for i in infos if Path(i.filename).name == "mixdq.json"]
+            if not roots:
+                raise ExportError(f"{path.name} is not a mixdq export (no mixdq.json inside); "
+                                  "upload the .zip written by Export")
+            if len(roots) > 1:
+                raise ExportError(f"{path.name} holds {len(roots)} exports; upload one at a time")
+            dest = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="mixdq-import-"))
+            dest.mkdir(parents=True, exist_ok=True)
+            target = Path(tempfile.mkdtemp(prefix="export-", dir=dest))
+            zf.extractall(target)
+    except ExportError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, RuntimeError) as e:
+        raise ExportError(f"{path.name} is damaged and cannot be unpacked ({e}); export the model again") from None
+    except Exception as e:  # zlib.error and friends from a corrupt member
+        raise ExportError(f"{path.name} is damaged and cannot be unpacked ({type(e).__name__}: {e})") from None
+    return load_quantized(target / roots[0], device=device)

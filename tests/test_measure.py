@@ -1,0 +1,213 @@
+"""mixdq.measure: the numbers the app shows, measured; archives that load back exactly."""
+import math
+import zipfile
+
+import pytest
+
+import mixdq
+from mixdq import measure
+from mixdq.allocate import Allocator
+from mixdq.errors import ExportError
+from mixdq.sensitivity import Sensitivity, layer_group
+
+SMALL_CAL = ["a red circle", "a blue square on black"]
+
+
+def synthetic_sensitivity(unet) -> Sensitivity:
+    """A plausible sensitivity table without the (minutes-long) analysis: fewer bits hurt
+    more, larger layers a little more, so the allocator makes genuinely mixed plans.  Tests of
+    the app and of measure only need *a* table; the real analysis is tested in its own file."""
+    layers = list(mixdq.quantizable_layers(unet))
+    scores = {"weight": {}, "act": {}}
+    for i, n in enumerate(layers):
+        k = 1 + (i * 7919) % 13 / 6          # deterministic spread of sensitivities
+        scores["weight"][n] = {b: {"ssim": 1 - k / b ** 2, "sqnr": 6.0 * b + 4 / k} for b in (2, 4, 8)}
+        scores["act"][n] = {b: {"ssim": 1 - k / b ** 3, "sqnr": 6.0 * b + 2 / k} for b in (4, 8)}
+    return Sensitivity(layers, {n: layer_group(n) for n in layers}, scores,
+                       {n: 256 for n in layers}, meta={"synthetic": True})
+
+
+@pytest.fixture
+def quantized_pair(tiny_sdxl_pipe):
+    f, q = measure.pair(tiny_sdxl_pipe)
+    plan = mixdq.Plan.uniform(mixdq.quantizable_layers(q.unet), 8, 8)
+    mixdq.quantize(q, plan, mixdq.Calibration(SMALL_CAL, batch_size=2), progress=False)
+    return f, q
+
+
+def test_pair_shares_all_but_the_unet(tiny_sdxl_pipe):
+    f, q = measure.pair(tiny_sdxl_pipe)
+    assert q.unet is not f.unet and q.vae is f.vae and q.text_encoder is f.text_encoder
+    assert mixdq.generation_defaults(q) == mixdq.generation_defaults(f)
+    assert measure.same_architecture(f, q)
+
+
+def test_compare_measures_everything(quantized_pair):
+    f, q = quantized_pair
+    seen = []
+    s = measure.compare(f, q, "a red circle", seed=3, timing_repeats=3, progress=lambda x, d: seen.append(x))
+    assert s["float_image"].size == s["quant_image"].size == (16, 16)
+    assert s["unet_float_mb"] == pytest.approx(mixdq.model_nbytes(f.unet) / 1e6)
+    assert s["unet_quant_mb"] == pytest.approx(mixdq.model_nbytes(q.unet) / 1e6)
+    assert 0.2 < s["unet_ratio"] < 0.5                      # W8A8 of float32 weights, plus scales
+    assert s["peak_mb"]["float"] > 50 and s["peak_mb"]["quantized"] > 50
+    assert len(s["step_ms_all"]["float"]) == len(s["step_ms_all"]["quantized"]) == 3
+    assert all(t > 0 for t in s["step_ms_all"]["float"] + s["step_ms_all"]["quantized"])
+    assert 0 < s["ssim"] <= 1 and s["psnr"] > 10
+    assert s["settings"]["num_inference_steps"] == 2       # the model's own few-step count
+    assert s["checks"] is None                              # not the embedded model
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
+    # same seed, same images: the float side is deterministic
+    again = measure.compare(f, q, "a red circle", seed=3, timing_repeats=1)
+    assert list(again["float_image"].getdata()) == list(s["float_image"].getdata())
+    assert again["ssim"] == s["ssim"]
+
+
+@pytest.mark.parametrize("prompt,seed,steps,match", [
+    ("", 0, 1, "prompt is empty"), ("   ", 0, 1, "prompt is empty"),
+    ("a cat", -1, 1, "seed"), ("a cat", 1.5, 1, "seed"), ("a cat", 2**70, 1, "seed"),
+    ("a cat", "x", 1, "seed"), ("a cat", 0, 0, "steps"), ("a cat", 0, 10**6, "steps"),
+    ("a cat", 0, float("nan"), "steps"), ("a cat", 0, None, "steps"),
+])
+def test_bad_requests_say_what_to_fix(prompt, seed, steps, match):
+    with pytest.raises(measure.InputError, match=match):
+        measure.check_request(prompt, seed, steps)
+
+
+def test_peak_memory_sees_an_allocation():
+    import torch
+
+    with measure.peak_memory() as m:
+        x = torch.ones(40_000_000, dtype=torch.uint8)   # 40 MB, touched
+        x += 1
+        del x
+    before = measure.current_rss_mb()
+    assert m["peak_mb"] >= before + 30, (m, before)
+
+
+def test_budget_bounds_contain_the_allocator_range(tiny_sdxl_pipe):
+    costs = mixdq.layer_costs(tiny_sdxl_pipe.unet)
+    lo, hi = measure.budget_bounds(costs)
+    alo, ahi = Allocator(synthetic_sensitivity(tiny_sdxl_pipe.unet), costs).feasible_range_mb()
+    assert lo == pytest.approx(alo, abs=1e-9)
+    assert ahi <= hi + 1e-9 and hi - ahi < 0.01 * hi
+    assert lo < costs.float_mb() <= hi
+
+
+def test_equivalent_bits(quantized_pair):
+    f, q = quantized_pair
+    float_mb = mixdq.model_nbytes(f.unet) / 1e6
+    quant_mb = mixdq.model_nbytes(q.unet) / 1e6
+    assert measure.dtype_bits(f.unet) == measure.dtype_bits(q.unet) == 32
+    assert measure.equivalent_bits(float_mb, float_mb) == 32
+    # all-W8A8 plus per-channel scales: a little over 8 bits per parameter
+    assert 8 < measure.equivalent_bits(quant_mb, float_mb) < 12
+
+
+def test_plan_chart_data(tiny_sdxl_pipe):
+    unet = tiny_sdxl_pipe.unet
+    names = list(mixdq.quantizable_layers(unet))
+    plan = mixdq.Plan({names[0]: (4, 8), names[-1]: (8, 16)})
+    rows = measure.plan_chart_data(plan, unet)
+    assert sorted(r["layer"] for r in rows) == sorted(names)
+    by_name = {r["layer"]: r for r in rows}
+    assert (by_name[names[0]]["weight_bits"], by_name[names[0]]["act_bits"]) == (4, 8)
+    assert (by_name[names[-1]]["weight_bits"], by_name[names[-1]]["act_bits"]) == (8, 16)
+    assert sum(r["weight_bits"] == 16 for r in rows) == len(names) - 2
+    assert {r["group"] for r in rows} == {"content", "quality"}
+    assert all(r["group"] == layer_group(r["layer"]) for r in rows)
+    blocks = [r["block"] for r in rows]
+    # data-flow order: input, down, mid, up, output
+    order = ["input", "down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1", "output"]
+    assert [b for i, b in enumerate(blocks) if i == 0 or blocks[i - 1] != b] == order
+
+
+def test_archive_round_trip_is_exact(quantized_pair, tmp_path):
+    f, q = quantized_pair
+    path = measure.export_archive(q, tmp_path / "out" / "model.zip")
+    assert path.is_file() and zipfile.is_zipfile(path)
+    assert not [p for p in path.parent.iterdir() if p != path]    # nothing half-written left
+    loaded = measure.import_archive(path, dest=tmp_path / "in")
+    assert mixdq.current_plan(loaded.unet) == mixdq.current_plan(q.unet)
+    a = measure.generate(q, "a red circle", 5, mixdq.generation_defaults(q))
+    b = measure.generate(loaded, "a red circle", 5, mixdq.generation_defaults(loaded))
+    assert list(a.getdata()) == list(b.getdata())
+    with pytest.raises(ExportError, match="not quantized"):
+        measure.export_archive(f, tmp_path / "float.zip")
+
+
+def test_corrupt_archives_are_refused_clearly(quantized_pair, tmp_path):
+    _, q = quantized_pair
+    good = measure.export_archive(q, tmp_path / "good.zip")
+    junk = tmp_path / "junk.zip"
+    junk.write_bytes(b"this is not a zip")
+    with pytest.raises(ExportError, match="not a zip archive"):
+        measure.import_archive(junk)
+    empty = tmp_path / "empty.zip"
+    with zipfile.ZipFile(empty, "w") as zf:
+        zf.writestr("readme.txt", "hello")
+    with pytest.raises(ExportError, match="no mixdq.json"):
+        measure.import_archive(empty)
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../mixdq.json", "{}")
+    with pytest.raises(ExportError, match="unsafe path"):
+        measure.import_archive(evil)
+    # flip bytes inside the weights: the checksum catches it
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as zf:
+        info = zf.getinfo(f"{good.stem}/unet/mixdq_unet.safetensors")
+    mid = info.header_offset + 200 + info.compress_size // 2
+    data[mid:mid + 64] = bytes(64)
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ExportError):
+        measure.import_archive(bad, dest=tmp_path / "x")
+    # truncated
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ExportError):
+        measure.import_archive(cut, dest=tmp_path / "y")
+
+
+def test_difference_map(quantized_pair):
+    f, q = quantized_pair
+    s = measure.compare(f, q, "a red circle", seed=1, timing_repeats=1)
+    diff, gain = measure.difference_map(s["float_image"], s["quant_image"])
+    assert diff.size == s["float_image"].size and gain >= 1
+    same, _ = measure.difference_map(s["float_image"], s["float_image"])
+    assert max(same.getdata()) == 0
+    assert math.isinf(measure.compare(f, f, "a red circle", seed=1, timing_repeats=1)["psnr"])
+
+
+def test_prompt_checker_runs_for_captions_of_the_embedded_world(quantized_pair, tmp_path):
+    from mixdq import zoo
+
+    f, q = quantized_pair
+    caption = zoo.heldout_prompts(1)[0]
+    s = measure.compare(f, q, caption, seed=0, check=True, timing_repeats=1)
+    for side in ("float", "quantized"):
+        assert set(s["checks"][side]) == {"shape", "color", "size", "position", "background"}
+        assert all(isinstance(v, bool) for v in s["checks"][side].values())
+    # the checker's verdict is its own reading of the image (same image, same verdict)
+    assert s["checks"]["float"] == zoo.check(s["float_image"], caption)
+    assert measure.compare(f, q, "a photo of a cat", seed=0, check=True, timing_repeats=1)["checks"] is None
+    # the embedded model (and its exports) turn the checker on by default; others do not
+    assert not measure.is_embedded(f)
+    loaded = measure.import_archive(measure.export_archive(q, tmp_path / "e.zip", embedded=True), dest=tmp_path)
+    assert measure.is_embedded(loaded)
+
+
+def test_shipped_sensitivity_is_used_only_for_its_own_model(tiny_sdxl_pipe, tmp_path, monkeypatch):
+    from mixdq.sensitivity import model_fingerprint
+
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path / "empty-cache"))
+    cal = mixdq.Calibration(SMALL_CAL, batch_size=2)
+    sens = synthetic_sensitivity(tiny_sdxl_pipe.unet)
+    sens.meta["model"] = "0" * 16
+    sens.save(tmp_path / "sensitivity.json")
+    assert measure.cached_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path) is None   # another model's
+    sens.meta["model"] = model_fingerprint(tiny_sdxl_pipe)[:16]
+    sens.save(tmp_path / "sensitivity.json")
+    got = measure.cached_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path)
+    assert got is not None and got.layers == sens.layers and got.scores == sens.scores
