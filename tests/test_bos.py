@@ -31,16 +31,38 @@ def _prompts():
     return zoo.train_prompts(8, seed=1)
 
 
+PROMPTS = ["a red circle", "a blue square", "two green triangles", "a cat", "a dog", "sunset"]
+
+
 @pytest.mark.skipif(not (EMBEDDED / "model_index.json").is_file(), reason="embedded model not built yet")
 def test_bos_awareness_reduces_kv_error_on_trained_clip():
+    # The tiny CLIP trained here has no BOS outliers (real CLIP's come with scale), so the
+    # gain is small (~1.5%) but it must be there: token 0 is exact instead of quantized.
     prompts = _prompts()
     on = kv_error(None, True, prompts)
     off = kv_error(None, False, prompts)
-    assert off > 1.5 * on, (on, off)
+    assert off > on, (on, off)
 
 
-def test_bos_awareness_on_random_encoders(tiny_sdxl_dir):
-    prompts = ["a red circle", "a blue square", "two green triangles", "a cat", "a dog", "sunset"]
-    on = kv_error(tiny_sdxl_dir, True, prompts)
-    off = kv_error(tiny_sdxl_dir, False, prompts)
-    assert off > on
+@pytest.fixture(scope="module")
+def outlier_bos_dir(tiny_sdxl_dir, tmp_path_factory):
+    """The tiny SDXL with real CLIP's symptom: a BOS hidden state with huge outliers.
+
+    Both encoders are causal, so scaling position 0's embedding changes the BOS state
+    (what SDXL reads: the penultimate layer, before the final norm) and nothing else.
+    """
+    pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
+    with torch.no_grad():
+        for enc in (pipe.text_encoder, pipe.text_encoder_2):
+            emb = enc.embeddings if hasattr(enc, "embeddings") else enc.text_model.embeddings
+            emb.position_embedding.weight[0] *= 60
+    folder = tmp_path_factory.mktemp("outlier-bos")
+    pipe.save_pretrained(folder)
+    (folder / "mixdq_defaults.json").write_text((tiny_sdxl_dir / "mixdq_defaults.json").read_text())
+    return folder
+
+
+def test_bos_awareness_with_outliers(outlier_bos_dir):
+    on = kv_error(outlier_bos_dir, True, PROMPTS)
+    off = kv_error(outlier_bos_dir, False, PROMPTS)
+    assert off > 3 * on, (on, off)
