@@ -35,6 +35,7 @@ for _host in ("127.0.0.1", "localhost"):
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join(_no_proxy)
 
 import gradio as gr  # noqa: E402
+import torch  # noqa: E402
 
 import mixdq  # noqa: E402
 from mixdq import measure  # noqa: E402
@@ -651,11 +652,16 @@ def parse_args(argv=None):
                         help="interface to serve on (env MIXDQ_HOST; default 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("MIXDQ_PORT", "7860")),
                         help="port (env MIXDQ_PORT; default 7860)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 for the embedded model, whose tiny matmuls "
+                             "only lose to OpenMP barriers with more; torch's default otherwise)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads is not None or args.model is None:
+        torch.set_num_threads(max(1, args.threads or 1))
     try:
         pipe = mixdq.load_pipeline(args.model)
         if mixdq.current_plan(pipe.unet):
