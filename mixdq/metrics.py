@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["ssim", "psnr", "sqnr", "images_to_tensor", "gaussian_window"]
 
@@ -37,6 +36,15 @@ def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64) -> 
     coords = torch.arange(size, dtype=dtype) - (size - 1) / 2.0
     g = torch.exp(-(coords ** 2) / (2 * sigma ** 2))
     return g / g.sum()
+
+
+def _band(n: int, g: torch.Tensor) -> torch.Tensor:
+    """(n, n - len(g) + 1) matrix M with M[j + i, j] = g[i]: t @ M is the valid 1-D filtering."""
+    k = len(g)
+    m = torch.zeros(n, n - k + 1, dtype=g.dtype)
+    for i in range(k):
+        m[torch.arange(n - k + 1) + i, torch.arange(n - k + 1)] = g[i]
+    return m
 
 
 def _as_batch(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -65,11 +73,13 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window_size:
     if size % 2 == 0:
         size -= 1
     g = gaussian_window(size, sigma)
-    gh = g.view(1, 1, size, 1).expand(c, 1, size, 1)
-    gw = g.view(1, 1, 1, size).expand(c, 1, 1, size)
+    # Separable "valid" gaussian filtering as two matmuls with banded matrices: the same sums
+    # as a grouped conv2d, but float64 matmul goes through BLAS (conv2d in float64 does not),
+    # ~10x faster on CPU; sensitivity computes one SSIM per layer and bit-width.
+    gh, gw = _band(h, g).to(x.device), _band(w, g).to(x.device)
 
     def blur(t):
-        return F.conv2d(F.conv2d(t, gh, groups=c), gw, groups=c)
+        return gh.T @ t @ gw
 
     mu_x, mu_y = blur(x), blur(y)
     sxx = blur(x * x) - mu_x ** 2

@@ -61,15 +61,32 @@ def test_w8a8_close_and_bits_order(tiny_sdxl_dir):
 
 
 def test_int_mm_and_dequant_kernels_agree(tiny_sdxl_dir):
-    outs = {}
-    for kernel in ("int_mm", "dequant"):
-        pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
-        names = list(mixdq.quantizable_layers(pipe.unet))
-        report = mixdq.quantize(pipe, Plan.uniform(names, 8, 8), Calibration(PROMPTS), kernel=kernel,
-                                progress=False)
-        assert report.kernel["kernel"] == kernel
-        outs[kernel] = _gen(pipe)
-    torch.testing.assert_close(outs["int_mm"], outs["dequant"], rtol=0, atol=2e-3)
+    """Layer by layer the integer kernels equal the dequantized reference to float
+    rounding; end to end, a rare rounding tie that flips one 8-bit code may propagate,
+    so images are compared by PSNR."""
+    pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
+    names = list(mixdq.quantizable_layers(pipe.unet))
+    plan = Plan({n: [(8, 8), (4, 8), (2, 8)][i % 3] for i, n in enumerate(names)})
+    report = mixdq.quantize(pipe, plan, Calibration(PROMPTS), kernel="int_mm", progress=False)
+    assert report.kernel["kernel"] == "int_mm"
+    layers = quantized_layers(pipe.unet)
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, a[0].detach().clone()))
+             for n, m in layers.items()]
+    images = {"int_mm": _gen(pipe)}
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for name, layer in layers.items():
+            out_int = layer(inputs[name])
+            layer.kernel = "dequant"
+            out_ref = layer(inputs[name])
+            scale = out_ref.abs().max().item() + 1e-6
+            assert (out_int - out_ref).abs().max().item() <= 2e-3 * scale, name
+    images["dequant"] = _gen(pipe)
+    from mixdq.metrics import psnr
+
+    assert float(psnr(images["int_mm"], images["dequant"])) > 20
 
 
 def test_sequential_calibration_sees_quantized_upstream(tiny_sdxl_dir):

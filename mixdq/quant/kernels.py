@@ -18,6 +18,9 @@ Two levels:
     int_mm   torch._int_mm (+ NHWC im2col for convs); no extra memory.
     onednn   oneDNN qlinear / qconv on a prepacked weight copy.
     fbgemm   FBGEMM's float-in/float-out int8 linear on a prepacked copy.
+  `consts`: (scale, effective bias) from int8_ops.epilogue_consts, held by
+  the caller (e.g. as layer buffers) so that a compiled graph reads them
+  instead of recomputing sum_k W per call (the cache is invisible to tracing).
   `key`: the tensor that owns the codes (the layer's packed buffer), under
   which per-weight constants are cached; defaults to weight_q's storage owner.
   The prepacked backends hold a second copy of each 8-bit weight, so they are
@@ -154,9 +157,9 @@ def _measure_cpu() -> dict:
 def _choose_cpu() -> dict:
     """VNNI (AVX-512 VNNI, AVX-VNNI or AMX): int_mm everywhere, without measuring.
 
-    On these CPUs `_int_mm` was measured 4-6x faster than float32 per layer
-    (bench/RESULTS.md); a 1 s micro-benchmark on a shared 2-core machine is
-    noisier than that margin (it once ranked float32 first under load), so the
+    On these CPUs `_int_mm` was measured 2.8-3.7x faster than float32 per layer
+    type, quantization and epilogue included (bench/RESULTS.md); a 1 s
+    micro-benchmark on a shared 2-core machine is noisier than that margin (it once ranked float32 first under load), so the
     instruction set decides.  Elsewhere the micro-benchmark does.
     """
     flags = cpu_flags()
@@ -235,12 +238,28 @@ def _backend_override() -> str | None:
     return None
 
 
+_CHOICE_SEEN: dict | None = None  # last CPU choice, readable while torch.compile traces
+
+
+def _cpu_choice_traceable() -> dict:
+    """_cpu_choice() outside tracing; inside, the choice already made (dynamo
+    cannot trace file reads), or int_mm's if none was made yet."""
+    global _CHOICE_SEEN
+    if torch.compiler.is_compiling():
+        return _CHOICE_SEEN or {"linear_backend": "int_mm", "conv_backend": "int_mm"}
+    _CHOICE_SEEN = _cpu_choice()
+    return _CHOICE_SEEN
+
+
 def linear_backend(device: torch.device | str = "cpu") -> str:
     """Which int8 implementation runs an int_mm-kernel linear on `device`."""
-    forced = _backend_override()
     if torch.device(device).type == "cuda":
-        return "reference" if forced == "reference" else "int_mm"
-    return forced or _cpu_choice().get("linear_backend", "int_mm")
+        # no environment lookups while torch.compile traces the layer
+        if torch.compiler.is_compiling():
+            return "int_mm"
+        return "reference" if _backend_override() == "reference" else "int_mm"
+    forced = None if torch.compiler.is_compiling() else _backend_override()
+    return forced or _cpu_choice_traceable().get("linear_backend", "int_mm")
 
 
 def conv_backend(device: torch.device | str = "cpu") -> str:
@@ -249,17 +268,20 @@ def conv_backend(device: torch.device | str = "cpu") -> str:
     'reference' means: dequantized weights in the float dtype, fake-quantized
     activations (no int8 conv that beats float here, or none at all: CUDA).
     """
-    forced = _backend_override()
     if torch.device(device).type == "cuda":
-        return "int_mm" if forced == "int_mm" else "reference"
+        if torch.compiler.is_compiling():
+            return "reference"
+        return "int_mm" if _backend_override() == "int_mm" else "reference"
+    forced = None if torch.compiler.is_compiling() else _backend_override()
     if forced in ("fbgemm",):  # FBGEMM has no float-output int8 conv
-        return _cpu_choice().get("conv_backend", "int_mm")
-    return forced or _cpu_choice().get("conv_backend", "int_mm")
+        forced = None
+    return forced or _cpu_choice_traceable().get("conv_backend", "int_mm")
 
 
 def int8_linear(x: torch.Tensor, act_scale: torch.Tensor, act_zero_point: torch.Tensor,
                 weight_q: torch.Tensor, weight_scale: torch.Tensor,
-                bias: torch.Tensor | None, key: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None, key: torch.Tensor | None = None,
+                consts: tuple | None = None) -> torch.Tensor:
     """y = s_a * s_w * (Xq - z) Wq^T + b on integer kernels (see int8_ops).
 
     weight_q: (N, K) int8 codes of any bit width <= 8.  Activation codes live
@@ -273,6 +295,9 @@ def int8_linear(x: torch.Tensor, act_scale: torch.Tensor, act_zero_point: torch.
         be = "reference"
     if be == "reference":
         return int8_ops.linear_reference(x, act_scale, act_zero_point, weight_q, weight_scale, bias)
+    if be == "int_mm":
+        return int8_ops.linear_int_mm(x, act_scale, act_zero_point, weight_q, weight_scale, bias, key=key,
+                                      consts=consts)
     return int8_ops.LINEAR_BACKENDS[be](x, act_scale, act_zero_point, weight_q, weight_scale, bias, key=key)
 
 

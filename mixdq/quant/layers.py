@@ -107,6 +107,16 @@ class QuantLayer(nn.Module):
     def bits(self) -> LayerBits:
         return LayerBits(self.weight_bits, self.act_bits)
 
+    def int_codes(self) -> torch.Tensor:
+        """Integer weight codes (int8) in the weight's shape: a view for 5/6/8 bits,
+        unpacked for 2/3/4 bits (a transient int8 tensor, never a float copy)."""
+        return unpack(self.weight_packed, self.weight_bits, self.weight_shape)
+
+    def _int_path(self) -> bool:
+        """8-bit activations and integer weights of any width run the integer kernels."""
+        return (self.kernel == "int_mm" and self.weight_bits <= 8 and self.act_bits == 8
+                and self.observing is None)
+
     def dequantized_weight(self, dtype) -> torch.Tensor:
         if self.weight_bits == FLOAT_BITS:
             return self.weight.to(dtype)
@@ -184,11 +194,11 @@ class QuantLinear(QuantLayer):
         return layer
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.kernel == "int_mm" and self.weight_bits == 8 and self.act_bits == 8
-                and self.observing is None and kernels.int_mm_usable(x.reshape(-1, x.shape[-1]), self.weight_packed)):
-            return kernels.int8_linear(x, self.act_scale, self.act_zero_point,
-                                       self.weight_packed.view(self.weight_shape),
-                                       self.weight_scale, self.bias)
+        if self._int_path():
+            codes = self.int_codes()
+            if kernels.int_mm_usable(x.reshape(-1, x.shape[-1]), codes):
+                return kernels.int8_linear(x, self.act_scale, self.act_zero_point, codes,
+                                           self.weight_scale, self.bias, key=self.weight_packed)
         w = self.dequantized_weight(x.dtype)
         return F.linear(self._quantize_input(x, -1), w, self.bias)
 
@@ -234,6 +244,14 @@ class QuantConv2d(QuantLayer):
         layer.kernel = kernels.select_kernel(conv.weight.device)
         return layer
 
+    routes_int8_conv = True  # bench/hook.py checks this: the routing lives here now
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._int_path():
+            codes = self.int_codes()
+            if kernels.conv_usable(x, codes, self.conv_args.get("groups", 1)):
+                return kernels.int8_conv2d(x, self.act_scale, self.act_zero_point, codes,
+                                           self.weight_scale, self.bias, split=self.split,
+                                           key=self.weight_packed, **self.conv_args)
         w = self.dequantized_weight(x.dtype)
         return F.conv2d(self._quantize_input(x, 1), w, self.bias, **self.conv_args)

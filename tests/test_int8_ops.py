@@ -1,0 +1,173 @@
+"""Every integer kernel computes the fake-quant reference within float tolerance.
+
+Reference: dequant(q_x) @ dequant(q_w)^T + b with asymmetric uint8 activations
+(scale, zero point) and symmetric per-output-channel integer weight codes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixdq.quant import int8_ops as K
+from mixdq.quant import kernels
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _codes(shape, bits, gen):
+    q = 2 ** (bits - 1) - 1
+    return torch.randint(-q - 1, q + 1, shape, generator=gen, dtype=torch.int8)
+
+
+def _act_params(x):
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255
+    return scale, int(round(-lo / scale))
+
+
+def _backends(table):
+    out = []
+    for name in table:
+        if name == "reference":
+            continue
+        if name == "onednn" and not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+            continue
+        if name == "fbgemm" and "fbgemm" not in torch.backends.quantized.supported_engines:
+            continue
+        out.append(name)
+    return out
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantize_act_fast_path_is_exact(signed):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 70, 33, generator=g) * 4 + 1
+    s, z = _act_params(x)
+    ref = torch.clamp(torch.round(x / s) + z, 0, 255)
+    ref = (ref - 128).to(torch.int8) if signed else ref.to(torch.uint8)
+    out = K.quantize_act(x, torch.tensor([s]), torch.tensor([float(z)]), signed=signed)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    # a plain tensor (not a quantized one), usable by any op
+    assert not out.is_quantized
+    assert (out.int() - ref.int()).abs().max() <= 1
+    assert (out != ref).float().mean() < 1e-3  # only exact .5 ties may round differently
+
+
+@pytest.mark.parametrize("backend", _backends(K.LINEAR_BACKENDS))
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_backends_match_reference(backend, bits, bias):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(2, 37, 64, generator=g) * 3 + 0.5
+    wq = _codes((48, 64), bits, g)
+    ws = torch.rand(48, generator=g) * 0.02 + 1e-3
+    b = torch.randn(48, generator=g) if bias else None
+    s, z = _act_params(x)
+    ref = K.linear_reference(x, s, z, wq, ws, b)
+    with torch.inference_mode():
+        out = K.LINEAR_BACKENDS[backend](x, s, z, wq, ws, b)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert _rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", _backends(K.CONV_BACKENDS))
+@pytest.mark.parametrize("kw", [dict(k=3, stride=1, padding=1), dict(k=3, stride=2, padding=1),
+                                dict(k=1, stride=1, padding=0), dict(k=3, stride=1, padding=2, dilation=2),
+                                dict(k=3, stride=1, padding=0)])
+def test_conv_backends_match_reference(backend, kw):
+    g = torch.Generator().manual_seed(1)
+    kw = dict(kw)
+    k = kw.pop("k")
+    x = torch.randn(2, 16, 11, 9, generator=g) * 2
+    wq = _codes((24, 16, k, k), 8, g)
+    ws = torch.rand(24, generator=g) * 0.02 + 1e-3
+    b = torch.randn(24, generator=g)
+    s, z = _act_params(x)
+    ref = K.conv2d_reference(x, s, z, wq, ws, b, **kw)
+    with torch.inference_mode():
+        out = K.CONV_BACKENDS[backend](x, s, z, wq, ws, b, **kw)
+    assert out.shape == ref.shape
+    assert _rel(out, ref) < 1e-5
+
+
+def test_split_shortcut_conv_matches_per_slice_reference():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(1, 12, 5, 6, generator=g) * 20
+    skip = torch.randn(1, 8, 5, 6, generator=g) * 0.1
+    x = torch.cat([hidden, skip], 1)
+    wq = _codes((10, 20, 1, 1), 8, g)
+    ws = torch.rand(10, generator=g) * 0.02 + 1e-3
+    b = torch.randn(10, generator=g)
+    (s0, z0), (s1, z1) = _act_params(hidden), _act_params(skip)
+    ref = (K.conv2d_reference(hidden, s0, z0, wq[:, :12], ws, b)
+           + K.conv2d_reference(skip, s1, z1, wq[:, 12:], ws, None))
+    out = K.split_conv1x1_int_mm(x, torch.tensor([s0, s1]), torch.tensor([float(z0), float(z1)]), 12, wq, ws, b)
+    assert _rel(out, ref) < 1e-5
+
+
+def test_cached_constants_follow_in_place_changes():
+    """The zero-point correction is cached per weight; recalibration must invalidate it."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 32, generator=g)
+    wq = _codes((16, 32), 8, g)
+    ws = torch.rand(16, generator=g) * 0.02 + 1e-3
+    scale, zp = torch.tensor([0.02]), torch.tensor([100.0])
+    first = K.linear_int_mm(x, scale, zp, wq, ws)
+    assert _rel(first, K.linear_reference(x, scale, zp, wq, ws)) < 1e-5
+    scale[0], zp[0] = 0.03, 60.0  # in place, as QuantLayer.set_ranges does
+    wq.mul_(-1)                   # and new codes, as load_state_dict does
+    again = K.linear_int_mm(x, scale, zp, wq, ws)
+    assert _rel(again, K.linear_reference(x, scale, zp, wq, ws)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["int_mm", "onednn", "fbgemm", "reference"])
+def test_dispatch_override_runs_each_backend(monkeypatch, tmp_path, backend):
+    if backend != "reference" and backend not in _backends(K.LINEAR_BACKENDS):
+        pytest.skip(f"{backend} not in this torch build")
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", backend)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 8, 10, 10, generator=g)
+    wq = _codes((6, 8, 3, 3), 8, g)
+    ws = torch.rand(6, generator=g) * 0.02 + 1e-3
+    s, z = _act_params(x)
+    st, zt = torch.tensor([s]), torch.tensor([float(z)])
+    assert kernels.linear_backend("cpu") == backend
+    lin = kernels.int8_linear(x.flatten(1)[:, :72].reshape(2, 36), st, zt, wq.reshape(6, 72)[:, :36], ws, None)
+    assert _rel(lin, K.linear_reference(x.flatten(1)[:, :72].reshape(2, 36), s, z, wq.reshape(6, 72)[:, :36], ws)) < 1e-5
+    conv = kernels.int8_conv2d(x, st, zt, wq, ws, None, 1, 1)
+    assert _rel(conv, K.conv2d_reference(x, s, z, wq, ws, None, 1, 1)) < 1e-5
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", "magic")
+    with pytest.raises(ValueError, match="int_mm"):
+        kernels.linear_backend("cpu")
+
+
+def test_kernel_report_names_capability(monkeypatch, tmp_path):
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    rep = kernels.kernel_report("cpu")
+    assert rep["linear_backend"] in kernels.BACKENDS and rep["conv_backend"] in kernels.BACKENDS
+    assert rep["cpu_flags"]["capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_int_path_traces_without_graph_breaks():
+    """What torch.compile sees on CUDA: arithmetic quantization, _int_mm,
+    epilogue; no cache lookups or environment reads inside the graph."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 32, generator=g)
+    wq = _codes((16, 32), 8, g)
+    ws = torch.rand(16, generator=g) * 0.02 + 1e-3
+    scale, zp = torch.tensor([0.02]), torch.tensor([120.0])
+    consts = K.epilogue_consts(wq, ws, None, scale, zp)
+
+    def f(x, consts):
+        return kernels.int8_linear(x, scale, zp, wq, ws, None, consts=consts)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(x, consts)
+    assert _rel(out, K.linear_reference(x, scale, zp, wq, ws)) < 1e-5
+    out2 = torch.compile(lambda x: kernels.int8_linear(x, scale, zp, wq, ws, None), backend="aot_eager",
+                         fullgraph=True)(x)
+    assert _rel(out2, out) < 1e-6
