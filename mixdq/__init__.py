@@ -25,5 +25,7 @@ __all__ = [
     "ModelNotFoundError", "ExportError",
 ]
 from .export import load_quantized, save_quantized  # noqa: E402
+from .sensitivity import Sensitivity, sensitivity  # noqa: E402
+from .allocate import allocate  # noqa: E402
 
-__all__ += ["save_quantized", "load_quantized"]
+__all__ += ["save_quantized", "load_quantized", "sensitivity", "Sensitivity", "allocate"]
