@@ -17,6 +17,7 @@ zip archive (`export_archive` / `import_archive`).
 """
 from __future__ import annotations
 
+import importlib
 import copy
 import json
 import math
@@ -352,7 +353,7 @@ def default_calibration(pipe):
 def cached_sensitivity(pipe, calibration=None, presets_dir=None):
     """The sensitivity table if it is already complete on disk (or shipped in presets/ for
     this exact model), else None.  Never starts the (long) analysis itself."""
-    from . import sensitivity as S
+    S = importlib.import_module("mixdq.sensitivity")  # the module: mixdq.sensitivity is also the verb
     from .quant import quantizable_layers
 
     fingerprint = None

@@ -1,0 +1,699 @@
+"""Bit allocation: the integer program that turns sensitivities and a memory budget into a Plan.
+
+Two programs, solved exactly with PuLP's bundled CBC:
+
+* **activation program** (first): one binary per (layer, activation bits); maximise the
+  summed, group-normalised activation score subject to an *average activation bit-width*
+  target weighted by each layer's input-activation element count (activations are not stored,
+  so they do not count in model memory; the average is what sets the speed/quality trade-off).
+  An optional floor removes candidates below it.
+
+* **weight program** (second, given the activation bits): one binary per (layer, weight bits),
+  *float (16) included as an ordinary choice with its true byte cost*; maximise the summed,
+  group-normalised weight score subject to the budget in **megabytes of UNet memory** as the
+  quantized model really stores it (packed weights + scales + everything kept float: the
+  numbers of `mixdq.layer_costs`, which the core library checks against measured bytes).
+
+Scores.  Sensitivity gives, per layer and bit-width, SSIM of final images (content group) or
+SQNR dB of the UNet output (quality group).  Both become a *loss* that is 0 for float:
+``1 - SSIM`` and the noise-to-signal power ratio ``10^(-SQNR/10)`` (independent layer noises
+add in power, so summing NSR is the right additive model; summing dB is not).  Each group's
+losses are divided by the group's total loss at its lowest candidate bits, so both groups
+live on [0, 1] and can share one objective ("group-normalised").  The objective maximised is
+``-sum(normalised loss)``.
+
+Decoupling.  Like the paper, the available bytes can be split between the groups by a ratio
+``k``: content bits-per-weight = k x quality bits-per-weight.  ``k=None`` solves one joint
+program with a single budget.  Sweeping k (and the budget) gives a family of plans; `pareto`
+keeps the non-dominated ones (size vs predicted loss) and `select` picks the final plan by
+*measured* metrics over several prompts, never one image.
+
+Ties are resolved lexicographically: among plans with the optimal objective, the smallest
+one wins (a second solve), and equal (cost, score) options keep the higher bit-width.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+from .errors import BudgetError, PlanError
+from .plan import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, LayerBits, Plan
+
+CONTENT, QUALITY = "content", "quality"
+GROUPS = (CONTENT, QUALITY)
+TOTAL = "total"
+
+# Candidate sets (per group).  Float is an ordinary candidate everywhere.
+DEFAULT_WEIGHT_CANDIDATES = {CONTENT: (2, 4, 8, 16), QUALITY: (4, 8, 16)}
+DEFAULT_ACT_CANDIDATES = {CONTENT: (4, 8, 16), QUALITY: (4, 8, 16)}
+# Content/quality ratios swept for the Pareto family (the paper's k is around 0.6 for weights).
+DEFAULT_RATIOS = (0.5, 0.6, 0.8, 1.0, 1.25, None)
+MB = 1_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# The exact multiple-choice knapsack, independent of models (this is what the brute-force
+# tests check).
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Solution:
+    assign: dict[str, int]               # layer -> chosen option (bits)
+    objective: float                     # sum of values of the chosen options
+    cost: dict[str, float]               # per capped key (group names / TOTAL) -> cost used
+    solve_s: float
+
+
+def solve_choice(values: Mapping[str, Mapping[int, float]], costs: Mapping[str, Mapping[int, float]],
+                 caps: Mapping[str, float], groups: Mapping[str, str] | None = None,
+                 time_limit: float | None = None) -> Solution:
+    """Pick exactly one option per layer, maximising the summed value, with cost caps.
+
+    caps: ``{"total": C}`` caps the summed cost of all layers; ``{group: C, ...}`` caps each
+    group's summed cost (layers' groups from ``groups``).  Both kinds may be combined.
+    Raises BudgetError when no choice fits (callers check feasibility first and give the
+    user-facing range; this is the safety net).
+    """
+    import pulp
+
+    t0 = time.perf_counter()
+    layers = sorted(values)
+    if not layers:
+        return Solution({}, 0.0, {k: 0.0 for k in caps}, 0.0)
+    groups = dict(groups or {})
+
+    # Drop dominated options: same or higher cost with no better value can never be needed,
+    # and on exact (cost, value) ties the higher bit-width is kept (deterministic ties).
+    options: dict[str, list[int]] = {}
+    for n in layers:
+        opts = sorted(values[n], key=lambda b: (costs[n][b], -values[n][b], -b))
+        kept, best = [], -math.inf
+        for b in opts:
+            if values[n][b] > best:
+                kept.append(b)
+                best = values[n][b]
+        options[n] = kept
+
+    # Fast exits: the cheapest choice must fit; if the best-valued choice fits, it is optimal.
+    def cost_of(assign):
+        out = {}
+        for key in caps:
+            out[key] = sum(costs[n][b] for n, b in assign.items() if key == TOTAL or groups.get(n) == key)
+        return out
+
+    def fits(assign):
+        c = cost_of(assign)
+        return all(c[k] <= caps[k] + 1e-9 * max(1.0, abs(caps[k])) for k in caps)
+
+    cheapest = {n: options[n][0] for n in layers}
+    if not fits(cheapest):
+        raise BudgetError("no choice of options fits the caps " + ", ".join(
+            f"{k}: {cost_of(cheapest)[k]:g} > {caps[k]:g}" for k in caps if cost_of(cheapest)[k] > caps[k]))
+    best_val = {n: options[n][-1] for n in layers}  # kept list is increasing in value and cost
+    if fits(best_val):
+        # Still the smallest among optimal: any other option of the same value was pruned
+        # as dominated only if it was not cheaper.
+        obj = sum(values[n][b] for n, b in best_val.items())
+        return Solution(best_val, obj, cost_of(best_val), time.perf_counter() - t0)
+
+    # Rescale values so CBC's absolute tolerances (1e-6 and so on) are far below the
+    # differences that matter: the largest |value| becomes 1e3.
+    vmax = max(abs(values[n][b]) for n in layers for b in options[n]) or 1.0
+    vscale = 1e3 / vmax
+    prob = pulp.LpProblem("mixdq_bits", pulp.LpMaximize)
+    x = {(n, b): prob.add_variable(f"x_{i}_{b}", 0, 1, cat="Integer")
+         for i, n in enumerate(layers) for b in options[n]}
+    value_expr = pulp.lpSum(vscale * values[n][b] * x[n, b] for n in layers for b in options[n])
+    prob += value_expr
+    for i, n in enumerate(layers):
+        prob += pulp.lpSum(x[n, b] for b in options[n]) == 1, f"one_{i}"
+    for key, cap in caps.items():
+        expr = pulp.lpSum(costs[n][b] * x[n, b] for n in layers for b in options[n]
+                          if key == TOTAL or groups.get(n) == key)
+        prob += expr <= cap, f"cap_{key}"
+
+    def run():
+        with warnings.catch_warnings():
+            # PuLP 3.3 flags its bundled CBC as deprecated for 4.0; it is still the solver we ship with.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            solver = pulp.PULP_CBC_CMD(msg=False, gapRel=0, gapAbs=0, timeLimit=time_limit, threads=1)
+            status = prob.solve(solver)
+        if pulp.LpStatus[status] != "Optimal":
+            raise BudgetError(f"the integer program is {pulp.LpStatus[status].lower()} for caps {dict(caps)}")
+
+    run()
+    opt = pulp.value(value_expr)
+    # Second, lexicographic stage on the same model: among optimal plans take the least cost.
+    tol = 1e-6 * max(1.0, abs(opt))
+    prob += value_expr >= opt - tol, "optimal_value"
+    prob.sense = pulp.LpMinimize
+    prob.setObjective(pulp.lpSum(costs[n][b] * x[n, b] for n in layers for b in options[n]))
+    run()
+
+    assign = {}
+    for n in layers:
+        chosen = [b for b in options[n] if (x[n, b].value() or 0) > 0.5]
+        if len(chosen) != 1:  # pragma: no cover - CBC returned a non-integral point
+            raise RuntimeError(f"CBC returned {len(chosen)} choices for layer {n!r}")
+        assign[n] = chosen[0]
+    if not fits(assign):  # pragma: no cover - numerical slack in CBC
+        raise RuntimeError("CBC returned a plan over its caps; please report this")
+    obj = sum(values[n][b] for n, b in assign.items())
+    return Solution(assign, obj, cost_of(assign), time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------
+# From sensitivities to normalised values.
+# --------------------------------------------------------------------------------------------
+def loss_from_score(metric: str, score: float) -> float:
+    """Score -> loss that is 0 for float and grows as quality drops (see module doc)."""
+    if score is None or (isinstance(score, float) and math.isnan(score)):
+        raise ValueError(f"missing {metric} score")
+    if metric == "ssim":
+        return max(0.0, 1.0 - float(score))
+    if metric == "sqnr":
+        if math.isinf(score):
+            return 0.0 if score > 0 else math.inf
+        return 10.0 ** (-float(score) / 10.0)
+    raise ValueError(f"unknown metric {metric!r}; expected 'ssim' or 'sqnr'")
+
+
+def group_metric(group: str, decoupled: bool = True) -> str:
+    """The metric that scores a group: SSIM of images for content, SQNR for quality.
+    Without decoupling (the ablation) every layer is scored by SQNR."""
+    if not decoupled:
+        return "sqnr"
+    return "ssim" if group == CONTENT else "sqnr"
+
+
+def normalised_values(sens, kind: str, candidates: Mapping[str, Sequence[int]],
+                      decoupled: bool = True) -> tuple[dict, dict]:
+    """Per layer and candidate bit: value = -(loss / group scale).  Returns (values, scales).
+
+    kind: "weight" or "act".  Float (16) has loss 0 without being measured.  Without
+    decoupling there is one group, so one normalisation."""
+    table = sens.scores[kind]
+    values, raw = {}, {}
+    for n in sens.layers:
+        g = sens.group[n]
+        metric = group_metric(g, decoupled)
+        cands = candidates[g]
+        raw[n] = {}
+        for b in cands:
+            if b == FLOAT_BITS:
+                raw[n][b] = 0.0
+                continue
+            try:
+                raw[n][b] = loss_from_score(metric, table[n][b][metric])
+            except (KeyError, ValueError):
+                raise PlanError(
+                    f"sensitivity has no {metric} score for layer {n!r} at {kind} bits {b}; "
+                    f"rerun `python -m mixdq sensitivity` with these candidate bits") from None
+    norm_group = (lambda n: sens.group[n]) if decoupled else (lambda n: TOTAL)
+    scales: dict[str, float] = {}
+    for n in sens.layers:
+        scales[norm_group(n)] = scales.get(norm_group(n), 0.0) + max(raw[n].values())
+    for k, s in scales.items():
+        if not (s > 0 and math.isfinite(s)):
+            scales[k] = 1.0 if s == 0 else s
+    for n in sens.layers:
+        s = scales[norm_group(n)]
+        values[n] = {b: -(l / s) if math.isfinite(l) else -1e6 for b, l in raw[n].items()}
+    return values, scales
+
+
+def _normalise_candidates(cands, allowed, what) -> dict[str, tuple[int, ...]]:
+    if cands is None:
+        raise ValueError("candidates required")
+    if not isinstance(cands, Mapping):
+        cands = {g: tuple(cands) for g in GROUPS}
+    out = {}
+    for g in GROUPS:
+        c = tuple(sorted(set(int(b) for b in cands.get(g, ()))))
+        bad = [b for b in c if b not in allowed]
+        if bad:
+            raise PlanError(f"{what} candidate bits {bad} for group {g!r} not supported; allowed: {allowed}")
+        if not c:
+            raise PlanError(f"no {what} candidate bits for group {g!r}")
+        out[g] = c
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Layer byte costs under a given activation choice.
+# --------------------------------------------------------------------------------------------
+def layer_bytes(costs, name: str, wbits: int, abits: int) -> int:
+    """Exact bytes layer `name` holds at (wbits, abits): the core library's own count
+    (`LayerCosts.layer_bytes`), the same number `quantize` makes true."""
+    return int(costs.layer_bytes(name, LayerBits(wbits, abits)))
+
+
+def weight_costs(costs, layers, act_bits: Mapping[str, int], candidates: Mapping[str, Sequence[int]],
+                 groups: Mapping[str, str]) -> dict[str, dict[int, int]]:
+    return {n: {w: layer_bytes(costs, n, w, act_bits.get(n, FLOAT_BITS)) for w in candidates[groups[n]]}
+            for n in layers}
+
+
+# --------------------------------------------------------------------------------------------
+# The user-facing allocation.
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Allocation:
+    plan: Plan
+    budget_mb: float
+    size_mb: float                        # UNet MB under the plan (LayerCosts.total_mb)
+    ratio: float | None                   # content/quality bits-per-weight ratio, None = joint
+    predicted: dict[str, float]           # normalised predicted loss per group (+ "total")
+    solve_s: float
+    measured: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"budget_mb": self.budget_mb, "size_mb": self.size_mb, "ratio": self.ratio,
+                "predicted": self.predicted, "solve_s": self.solve_s, "measured": self.measured,
+                "summary": self.plan.summary()}
+
+
+@dataclass
+class Allocator:
+    """Holds one sensitivity table + cost table and answers budget queries.
+
+    The activation program is solved once at construction (it does not depend on the budget).
+    """
+    sens: object
+    costs: object
+    weight_candidates: Mapping[str, Sequence[int]] | None = None
+    act_candidates: Mapping[str, Sequence[int]] | None = None
+    act_avg_bits: float | None = 8.0
+    act_floor: int | None = None
+    decoupled: bool = True
+
+    def __post_init__(self):
+        self.weight_candidates = _normalise_candidates(
+            self.weight_candidates or DEFAULT_WEIGHT_CANDIDATES, WEIGHT_BITS, "weight")
+        act = _normalise_candidates(self.act_candidates or DEFAULT_ACT_CANDIDATES, ACT_BITS, "activation")
+        if self.act_floor is not None:
+            if self.act_floor not in ACT_BITS:
+                raise PlanError(f"activation floor {self.act_floor} not supported; allowed: {ACT_BITS}")
+            act = {g: tuple(b for b in c if b >= self.act_floor) or (FLOAT_BITS,) for g, c in act.items()}
+        self.act_candidates = act
+        self.layers = list(self.sens.layers)
+        missing = [n for n in self.layers if n not in self.costs.float_bytes]
+        if missing:
+            raise PlanError(f"sensitivity names layer {missing[0]!r} that this model does not have; "
+                            "the sensitivity cache belongs to another model")
+        # Layers the model has but sensitivity did not score stay float; they still cost bytes.
+        self.unscored = [n for n in self.costs.float_bytes if n not in set(self.layers)]
+        self.groups = {n: self.sens.group[n] for n in self.layers}
+        self.act_bits, self.act_solve_s = self._solve_activations()
+        self.wvalues, self.wscales = normalised_values(self.sens, "weight", self.weight_candidates, self.decoupled)
+        self.wcosts = weight_costs(self.costs, self.layers, self.act_bits, self.weight_candidates, self.groups)
+        self.fixed_bytes = int(self.costs.fixed_bytes) + sum(int(self.costs.float_bytes[n]) for n in self.unscored)
+        self.weight_numel = {n: int(self.costs.weight_numel[n]) for n in self.layers}
+
+    # ---- activations
+    def _solve_activations(self) -> tuple[dict[str, int], float]:
+        values, _ = normalised_values(self.sens, "act", self.act_candidates, self.decoupled)
+        numel = {n: int(self.sens.act_numel[n]) for n in self.layers}
+        costs = {n: {a: a * numel[n] for a in self.act_candidates[self.groups[n]]} for n in self.layers}
+        if self.act_avg_bits is None:
+            cap = sum(max(c.values()) for c in costs.values())
+        else:
+            cap = self.act_avg_bits * sum(numel.values())
+            lo = sum(min(c.values()) for c in costs.values()) / max(1, sum(numel.values()))
+            if cap + 1e-9 < lo * sum(numel.values()):
+                raise BudgetError(f"activation average of {self.act_avg_bits:g} bits is below the smallest "
+                                  f"possible {lo:.3g} with candidates {self.act_candidates}; raise the "
+                                  "average (--act-avg-bits) or allow lower activation bits")
+        sol = solve_choice(values, costs, {TOTAL: cap})
+        return sol.assign, sol.solve_s
+
+    # ---- feasibility
+    def feasible_range_mb(self) -> tuple[float, float]:
+        lo = self.fixed_bytes + sum(min(c.values()) for c in self.wcosts.values())
+        hi = self.fixed_bytes + sum(max(c.values()) for c in self.wcosts.values())
+        return lo / MB, hi / MB
+
+    def check_budget(self, budget_mb: float) -> None:
+        lo, hi = self.feasible_range_mb()
+        if not isinstance(budget_mb, (int, float)) or math.isnan(budget_mb):
+            raise BudgetError(f"budget must be a number of megabytes, got {budget_mb!r}")
+        # The printed range is rounded inward so that both printed ends are themselves feasible.
+        lo_s, hi_s = math.ceil(lo * 1000) / 1000, math.floor(hi * 1000) / 1000
+        if budget_mb * MB < lo * MB - 0.5:
+            raise BudgetError(
+                f"no plan fits in {budget_mb:g} MB: the smallest this UNet can be with weight candidates "
+                f"{self._cands_str()} is {lo_s:.3f} MB (feasible budgets: {lo_s:.3f} .. {hi_s:.3f} MB); "
+                "raise the budget or allow lower bit-widths")
+        if budget_mb * MB > hi * MB + 0.5:
+            raise BudgetError(
+                f"a budget of {budget_mb:g} MB is above the largest plan, {hi_s:.3f} MB, which already keeps "
+                f"every candidate at its widest (feasible budgets: {lo_s:.3f} .. {hi_s:.3f} MB); "
+                f"use at most {hi_s:.3f} MB")
+
+    def _cands_str(self) -> str:
+        return "; ".join(f"{g} {{{','.join(map(str, c))}}}" for g, c in self.weight_candidates.items())
+
+    # ---- the weight program
+    def split(self, avail: float, ratio: float | None) -> dict[str, float]:
+        """Caps for the weight program: one joint cap, or content/quality caps from the ratio.
+
+        The ratio-derived content share is projected onto the interval where both groups stay
+        feasible, so every feasible total budget stays feasible for every ratio, and both caps
+        are non-decreasing in the budget (hence a larger budget never gives a worse plan)."""
+        if ratio is None:
+            return {TOTAL: avail}
+        if not ratio > 0:
+            raise PlanError(f"content/quality ratio must be > 0, got {ratio}")
+        nc = sum(self.weight_numel[n] for n in self.layers if self.groups[n] == CONTENT)
+        nq = sum(self.weight_numel[n] for n in self.layers if self.groups[n] == QUALITY)
+        if nc == 0 or nq == 0:
+            return {TOTAL: avail}
+
+        def bound(g, f):
+            return sum(f(self.wcosts[n].values()) for n in self.layers if self.groups[n] == g)
+
+        min_c, max_c, min_q, max_q = bound(CONTENT, min), bound(CONTENT, max), bound(QUALITY, min), bound(QUALITY, max)
+        want_c = avail * ratio * nc / (ratio * nc + nq)
+        lo, hi = max(min_c, avail - max_q), min(max_c, avail - min_q)
+        cap_c = min(max(want_c, lo), hi)
+        return {CONTENT: cap_c, QUALITY: avail - cap_c}
+
+    def solve(self, budget_mb: float, ratio: float | None = None, time_limit: float | None = None) -> Allocation:
+        self.check_budget(budget_mb)
+        # whole bytes; the 1e-6 absorbs decimal MB not representable in binary (0.513384 MB)
+        avail = math.floor(budget_mb * MB + 1e-6) - self.fixed_bytes
+        caps = self.split(avail, ratio)
+        sol = solve_choice(self.wvalues, self.wcosts, caps, self.groups, time_limit=time_limit)
+        plan_layers = {n: LayerBits(sol.assign[n], self.act_bits[n]) for n in self.layers}
+        plan_layers = {n: b for n, b in plan_layers.items() if not b.is_float}
+        predicted = {g: 0.0 for g in GROUPS}
+        for n in self.layers:
+            predicted[self.groups[n]] += -self.wvalues[n][sol.assign[n]] if self.decoupled else 0.0
+        if not self.decoupled:
+            predicted = {TOTAL: -sol.objective}
+        else:
+            predicted[TOTAL] = sum(predicted.values())
+        size_mb = (self.fixed_bytes + sum(self.wcosts[n][sol.assign[n]] for n in self.layers)) / MB
+        plan = Plan(plan_layers, meta={
+            "budget_mb": budget_mb, "size_mb": round(size_mb, 6), "ratio": ratio,
+            "decoupled": self.decoupled, "act_avg_bits": self.act_avg_bits,
+            "predicted_loss": predicted, "model": getattr(self.sens, "meta", {}).get("model")})
+        # The core library's own count is the truth the budget promises; check it agrees.
+        reported = self.costs.total_mb(plan)
+        if abs(reported - size_mb) * MB > 0.5 or reported * MB > budget_mb * MB + 0.5:
+            raise RuntimeError(f"cost model mismatch: allocator counted {size_mb:.6f} MB, "
+                               f"layer_costs reports {reported:.6f} MB for budget {budget_mb} MB")
+        return Allocation(plan, budget_mb, size_mb, ratio, predicted, sol.solve_s + self.act_solve_s)
+
+    def family(self, budgets_mb: Iterable[float], ratios: Sequence[float | None] = DEFAULT_RATIOS,
+               progress: bool = False) -> list[Allocation]:
+        """Every (budget, ratio) plan; duplicates (same plan) are kept once."""
+        from tqdm.auto import tqdm
+
+        out, seen = [], set()
+        jobs = list(itertools.product(budgets_mb, ratios))
+        for b, k in tqdm(jobs, desc="allocate", disable=not progress):
+            a = self.solve(b, k)
+            key = tuple(sorted((n, bits.weight, bits.act) for n, bits in a.plan.items()))
+            if key not in seen:
+                seen.add(key)
+                out.append(a)
+        return out
+
+
+def pareto(allocs: Sequence[Allocation], key: str = TOTAL) -> list[Allocation]:
+    """Non-dominated plans on (size_mb, predicted[key]), sorted by size."""
+    pts = sorted(allocs, key=lambda a: (a.size_mb, a.predicted[key]))
+    front, best = [], math.inf
+    for a in pts:
+        if a.predicted[key] < best - 1e-15:
+            front.append(a)
+            best = a.predicted[key]
+    return front
+
+
+def selection_score(measured: Mapping[str, float]) -> float:
+    """How the final plan is chosen among candidates at one budget: mean SSIM to the float
+    images over several prompts, plus prompt-alignment accuracy when the model has a checker
+    (both in [0, 1], so a 1/n change in accuracy weighs like a 1/n change in SSIM)."""
+    return float(measured.get("ssim", 0.0)) + float(measured.get("alignment", 0.0))
+
+
+def select(allocs: Sequence[Allocation], evaluate: Callable[[Plan], Mapping[str, float]],
+           score: Callable[[Mapping[str, float]], float] = selection_score,
+           progress: bool = False) -> Allocation:
+    """Measure each candidate plan with `evaluate` (float metrics over several prompts) and
+    return the best; each Allocation keeps its measured numbers in `.measured`.
+    Ties go to the smaller plan."""
+    from tqdm.auto import tqdm
+
+    if not allocs:
+        raise PlanError("no candidate plans to select from")
+    for a in tqdm(allocs, desc="select", disable=not progress):
+        a.measured = dict(evaluate(a.plan))
+    return max(allocs, key=lambda a: (score(a.measured), -a.size_mb))
+
+
+def allocate(sens, costs, budget_mb: float, ratio: float | None = None, **kw) -> Plan:
+    """One plan for one budget (no selection): the library verb."""
+    return Allocator(sens, costs, **kw).solve(budget_mb, ratio).plan
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring candidate plans (selection, presets, evidence).
+# --------------------------------------------------------------------------------------------
+class PlanEvaluator:
+    """Quantizes a copy of the UNet per plan and measures it against the float model on
+    several prompts (never one image): mean SSIM and PSNR of the images, prompt-alignment
+    accuracy when the model has a checker (the embedded model), and the measured UNet bytes.
+
+    Float images are generated once; each plan costs one calibration pass + one eval pass.
+    """
+
+    def __init__(self, pipe, calibration, eval_prompts: Sequence[str], seed: int = 1000,
+                 batch_size: int = 8, progress: bool = False):
+        from .calibrate import Calibration
+
+        if not eval_prompts:
+            raise PlanError("plan evaluation needs at least one prompt")
+        self.pipe, self.calibration, self.progress = pipe, calibration, progress
+        self.eval = Calibration(list(eval_prompts), seed=seed, batch_size=batch_size,
+                                num_inference_steps=calibration.num_inference_steps,
+                                guidance_scale=calibration.guidance_scale,
+                                height=calibration.height, width=calibration.width)
+        self.checker = _alignment_checker(self.eval.prompts)
+        self.float_images = self._images(pipe)
+        self.float_metrics = {"alignment": self.checker(self.float_images)} if self.checker else {}
+
+    def _images(self, pipe) -> "torch.Tensor":
+        import torch
+
+        from .calibrate import run_pipeline
+
+        outs = run_pipeline(pipe, self.eval, output_type="pt", progress=False)
+        return torch.cat([o.images for o in outs]).float().clamp(0, 1)
+
+    def __call__(self, plan: Plan, bos_aware: bool = True) -> dict[str, float]:
+        from .measure import pair
+        from .memory import model_nbytes
+        from .metrics import psnr, ssim
+        from .quantize import quantize
+
+        _, twin = pair(self.pipe)
+        quantize(twin, plan, self.calibration, bos_aware=bos_aware, progress=False)
+        images = self._images(twin)
+        out = {"ssim": float(ssim(images, self.float_images)),
+               "psnr": float(psnr(images, self.float_images)),
+               "size_mb": model_nbytes(twin.unet) / MB}
+        if self.checker:
+            out["alignment"] = self.checker(images)
+        del twin
+        return out
+
+
+def _alignment_checker(prompts: Sequence[str]):
+    """Prompt-alignment accuracy for the embedded model's world, or None for other prompts."""
+    try:
+        from .zoo import alignment, parse_caption
+    except ImportError:  # pragma: no cover - zoo is part of the package
+        return None
+    if not all(parse_caption(p) is not None for p in prompts):
+        return None
+    prompts = list(prompts)
+    return lambda images: float(alignment(list(images), prompts)["all"])
+
+
+def default_eval_prompts(pipe, n: int = 16, purpose: str = "select") -> list[str]:
+    """Prompts for measuring plans.  Two disjoint sets: "select" picks the plan, "report" gives
+    the numbers shown for it (so a reported number is not the one it was chosen on).
+    The embedded model: held-out captions of its world (alignment can be scored); other models:
+    the two ends of the shipped calibration prompt list."""
+    from .measure import is_embedded
+
+    if purpose not in ("select", "report"):
+        raise ValueError("purpose must be 'select' or 'report'")
+    if is_embedded(pipe):
+        from .zoo import heldout_prompts
+
+        pool = heldout_prompts(2 * n, seed=1)
+        return pool[:n] if purpose == "select" else pool[n:]
+    from .calibrate import Calibration
+
+    for m in (32, 16, 8, 4, 2, 1):
+        try:
+            pool = Calibration.default(pipe, n=m).prompts
+            break
+        except ValueError:
+            continue
+    half = max(1, len(pool) // 2)
+    chosen = pool[:half] if purpose == "select" else (pool[half:] or pool)
+    return chosen[:n]
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (wired into `python -m mixdq allocate`; also `python -m mixdq.allocate`).
+# --------------------------------------------------------------------------------------------
+def _ratio_list(text: str) -> list[float | None]:
+    out = []
+    for t in text.split(","):
+        t = t.strip().lower()
+        if t in ("joint", "none"):
+            out.append(None)
+            continue
+        try:
+            v = float(t)
+        except ValueError:
+            import argparse
+
+            raise argparse.ArgumentTypeError(f"ratios are numbers > 0 or 'joint', got {t!r}")
+        if not v > 0:
+            import argparse
+
+            raise argparse.ArgumentTypeError(f"ratios must be > 0, got {v}")
+        out.append(v)
+    return out
+
+
+def add_allocate_args(parser):
+    from .sensitivity import _bits_list, add_calibration_args
+
+    add_calibration_args(parser)
+    parser.add_argument("--budget-mb", type=float, default=None,
+                        help="UNet memory budget in MB (1 MB = 1e6 bytes), as the quantized model stores it")
+    parser.add_argument("--range", action="store_true", help="print the feasible budget range and exit")
+    parser.add_argument("--sensitivity", default=None,
+                        help="sensitivity JSON (default: computed or read from the cache for --model)")
+    parser.add_argument("--ratio", type=_ratio_list, default=None, metavar="K[,K..]",
+                        help="content/quality bits-per-weight ratio(s); 'joint' = one shared budget "
+                             f"(default: sweep {','.join('joint' if r is None else str(r) for r in DEFAULT_RATIOS)})")
+    parser.add_argument("--no-select", action="store_true",
+                        help="do not measure the candidates; take the best predicted plan")
+    parser.add_argument("--eval-prompts", type=int, default=16, metavar="N",
+                        help="prompts used to measure candidate plans (default 16)")
+    parser.add_argument("--act-avg-bits", type=float, default=8.0,
+                        help="average activation bits (weighted by activation size; default 8); "
+                             "0 leaves activations unconstrained")
+    parser.add_argument("--act-floor", type=int, default=None, help="no activation below this many bits")
+    parser.add_argument("--content-bits", type=_bits_list, default=None, metavar="B,B",
+                        help="weight candidates for content layers (default 2,4,8,16)")
+    parser.add_argument("--quality-bits", type=_bits_list, default=None, metavar="B,B",
+                        help="weight candidates for quality layers (default 4,8,16)")
+    parser.add_argument("--single-metric", action="store_true",
+                        help="ablation: score every layer by SQNR in one group (no metric decoupling)")
+    parser.add_argument("--pareto", type=int, default=None, metavar="N",
+                        help="print the Pareto front (size vs predicted loss) of the plans for N budgets "
+                             "spread over the feasible range and every ratio, then exit")
+    parser.add_argument("--out", default=None, help="write the plan JSON here (default: stdout)")
+    return parser
+
+
+def run_allocate(args) -> Allocation | None:
+    import json
+    import sys
+
+    from . import layer_costs, load_pipeline
+    from .sensitivity import Sensitivity, calibration_from_args, sensitivity
+
+    if args.budget_mb is None and not args.range and not args.pareto:
+        raise PlanError("give --budget-mb MB (see the feasible range with --range)")
+    if args.budget_mb is not None and not (args.budget_mb > 0 and math.isfinite(args.budget_mb)):
+        raise BudgetError(f"--budget-mb must be a positive number of megabytes, got {args.budget_mb}")
+    if args.eval_prompts < 1:
+        raise PlanError("--eval-prompts must be >= 1")
+    pipe = load_pipeline(args.model, device=args.device)
+    cal = calibration_from_args(pipe, args)
+    if args.sensitivity:
+        sens = Sensitivity.load(args.sensitivity)
+    else:
+        sens = sensitivity(pipe, cal)
+    wc = dict(DEFAULT_WEIGHT_CANDIDATES)
+    if args.content_bits:
+        wc[CONTENT] = tuple(args.content_bits)
+    if args.quality_bits:
+        wc[QUALITY] = tuple(args.quality_bits)
+    alloc = Allocator(sens, layer_costs(pipe.unet), weight_candidates=wc,
+                      act_avg_bits=args.act_avg_bits or None, act_floor=args.act_floor,
+                      decoupled=not args.single_metric)
+    lo, hi = alloc.feasible_range_mb()
+    if args.range:
+        print(f"feasible budgets: {math.ceil(lo * 1000) / 1000:.3f} .. {math.floor(hi * 1000) / 1000:.3f} MB "
+              f"(float UNet {layer_costs(pipe.unet).float_mb():.3f} MB)")
+        return None
+    ratios = args.ratio or list(DEFAULT_RATIOS)
+    if args.pareto:
+        if args.pareto < 2:
+            raise PlanError("--pareto needs at least 2 budgets")
+        budgets = [lo + (hi - lo) * i / (args.pareto - 1) for i in range(args.pareto)]
+        front = pareto(alloc.family(budgets, ratios, progress=True))
+        # losses are normalised per group: 1 = the whole group at its lowest candidate bits
+        print(f"{'size MB':>10} {'content loss':>13} {'quality loss':>13} {'total':>10}  ratio  plan")
+        for a in front:
+            print(f"{a.size_mb:10.4f} {a.predicted.get(CONTENT, float('nan')):13.3e} "
+                  f"{a.predicted.get(QUALITY, float('nan')):13.3e} {a.predicted[TOTAL]:10.3e}  "
+                  f"{'joint' if a.ratio is None else a.ratio:>5}  {a.plan.summary()}")
+        return None
+    alloc.check_budget(args.budget_mb)
+    fam = alloc.family([args.budget_mb], ratios, progress=True)
+    if args.no_select or len(fam) == 1:
+        best = min(fam, key=lambda a: (a.predicted[TOTAL], a.size_mb))
+    else:
+        ev = PlanEvaluator(pipe, cal, default_eval_prompts(pipe, args.eval_prompts))
+        best = select(fam, ev, progress=True)
+    for a in fam:
+        tag = "*" if a is best else " "
+        fmt = {"ssim": ".6f", "psnr": ".2f", "size_mb": ".4f", "alignment": ".3f"}
+        meas = " ".join(f"{k}={v:{fmt.get(k, '.4g')}}" for k, v in a.measured.items())
+        print(f"{tag} ratio={a.ratio if a.ratio is not None else 'joint':>5} size={a.size_mb:.4f} MB "
+              f"predicted loss={a.predicted[TOTAL]:.3e} {meas}", file=sys.stderr)
+    plan = Plan(dict(best.plan.items()), meta={**best.plan.meta, "measured": best.measured})
+    if args.out:
+        plan.save(args.out)
+        print(f"wrote {args.out}: {best.size_mb:.4f} MB <= {args.budget_mb} MB, {plan.summary()}", file=sys.stderr)
+    else:
+        print(json.dumps(plan.to_dict(), indent=1))
+    return best
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    from .errors import MixDQError
+
+    parser = add_allocate_args(argparse.ArgumentParser(
+        prog="python -m mixdq.allocate", description="Bits per layer under a UNet memory budget (ILP)."))
+    try:
+        run_allocate(parser.parse_args(argv))
+    except MixDQError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,652 @@
+"""Per-layer sensitivity: what quantizing one layer alone costs, for every candidate bit-width.
+
+For every quantizable UNet layer L and candidate bits b, with everything else float:
+  * weights:      plan {L: W{b}A16}
+  * activations:  plan {L: W16A{b}} (float-model activation ranges, BOS-aware K/V)
+and measure
+  * "sqnr" (every layer): SQNR in dB of the UNet output vs the float UNet output on the
+    calibration inputs (the float pipeline's UNet inputs at every step, captured once);
+  * "ssim" (content layers): SSIM of the final decoded images vs the float images, same
+    prompts and seeds.
+Which layers are "content" is decided by one named function, `layer_group` (override with
+``group_fn=``).  The allocator then scores content layers by SSIM and quality layers by SQNR
+(metric decoupling); SQNR of content layers is kept too, for the single-metric ablation.
+
+Never twice.  Every measurement is appended (and flushed) to a JSON-lines file in a cache
+folder keyed by what determines the numbers: the model's weights and configs, the calibration
+prompts, seed, steps, guidance, resolution, and CODE_VERSION.  A rerun reads the folder and
+only computes what is missing: an interrupted run resumes; an identical rerun computes
+nothing (it does not even run the float pipeline).  The key deliberately leaves out the
+candidate bits and the layer list, so asking for an extra bit-width later only computes that.
+
+Past one machine.  Under ``accelerate launch --multi_gpu --num_processes N`` (or ``torchrun``)
+each rank takes a shard of the layers still to measure (balanced by estimated cost, the same
+split computed on every rank) and writes its own part file; rank 0 merges all parts into
+``results.json`` after a barrier.  The same command runs single-process without accelerate.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+CONTENT, QUALITY = "content", "quality"
+# Bump when anything that changes the numbers changes (quantizers, metrics, evaluation).
+CODE_VERSION = "mixdq-sensitivity-2"
+FLOAT_BITS = 16
+DEFAULT_WEIGHT_BITS = {CONTENT: (2, 4, 8), QUALITY: (4, 8)}
+DEFAULT_ACT_BITS = {CONTENT: (4, 8), QUALITY: (4, 8)}
+KINDS = ("weight", "act")
+
+
+def layer_group(name: str) -> str:
+    """The grouping rule (overridable: pass ``group_fn=`` to `sensitivity`).
+
+    Cross-attention (``attn2.*``) and feed-forward (``ff.*``) layers decide *what* is drawn:
+    "content", scored by SSIM of the final images.  Everything else: "quality", scored by
+    SQNR of the UNet output."""
+    parts = name.split(".")
+    return CONTENT if ("attn2" in parts or "ff" in parts) else QUALITY
+
+
+def metrics_for(group: str) -> tuple[str, ...]:
+    """What is measured for a layer of this group (SQNR always: the ablation needs it)."""
+    return ("sqnr", "ssim") if group == CONTENT else ("sqnr",)
+
+
+@dataclass
+class Sensitivity:
+    """Scores of every analysed layer.
+
+    scores[kind][layer][bits][metric]: kind "weight" (plan {layer: (bits, 16)}) or "act"
+    ({layer: (16, bits)}); metric "sqnr" (dB, UNet output vs float, every layer) and "ssim"
+    (final images vs float, content layers).  act_numel: input-activation elements per UNet
+    sample, the weights of the activation average-bit target.
+    """
+    layers: list[str]
+    group: dict[str, str]
+    scores: dict[str, dict[str, dict[int, dict[str, float]]]]
+    act_numel: dict[str, int]
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"format": "mixdq-sensitivity/1", "layers": self.layers, "group": self.group,
+                "act_numel": self.act_numel, "meta": self.meta,
+                "scores": {k: {n: {str(b): m for b, m in per.items()} for n, per in t.items()}
+                           for k, t in self.scores.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Sensitivity":
+        if d.get("format") != "mixdq-sensitivity/1":
+            raise ValueError("not a mixdq sensitivity file (expected format 'mixdq-sensitivity/1')")
+        scores = {k: {n: {int(b): {m: float(v) for m, v in ms.items()} for b, ms in per.items()}
+                      for n, per in t.items()} for k, t in d["scores"].items()}
+        return cls(list(d["layers"]), dict(d["group"]), scores,
+                   {n: int(v) for n, v in d["act_numel"].items()}, dict(d.get("meta", {})))
+
+    def save(self, path) -> None:
+        _atomic_write(Path(path), json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path) -> "Sensitivity":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"sensitivity file {str(path)!r} does not exist; "
+                                    "compute it with `python -m mixdq sensitivity`")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def table(self, kind: str = "weight") -> str:
+        """Readable per-layer table (for the CLI)."""
+        lines = []
+        for n in self.layers:
+            per = self.scores.get(kind, {}).get(n, {})
+            cells = []
+            for b in sorted(per):
+                m = per[b]
+                cells.append(f"{b}b: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(m.items())))
+            lines.append(f"{self.group[n]:8s} {n:70s} " + " | ".join(cells))
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Cache.
+# --------------------------------------------------------------------------------------------
+def cache_root() -> Path:
+    return Path(os.environ.get("MIXDQ_CACHE", "~/.cache/mixdq")).expanduser() / "sensitivity"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def model_fingerprint(pipe) -> str:
+    """Hash of what makes this pipeline produce its images: every component's config and
+    weights (each tensor's name, shape, dtype and up to 65536 evenly strided values, so a
+    fine-tune or a fused LoRA changes it while hashing SDXL stays quick)."""
+    h = hashlib.sha256()
+    for comp in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        m = getattr(pipe, comp, None)
+        if m is None:
+            continue
+        h.update(comp.encode())
+        cfg = getattr(m, "config", {})
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+        for name, t in m.state_dict().items():
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            flat = t.detach().reshape(-1)
+            if flat.numel() > 65536:
+                flat = flat[:: flat.numel() // 65536 + 1]
+            h.update(flat.to("cpu", torch.float32).numpy().tobytes())
+    sched = getattr(pipe, "scheduler", None)
+    if sched is not None:
+        h.update(type(sched).__name__.encode())
+        h.update(json.dumps(dict(sched.config), sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def cache_key(pipe, calibration) -> tuple[str, dict]:
+    settings = calibration.settings(pipe)
+    inputs = {"code_version": CODE_VERSION, "model": model_fingerprint(pipe),
+              "prompts": list(calibration.prompts), "seed": calibration.seed,
+              "settings": {k: settings[k] for k in sorted(settings)},
+              "dtype": str(pipe.unet.dtype), "device_type": pipe.unet.device.type}
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+    return key, inputs
+
+
+def _read_results(folder: Path) -> dict[tuple[str, str, int], dict[str, float]]:
+    """Every measurement in the folder: merged file first, then all part files (any rank,
+    any world size).  A line cut short by an interrupted run is skipped."""
+    out: dict[tuple[str, str, int], dict[str, float]] = {}
+    merged = folder / "results.json"
+    if merged.is_file():
+        for r in json.loads(merged.read_text()):
+            out.setdefault((r["layer"], r["kind"], int(r["bits"])), {}).update(r["metrics"])
+    for part in sorted(folder.glob("part-*.jsonl")):
+        for line in part.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out.setdefault((r["layer"], r["kind"], int(r["bits"])), {}).update(r["metrics"])
+    return out
+
+
+def _merge_parts(folder: Path) -> None:
+    """Fold all part files into results.json (atomic), then drop the parts."""
+    results = _read_results(folder)
+    rows = [{"layer": l, "kind": k, "bits": b, "metrics": m} for (l, k, b), m in sorted(results.items())]
+    _atomic_write(folder / "results.json", json.dumps(rows))
+    for part in folder.glob("part-*.jsonl"):
+        part.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The float reference: images, UNet inputs/outputs at every call, activation sizes.
+# --------------------------------------------------------------------------------------------
+def _clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return obj
+
+
+def _first(out):
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return getattr(out, "sample", out)
+
+
+class _Reference:
+    """Runs the float pipeline once and keeps what every evaluation compares against."""
+
+    def __init__(self, pipe, calibration, layer_names: Sequence[str], progress: bool):
+        from .calibrate import run_pipeline
+
+        unet = pipe.unet
+        self.calls: list[tuple[tuple, dict]] = []    # UNet inputs, in call order
+        self.outputs: list[torch.Tensor] = []         # float UNet outputs
+        self.first_call: list[bool] = []              # step 0 of its batch: same input in any run
+        self.act_numel: dict[str, int] = {}
+        modules = dict(unet.named_modules())
+        state = {"batch_calls": 0}
+
+        def pre(_m, args, kwargs):
+            self.calls.append((_clone(args), _clone(kwargs)))
+            self.first_call.append(state["batch_calls"] == 0)
+            state["batch_calls"] += 1
+
+        def post(_m, _args, _kwargs, out):
+            self.outputs.append(_first(out).detach().clone())
+
+        def numel_hook(name):
+            def hook(_m, args):
+                x = args[0]
+                self.act_numel[name] = max(self.act_numel.get(name, 0), x.numel() // max(1, x.shape[0]))
+            return hook
+
+        handles = [unet.register_forward_pre_hook(pre, with_kwargs=True),
+                   unet.register_forward_hook(post, with_kwargs=True)]
+        handles += [modules[n].register_forward_pre_hook(numel_hook(n)) for n in layer_names]
+
+        def new_batch(_done, _total):
+            state["batch_calls"] = 0
+
+        try:
+            outs = run_pipeline(pipe, calibration, output_type="pt", progress=progress,
+                                desc="float reference", callback=new_batch)
+        finally:
+            for h in handles:
+                h.remove()
+        self.images = torch.cat([o.images for o in outs]).float()
+        self.calibration = calibration
+
+
+@torch.inference_mode()
+def _evaluate(pipe, ref: _Reference, metrics: Sequence[str]) -> dict[str, float]:
+    """Metrics of the pipeline as it is now (one layer swapped) against the float reference."""
+    from .calibrate import run_pipeline
+    from .metrics import sqnr, ssim
+
+    unet = pipe.unet
+    outputs: list[torch.Tensor | None] = [None] * len(ref.calls)
+    if "ssim" in metrics:
+        # Full pipeline: images for SSIM.  The first UNet call of each batch sees exactly the
+        # float inputs (same latents, float text encoders), so its output is reused for SQNR.
+        seen = []
+        h = unet.register_forward_hook(lambda _m, _a, out: seen.append(_first(out).detach().clone()))
+        try:
+            outs = run_pipeline(pipe, ref.calibration, output_type="pt", progress=False)
+        finally:
+            h.remove()
+        images = torch.cat([o.images for o in outs]).float()
+        for i, out in enumerate(seen):
+            if i < len(outputs) and ref.first_call[i]:
+                outputs[i] = out
+    for i, (args, kwargs) in enumerate(ref.calls):
+        if outputs[i] is None:  # later steps: replay the float inputs (SQNR is on calibration inputs)
+            outputs[i] = _first(unet(*args, **kwargs)).detach()
+    # pooled over every call: sum of signal over sum of noise (the paper's definition)
+    result = {"sqnr": float(sqnr(torch.cat([o.flatten() for o in ref.outputs]),
+                                 torch.cat([o.flatten() for o in outputs])))}
+    if "ssim" in metrics:
+        result["ssim"] = float(ssim(images.clamp(0, 1), ref.images.clamp(0, 1)))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# The analysis.
+# --------------------------------------------------------------------------------------------
+def _candidates(spec, default) -> dict[str, tuple[int, ...]]:
+    if spec is None:
+        return {g: tuple(v) for g, v in default.items()}
+    if not isinstance(spec, Mapping):
+        spec = {CONTENT: spec, QUALITY: spec}
+    return {g: tuple(sorted(int(b) for b in spec.get(g, ()) if int(b) != FLOAT_BITS)) for g in (CONTENT, QUALITY)}
+
+
+def _jobs(layers, groups, wbits, abits):
+    for n in layers:
+        for b in wbits[groups[n]]:
+            yield (n, "weight", b)
+        for b in abits[groups[n]]:
+            yield (n, "act", b)
+
+
+def _vae_channels_last(pipe):
+    """On CPU, run the VAE decoder channels-last for the analysis (1.4x faster decode measured
+    on the embedded model; float reference and evaluations share it), and return the undo."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None or pipe.unet.device.type != "cpu":
+        return lambda: None
+    vae.to(memory_format=torch.channels_last)
+    return lambda: vae.to(memory_format=torch.contiguous_format)
+
+
+def _memo_encode_prompt(pipe):
+    """Text encoders stay float during the analysis, so the prompt embeddings of a batch are
+    the same in every evaluation: encode each batch once (~10% of a content evaluation on
+    the embedded model).  Only plain (tensor-free) arguments are memoised.  Returns the undo."""
+    orig = getattr(pipe, "encode_prompt", None)
+    if orig is None:
+        return lambda: None
+    memo = {}
+
+    def encode_prompt(*args, **kwargs):
+        if any(isinstance(v, torch.Tensor) for v in list(args) + list(kwargs.values())):
+            return orig(*args, **kwargs)
+        key = repr((args, sorted(kwargs.items())))
+        if key not in memo:
+            memo[key] = orig(*args, **kwargs)
+        return memo[key]
+
+    pipe.encode_prompt = encode_prompt
+
+    def undo():
+        if pipe.__dict__.get("encode_prompt") is encode_prompt:
+            del pipe.encode_prompt
+
+    return undo
+
+
+# Relative cost of one evaluation: a content layer runs the whole pipeline (text encoders,
+# UNet, VAE decode, SSIM), a quality layer only the UNet (measured ~4x on the embedded model).
+EVAL_COST = {CONTENT: 4.0, QUALITY: 1.0}
+
+
+def _shard(jobs, groups, world: int) -> list[set[str]]:
+    """Split the layers with pending work over `world` ranks, balancing estimated cost (largest
+    first, each to the least-loaded rank).  Deterministic, so every rank computes the same split
+    without talking; a layer's evaluations stay on one rank."""
+    cost: dict[str, float] = {}
+    for n, _, _ in jobs:
+        cost[n] = cost.get(n, 0.0) + EVAL_COST[groups[n]]
+    shards = [set() for _ in range(world)]
+    load = [0.0] * world
+    for n in sorted(cost, key=lambda n: (-cost[n], n)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        shards[r].add(n)
+        load[r] += cost[n]
+    return shards
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _dist_state():
+    """(rank, world, barrier): from accelerate when launched with several processes
+    (`accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`; both
+    set WORLD_SIZE), else a single process.  Without CUDA the ranks talk over gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        st = PartialState(cpu=not torch.cuda.is_available())
+        return st.process_index, st.num_processes, st.wait_for_everyone
+    return 0, 1, (lambda: None)
+
+
+def sensitivity(pipe, calibration=None, *, weight_bits=None, act_bits=None,
+                layers: Iterable[str] | None = None, group_fn: Callable[[str], str] = layer_group,
+                cache_dir: str | os.PathLike | None = None, recompute: bool = False,
+                progress: bool = True, distributed: bool = True,
+                batch_size: int | None = None) -> Sensitivity:
+    """Score every layer at every candidate bit-width (see module doc).  Returns a Sensitivity.
+
+    calibration: mixdq.Calibration (default: the model's shipped prompts, 32).
+    weight_bits / act_bits: candidates, a list for both groups or {group: list}; 16 (float)
+        needs no measurement.  Defaults: weights content {2,4,8}, quality {4,8}; acts {4,8}.
+    layers: restrict to these names (fnmatch patterns allowed); default every quantizable layer.
+    cache_dir: the cache root (default $MIXDQ_CACHE or ~/.cache/mixdq, + /sensitivity/<key>).
+    batch_size: prompts per forward in the evaluations.  Default: the calibration's on CUDA;
+        on CPU all prompts at once (up to 32), because per-layer Python overhead dominates small
+        models there (1.75x faster than batches of 8 on the tiny test model).  Batching does not
+        change which noise a prompt gets (seed + i per prompt), so it is not part of the key.
+    """
+    from .calibrate import Calibration, float_ranges
+    from .errors import PlanError
+    from .plan import Plan
+    from .quant import quantizable_layers, quantized_layers, replace_layers, restore_layers
+    from .quantize import bos_embedding
+
+    t_start = time.perf_counter()
+    unet = pipe.unet
+    if quantized_layers(unet):
+        raise PlanError("sensitivity needs the float model, but this UNet is already quantized; "
+                        "load it again with mixdq.load_pipeline")
+    calibration = calibration or Calibration.default(pipe)
+    all_layers = list(quantizable_layers(unet))
+    if layers is None:
+        names = all_layers
+    else:
+        pats = list(layers)
+        names = [n for n in all_layers if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+        if not names:
+            raise PlanError(f"no quantizable layer matches {pats}; list them with "
+                            "`mixdq.quantizable_layers(pipe.unet)`")
+    groups = {}
+    for n in names:
+        g = group_fn(n)
+        if g not in (CONTENT, QUALITY):
+            raise ValueError(f"group_fn returned {g!r} for {n!r}; expected 'content' or 'quality'")
+        groups[n] = g
+    wbits = _candidates(weight_bits, DEFAULT_WEIGHT_BITS)
+    abits = _candidates(act_bits, DEFAULT_ACT_BITS)
+
+    key, inputs = cache_key(pipe, calibration)
+    folder = Path(cache_dir).expanduser() / "sensitivity" / key if cache_dir else cache_root() / key
+    rank, world, barrier = _dist_state() if distributed else (0, 1, lambda: None)
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        if recompute:
+            for f in list(folder.glob("part-*.jsonl")) + [folder / "results.json"]:
+                f.unlink(missing_ok=True)
+        _atomic_write(folder / "inputs.json", json.dumps(inputs, indent=1))
+    barrier()
+
+    def needed(done):
+        return [j for j in _jobs(names, groups, wbits, abits)
+                if not all(m in done.get(j, {}) for m in metrics_for(groups[j[0]]))]
+
+    done = _read_results(folder)
+    todo_all = needed(done)
+    info_path = folder / "model.json"
+    computed = 0
+    my_layers = _shard(todo_all, groups, world)[rank]
+    todo = [j for j in todo_all if j[0] in my_layers]
+    if todo or (rank == 0 and not info_path.is_file()):
+        undo = [_vae_channels_last(pipe), _memo_encode_prompt(pipe)]
+        try:
+            if world > 1 and unet.device.type == "cpu":
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+            if batch_size is None:
+                batch_size = calibration.batch_size if unet.device.type == "cuda" else min(32, len(calibration.prompts))
+            eval_cal = dataclasses.replace(calibration, batch_size=max(1, int(batch_size)))
+            ref = _Reference(pipe, eval_cal, all_layers, progress=progress and rank == 0)
+            if rank == 0:
+                _atomic_write(info_path, json.dumps({"act_numel": ref.act_numel,
+                                                     "images": list(ref.images.shape)}))
+            ranges = bos = None
+            if any(k == "act" for _, k, _ in todo):
+                ranges = float_ranges(pipe, eval_cal, progress=progress and rank == 0)
+            if any(n.endswith(("attn2.to_k", "attn2.to_v")) for n, _, _ in todo):
+                bos = bos_embedding(pipe)
+            from tqdm.auto import tqdm
+
+            part = folder / f"part-{rank}-{os.getpid()}.jsonl"
+            bar = tqdm(total=len(todo), desc=f"sensitivity [{rank + 1}/{world}]" if world > 1 else "sensitivity",
+                       unit="eval", disable=not progress, position=rank, dynamic_ncols=True)
+            with part.open("a+") as fh:
+                fh.seek(0, os.SEEK_END)
+                if fh.tell() > 0:
+                    fh.seek(fh.tell() - 1)
+                    if fh.read(1) != "\n":
+                        fh.write("\n")  # a line cut by a kill must not swallow the next record
+                for n, kind, b in todo:
+                    bits = (b, FLOAT_BITS) if kind == "weight" else (FLOAT_BITS, b)
+                    originals = replace_layers(unet, Plan({n: bits}), ranges=ranges, bos_embedding=bos)
+                    try:
+                        res = _evaluate(pipe, ref, metrics_for(groups[n]))
+                    finally:
+                        restore_layers(unet, originals)
+                    fh.write(json.dumps({"layer": n, "kind": kind, "bits": b, "metrics": res}) + "\n")
+                    fh.flush()  # written as it goes: a killed run resumes from here
+                    computed += 1
+                    bar.set_postfix_str(f"{'.'.join(n.split('.')[-2:])} {kind}{b}", refresh=False)
+                    bar.update(1)
+            bar.close()
+        finally:
+            for u in undo:
+                u()
+    barrier()
+    if rank == 0 and any(folder.glob("part-*.jsonl")):
+        _merge_parts(folder)
+    if rank == 0 and todo_all:
+        # what the last computing run cost, for reports (docs/evidence.md)
+        _atomic_write(folder / "timing.json", json.dumps({
+            "wall_s": round(time.perf_counter() - t_start, 2), "world_size": world,
+            "computed": len(todo_all), "device": str(unet.device), "threads": torch.get_num_threads(),
+            "cpu": _cpu_name(), "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}))
+    barrier()
+
+    done = _read_results(folder)
+    missing = needed(done)
+    if missing:  # pragma: no cover - only if a rank died
+        raise RuntimeError(f"{len(missing)} measurements missing after the run (first: {missing[0]}); rerun to resume")
+    act_numel = json.loads(info_path.read_text())["act_numel"]
+    scores = {k: {n: {} for n in names} for k in KINDS}
+    for (n, kind, b), m in done.items():
+        if n in groups and b in (wbits if kind == "weight" else abits)[groups[n]]:
+            scores[kind][n][b] = {k: v for k, v in m.items() if k in metrics_for(groups[n])}
+    wall = time.perf_counter() - t_start
+    meta = {"cache": str(folder), "key": key, "model": inputs["model"][:16],
+            "prompts": len(calibration.prompts), "settings": inputs["settings"],
+            "weight_bits": {g: list(v) for g, v in wbits.items()},
+            "act_bits": {g: list(v) for g, v in abits.items()},
+            "computed": len(todo_all), "computed_here": computed,
+            "world_size": world, "wall_s": round(wall, 2),
+            "group_fn": getattr(group_fn, "__qualname__", str(group_fn))}
+    return Sensitivity(list(names), groups, scores, {n: int(act_numel[n]) for n in names}, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (wired into `python -m mixdq sensitivity`; also `python -m mixdq.sensitivity`).
+# --------------------------------------------------------------------------------------------
+def _bits_list(text: str) -> list[int]:
+    try:
+        bits = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated bit-widths like 2,4,8, got {text!r}")
+    if not bits:
+        raise argparse.ArgumentTypeError("no bit-widths given")
+    return bits
+
+
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the subcommands that run the model on calibration prompts."""
+    parser.add_argument("--model", default=None,
+                        help="model source: a diffusers folder or hub id (default: the embedded model)")
+    parser.add_argument("--prompts", type=int, default=None, metavar="N",
+                        help="use the first N shipped calibration prompts (default: 32 or all)")
+    parser.add_argument("--prompts-file", default=None, help="text file with one prompt per line")
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompt i is seed + i (default 0)")
+    parser.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--resolution", type=int, default=None, help="image height = width (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward (default 8)")
+    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+
+
+def calibration_from_args(pipe, args):
+    from .calibrate import Calibration
+
+    kw = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance,
+              height=args.resolution, width=args.resolution, batch_size=args.batch_size)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise SystemExit(f"error: --prompts-file {str(path)!r} does not exist")
+        prompts = [p.strip() for p in path.read_text().splitlines() if p.strip()]
+        if args.prompts:
+            prompts = prompts[:args.prompts]
+        return Calibration(prompts=prompts, **kw)
+    if args.prompts is not None and args.prompts < 1:
+        raise SystemExit("error: --prompts must be >= 1")
+    n = args.prompts or min(32, _shipped_prompt_count(pipe))
+    try:
+        return Calibration.default(pipe, n=n, **kw)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}; pass a smaller --prompts or a --prompts-file")
+
+
+def _shipped_prompt_count(pipe) -> int:
+    """How many calibration prompts the model ships (the file Calibration.default reads)."""
+    from .loading import GENERIC_PROMPTS, model_dir
+
+    folder = model_dir(pipe)
+    path = folder / "calibration_prompts.txt" if folder else None
+    if not (path and path.is_file()):
+        path = GENERIC_PROMPTS
+    if not Path(path).is_file():
+        return 32
+    return sum(1 for p in Path(path).read_text().splitlines() if p.strip())
+
+
+def add_sensitivity_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add_calibration_args(parser)
+    parser.add_argument("--weight-bits", type=_bits_list, default=None, metavar="B,B",
+                        help="weight candidates for every layer (default: content 2,4,8; quality 4,8)")
+    parser.add_argument("--act-bits", type=_bits_list, default=None, metavar="B,B",
+                        help="activation candidates (default 4,8)")
+    parser.add_argument("--layers", nargs="*", default=None, metavar="PATTERN",
+                        help="only these layers (fnmatch patterns, e.g. 'up_blocks.*attn2*')")
+    parser.add_argument("--cache-dir", default=None, help="cache root (default $MIXDQ_CACHE or ~/.cache/mixdq)")
+    parser.add_argument("--recompute", action="store_true", help="ignore cached measurements")
+    parser.add_argument("--out", default=None, help="also write the scores to this JSON file")
+    parser.add_argument("--show", action="store_true", help="print the per-layer table")
+    return parser
+
+
+def run_sensitivity(args) -> Sensitivity:
+    from . import load_pipeline
+    from .plan import ACT_BITS, WEIGHT_BITS
+
+    for what, bits, allowed in (("--weight-bits", args.weight_bits, WEIGHT_BITS), ("--act-bits", args.act_bits, ACT_BITS)):
+        bad = [b for b in bits or [] if b not in allowed]
+        if bad:
+            raise SystemExit(f"error: {what} {bad} not supported; choose from {list(allowed)}")
+    device = args.device
+    if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per rank
+    pipe = load_pipeline(args.model, device=device)
+    cal = calibration_from_args(pipe, args)
+    sens = sensitivity(pipe, cal, weight_bits=args.weight_bits, act_bits=args.act_bits, layers=args.layers,
+                       cache_dir=args.cache_dir, recompute=args.recompute)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        if args.out:
+            sens.save(args.out)
+        if getattr(args, "show", False):
+            print(sens.table("weight"))
+            print(sens.table("act"))
+        m = sens.meta
+        n_c = sum(1 for g in sens.group.values() if g == CONTENT)
+        print(f"sensitivity: {len(sens.layers)} layers ({n_c} content, {len(sens.layers) - n_c} quality), "
+              f"{len(cal.prompts)} prompts, {m['computed']} measured now, wall {m['wall_s']:.1f} s, "
+              f"{m['world_size']} process(es); cache {m['cache']}", file=sys.stderr)
+    return sens
+
+
+def main(argv=None) -> None:
+    parser = add_sensitivity_args(argparse.ArgumentParser(
+        prog="python -m mixdq.sensitivity", description="Per-layer sensitivity analysis (cached, resumable)."))
+    run_sensitivity(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Sensitivity analysis on a tiny random-weight SDXL pipeline: values, cache, resume, shards."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import importlib
+
+import mixdq
+
+# the module, not the verb: `mixdq.sensitivity` is the function once the package exports it
+S = importlib.import_module("mixdq.sensitivity")
+from mixdq.metrics import sqnr, ssim
+from mixdq.plan import Plan
+from mixdq.quant import replace_layers, restore_layers
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["a red circle", "a blue square on black", "two green triangles", "a photo of a cat"]
+CONTENT_L = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"
+KV_L = "up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+QUALITY_L = "conv_in"
+SHORTCUT_L = "up_blocks.0.resnets.0.conv_shortcut"
+FEW = [CONTENT_L, KV_L, QUALITY_L, SHORTCUT_L]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_quiet():
+    # Tiny layers: one thread is fastest, and on a shared 2-core machine two OpenMP threads
+    # wait on each other (10x slower measured here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    import transformers
+
+    import diffusers
+
+    transformers.logging.set_verbosity_error()  # the char tokenizer truncates: harmless, loud
+    diffusers.logging.set_verbosity_error()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cal(**kw):
+    return mixdq.Calibration(PROMPTS, batch_size=kw.pop("batch_size", 2), **kw)
+
+
+def test_scores_shape_and_sense(tiny_sdxl_pipe, tmp_path):
+    s = S.sensitivity(tiny_sdxl_pipe, _cal(), layers=FEW, cache_dir=tmp_path, progress=False)
+    assert s.layers == sorted(s.layers, key=list(mixdq.quantizable_layers(tiny_sdxl_pipe.unet)).index)
+    assert s.group[CONTENT_L] == "content" and s.group[QUALITY_L] == "quality"
+    for n in FEW:
+        w, a = s.scores["weight"][n], s.scores["act"][n]
+        want_w = (2, 4, 8) if s.group[n] == "content" else (4, 8)
+        assert sorted(w) == list(want_w) and sorted(a) == [4, 8]
+        # more bits, less noise: the weight SQNR grows ~6 dB per bit
+        assert w[8]["sqnr"] > w[4]["sqnr"] + 10
+        assert a[8]["sqnr"] > a[4]["sqnr"]
+        assert s.act_numel[n] > 0
+        if s.group[n] == "content":
+            assert 0 < w[2]["ssim"] <= w[8]["ssim"] <= 1.0 + 1e-12
+        else:
+            assert "ssim" not in w[4]
+    # activation element counts per UNet sample: conv_in sees the latent (4 x 8 x 8 at 16 px)
+    latent = 16 // tiny_sdxl_pipe.vae_scale_factor
+    assert s.act_numel[QUALITY_L] == 4 * latent * latent
+    shortcut = dict(tiny_sdxl_pipe.unet.named_modules())[SHORTCUT_L]
+    assert s.act_numel[SHORTCUT_L] % shortcut.in_channels == 0  # concat(hidden, skip) channels
+    assert s.meta["computed"] == sum(len(v) for k in s.scores for v in s.scores[k].values())
+    # round trip through JSON
+    path = tmp_path / "s.json"
+    s.save(path)
+    assert S.Sensitivity.load(path).scores == s.scores
+
+
+def test_values_match_a_direct_computation(tiny_sdxl_pipe, tmp_path):
+    """SSIM of the decoded images and SQNR of UNet outputs, recomputed here without the
+    module's capture/replay machinery (one step: the calibration inputs are the pipeline's)."""
+    pipe = tiny_sdxl_pipe
+    cal = _cal(num_inference_steps=1, batch_size=4)
+    s = S.sensitivity(pipe, cal, layers=[CONTENT_L, QUALITY_L], weight_bits=[4], act_bits=[8],
+                      cache_dir=tmp_path, progress=False)
+    settings = cal.settings(pipe)
+
+    def run():
+        outs = []
+        h = pipe.unet.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o.sample))
+        gens = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
+        with torch.inference_mode():
+            img = pipe(prompt=PROMPTS, generator=gens, output_type="pt", **settings).images
+        h.remove()
+        return img.float(), torch.cat(outs)
+
+    ref_img, ref_out = run()
+    ranges = mixdq.float_ranges(pipe, cal, progress=False)
+    for name in (CONTENT_L, QUALITY_L):
+        for kind, bits in (("weight", (4, 16)), ("act", (16, 8))):
+            orig = replace_layers(pipe.unet, Plan({name: bits}), ranges=ranges,
+                                  bos_embedding=mixdq.bos_embedding(pipe))
+            img, out = run()
+            restore_layers(pipe.unet, orig)
+            b = bits[0] if kind == "weight" else bits[1]
+            got = s.scores[kind][name][b]
+            assert got["sqnr"] == pytest.approx(float(sqnr(ref_out, out)), rel=1e-6)
+            if name == CONTENT_L:
+                # abs 1e-6: the analysis decodes channels-last on CPU (pixels differ by ~1e-6)
+                assert got["ssim"] == pytest.approx(float(ssim(img.clamp(0, 1), ref_img.clamp(0, 1))), abs=1e-6)
+                assert got["ssim"] < 1.0  # a real difference, far larger than the tolerance
+
+
+def test_second_run_computes_nothing_and_key_tracks_inputs(tiny_sdxl_pipe, tmp_path, monkeypatch):
+    s1 = S.sensitivity(tiny_sdxl_pipe, _cal(), layers=[QUALITY_L], cache_dir=tmp_path, progress=False)
+    assert s1.meta["computed"] == 4
+
+    def boom(*a, **k):
+        raise AssertionError("the float pipeline ran although everything is cached")
+
+    monkeypatch.setattr(S, "_Reference", boom)
+    s2 = S.sensitivity(tiny_sdxl_pipe, _cal(), layers=[QUALITY_L], cache_dir=tmp_path, progress=False)
+    assert s2.meta["computed"] == 0 and s2.scores == s1.scores and s2.act_numel == s1.act_numel
+    monkeypatch.undo()
+    # another seed or resolution is another key; an extra bit-width only computes itself
+    k0 = S.cache_key(tiny_sdxl_pipe, _cal())[0]
+    assert S.cache_key(tiny_sdxl_pipe, _cal(seed=1))[0] != k0
+    assert S.cache_key(tiny_sdxl_pipe, _cal(height=32, width=32))[0] != k0
+    assert S.cache_key(tiny_sdxl_pipe, mixdq.Calibration(PROMPTS[:3]))[0] != k0
+    w = tiny_sdxl_pipe.unet.conv_in.weight
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w[0, 0, 0, 0] += 1.0
+    assert S.cache_key(tiny_sdxl_pipe, _cal())[0] != k0
+    with torch.no_grad():
+        w.copy_(saved)
+    s3 = S.sensitivity(tiny_sdxl_pipe, _cal(), layers=[QUALITY_L], weight_bits=[3, 4, 8], cache_dir=tmp_path,
+                       progress=False)
+    assert s3.meta["computed"] == 1 and s3.scores["weight"][QUALITY_L][4] == s1.scores["weight"][QUALITY_L][4]
+
+
+def test_interrupted_run_resumes(tiny_sdxl_pipe, tmp_path, monkeypatch):
+    layers = [CONTENT_L, QUALITY_L]
+    full = S.sensitivity(tiny_sdxl_pipe, _cal(), layers=layers, cache_dir=tmp_path / "a", progress=False)
+    real = S._evaluate
+    calls = {"n": 0}
+
+    def dies_after_three(*a, **k):
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "_evaluate", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        S.sensitivity(tiny_sdxl_pipe, _cal(), layers=layers, cache_dir=tmp_path / "b", progress=False)
+    monkeypatch.undo()
+    # the layer it died in was restored to float
+    assert not any(type(m).__name__.startswith("Quant") for m in tiny_sdxl_pipe.unet.modules())
+    part = next((tmp_path / "b" / "sensitivity").glob("*/part-*.jsonl"))
+    with part.open("a") as fh:
+        fh.write('{"layer": "conv_in", "kind": "weight", "bi')  # a line cut by the kill
+    resumed = S.sensitivity(tiny_sdxl_pipe, _cal(), layers=layers, cache_dir=tmp_path / "b", progress=False)
+    assert resumed.meta["computed"] == full.meta["computed"] - 3
+    assert resumed.scores == full.scores
+
+
+def test_group_function_is_overridable(tiny_sdxl_pipe, tmp_path):
+    s = S.sensitivity(tiny_sdxl_pipe, _cal(), layers=[QUALITY_L], weight_bits=[8], act_bits=[8],
+                      group_fn=lambda n: "content", cache_dir=tmp_path, progress=False)
+    assert s.group[QUALITY_L] == "content" and "ssim" in s.scores["weight"][QUALITY_L][8]
+    with pytest.raises(ValueError, match="expected 'content' or 'quality'"):
+        S.sensitivity(tiny_sdxl_pipe, _cal(), layers=[QUALITY_L], group_fn=lambda n: "other",
+                      cache_dir=tmp_path, progress=False)
+    with pytest.raises(mixdq.PlanError, match="no quantizable layer matches"):
+        S.sensitivity(tiny_sdxl_pipe, _cal(), layers=["nope.*"], cache_dir=tmp_path, progress=False)
+
+
+def test_two_processes_merge_to_the_single_process_result(tiny_sdxl_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes: each rank takes layers[rank::2]; the merged
+    cache equals a single-process run of the same command."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = ["-m", "mixdq.sensitivity", "--model", str(tiny_sdxl_dir), "--prompts-file", str(prompts),
+            "--batch-size", "2", "--layers", "down_blocks.1.attentions.0.*attn2*", "conv_in", "conv_out",
+            "up_blocks.0.resnets.0.*"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    multi = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                            "--mixed_precision", "no", "--dynamo_backend", "no", *args,
+                            "--cache-dir", str(tmp_path / "multi"), "--out", str(tmp_path / "multi.json")],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert "2 process(es)" in multi.stderr
+    single = subprocess.run([sys.executable, *args, "--cache-dir", str(tmp_path / "single"),
+                             "--out", str(tmp_path / "single.json")], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a = json.loads((tmp_path / "multi.json").read_text())
+    b = json.loads((tmp_path / "single.json").read_text())
+    assert a["layers"] == b["layers"] and len(a["layers"]) == 10
+    assert a["scores"] == b["scores"] and a["act_numel"] == b["act_numel"]
+    # both ranks wrote into one cache, merged into one results file, no stray parts
+    folder = next((tmp_path / "multi" / "sensitivity").iterdir())
+    assert (folder / "results.json").is_file() and not list(folder.glob("part-*"))
+
+
+def test_cli_errors_are_clear(tmp_path):
+    import argparse
+
+    p = S.add_sensitivity_args(argparse.ArgumentParser())
+    with pytest.raises(SystemExit):
+        p.parse_args(["--weight-bits", "four"])
+    with pytest.raises(SystemExit, match="not supported"):
+        S.run_sensitivity(p.parse_args(["--weight-bits", "7"]))
+
+
+def test_shards_cover_every_layer_once_and_balance_cost():
+    names = [f"b.{i}.attn2.to_q" for i in range(7)] + [f"b.{i}.conv1" for i in range(20)]
+    groups = {n: S.layer_group(n) for n in names}
+    jobs = list(S._jobs(names, groups, S.DEFAULT_WEIGHT_BITS, S.DEFAULT_ACT_BITS))
+    for world in (1, 2, 3):
+        shards = S._shard(jobs, groups, world)
+        assert set().union(*shards) == set(names) and sum(map(len, shards)) == len(names)
+        loads = [sum(S.EVAL_COST[groups[n]] * sum(1 for j in jobs if j[0] == n) for n in sh) for sh in shards]
+        assert max(loads) - min(loads) <= 5 * S.EVAL_COST["content"]  # at most one layer's work apart
+        assert S._shard(jobs, groups, world) == shards  # every rank computes the same split
