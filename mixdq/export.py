@@ -111,7 +111,8 @@ def _empty_quantized_unet(folder: Path, plan: Plan, dtype, bos_aware: bool):
 
     config = UNet2DConditionModel.load_config(folder / "unet")
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config).to(dtype)
+        # nn.Module.to: diffusers' own .to() warns about fp32-kept modules (none here)
+        unet = torch.nn.Module.to(UNet2DConditionModel.from_config(config), dtype)
     layers = quantizable_layers(unet)
     try:
         plan.validate(layers)
