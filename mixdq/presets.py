@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,21 +30,12 @@ from .allocate import (DEFAULT_RATIOS, TOTAL, Allocator, PlanEvaluator, default_
                        select, selection_score)
 from .errors import BudgetError
 from .plan import Plan
+from .quant.kernels import cpu_name
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 PRESET_BITS = (8, 5, 4, 3)
 EVAL_SEED = 1000
 SELECT_SEED = 5000
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _setup(model, eval_prompts: int, progress: bool):
@@ -239,7 +229,7 @@ def make_evidence(model=None, path: Path | None = None, eval_prompts: int = 16, 
         "(float at the W4A16 size, as the baseline). Joint: the same ILP with one shared budget and no "
         "selection. Single metric: the joint ILP with every layer scored by SQNR in one group (no "
         "decoupling). Without BOS: the selected MixDQ plan, BOS-aware K/V off.",
-        f"Machine: {_cpu()}, torch threads {__import__('torch').get_num_threads()}; evaluation wall time "
+        f"Machine: {cpu_name()}, torch threads {__import__('torch').get_num_threads()}; evaluation wall time "
         f"{t_eval:.0f} s.",
         "",
         "Reproduce: `python -m mixdq.presets --evidence docs/evidence.md` (also regenerates presets/).",

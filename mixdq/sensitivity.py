@@ -41,6 +41,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from .quant.kernels import cpu_name
+
 CONTENT, QUALITY = "content", "quality"
 # Bump when anything that changes the numbers changes (quantizers, metrics, evaluation).
 CODE_VERSION = "mixdq-sensitivity-2"
@@ -367,18 +369,6 @@ def _shard(jobs, groups, world: int) -> list[set[str]]:
     return shards
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def _dist_state():
     """(rank, world, barrier): from accelerate when launched with several processes
     (`accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`; both
@@ -511,7 +501,7 @@ def sensitivity(pipe, calibration=None, *, weight_bits=None, act_bits=None,
         _atomic_write(folder / "timing.json", json.dumps({
             "wall_s": round(time.perf_counter() - t_start, 2), "world_size": world,
             "computed": len(todo_all), "device": str(unet.device), "threads": torch.get_num_threads(),
-            "cpu": _cpu_name(), "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}))
+            "cpu": cpu_name(), "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}))
     barrier()
 
     done = _read_results(folder)

@@ -54,16 +54,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MIXDQ_CACHE", Path.home() / ".cache" / "mixdq"))
 
 
-def _cpu_id() -> str:
-    model = platform.processor() or ""
+def cpu_name() -> str:
+    """The CPU model, for every report that states which machine measured it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model}|{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}"
+    return platform.processor() or platform.machine()
+
+
+def _cpu_id() -> str:
+    return f"{cpu_name()}|{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}"
 
 
 def cpu_flags() -> set[str]:
