@@ -173,16 +173,15 @@ def _choose_cpu() -> dict:
     return _measure_cpu()
 
 
-@lru_cache(maxsize=None)
-def _cpu_choice() -> dict:
+def _cached_choice(key: str, choose) -> dict:
+    """choose() once per machine key, remembered in ~/.cache/mixdq/kernels.json."""
     path = cache_dir() / "kernels.json"
-    key = _cpu_id()
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError):
         table = {}
     if table.get(key, {}).get("version") != _MEASURE_VERSION:
-        table[key] = _choose_cpu()
+        table[key] = choose()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -191,6 +190,67 @@ def _cpu_choice() -> dict:
         except OSError:
             pass  # a read-only home only costs a re-measure next time
     return table[key]
+
+
+@lru_cache(maxsize=None)
+def _cpu_choice() -> dict:
+    return _cached_choice(_cpu_id(), _choose_cpu)
+
+
+def _measure_cuda(index: int) -> dict:
+    """int8 GEMM vs dequantize-then-float16 GEMM on the GPU, both from packed weights.
+
+    On an H100 `torch._int_mm` dispatches to Ampere (sm80) int8 kernels and the
+    whole W8A8 UNet step ran at 0.69-0.76x of float16 (bench/analysis.md), so
+    the compute capability alone does not decide: the faster path is measured.
+    Shape: SDXL's most common linear (1280 -> 1280) over 4096 tokens.
+    """
+    dev = torch.device("cuda", index)
+    torch.manual_seed(0)
+    m, k, n = 4096, 1280, 1280
+    x = torch.randn(m, k, device=dev, dtype=torch.float16)
+    wq = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8)
+    ws = torch.rand(n, device=dev) * 1e-2
+    xs = torch.tensor([8.0 / 255], device=dev)
+    xz = torch.tensor([128.0], device=dev)
+
+    def int_path():
+        return int8_ops.linear_int_mm(x, xs, xz, wq, ws, None)
+
+    def dequant_path():
+        xq = (torch.clamp(torch.round(x / xs) + xz, 0, 255) - xz) * xs
+        return F.linear(xq.half(), (wq.half() * ws[:, None].half()))
+
+    def cuda_time(fn, repeat=20):
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeat):
+            fn()
+        end.record()
+        torch.cuda.synchronize(dev)
+        return start.elapsed_time(end) / repeat / 1e3
+
+    with torch.inference_mode():
+        try:
+            t_int = cuda_time(int_path)
+        except RuntimeError:
+            t_int = float("inf")
+        t_deq = cuda_time(dequant_path)
+    int8_ops.clear_cache()
+    return {"int_mm_s": t_int, "dequant_s": t_deq, "version": _MEASURE_VERSION,
+            "kernel": "int_mm" if t_int < t_deq else "dequant",
+            "reason": "measured: int8 GEMM vs dequantize + float16 GEMM"}
+
+
+@lru_cache(maxsize=None)
+def _cuda_choice(index: int) -> dict:
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:  # no int8 tensor-core GEMM behind torch._int_mm
+        return {"kernel": "dequant", "reason": f"sm{major}{minor}: no int8 GEMM"}
+    key = f"cuda|{torch.cuda.get_device_name(index)}|torch {torch.__version__}"
+    return _cached_choice(key, lambda: _measure_cuda(index))
 
 
 def select_kernel(device: torch.device | str = "cpu", override: str | None = None) -> str:
@@ -202,8 +262,7 @@ def select_kernel(device: torch.device | str = "cpu", override: str | None = Non
         return choice
     device = torch.device(device)
     if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        return "int_mm" if major >= 8 else "dequant"
+        return _cuda_choice(device.index if device.index is not None else torch.cuda.current_device())["kernel"]
     if device.type == "cpu":
         return _cpu_choice()["kernel"]
     return "dequant"
@@ -221,6 +280,8 @@ def kernel_report(device="cpu") -> dict:
         report["cpu_flags"] = cpu_capability()
     elif device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        report.update({k: v for k, v in _cuda_choice(index).items() if k not in ("kernel", "version")})
     return report
 
 
