@@ -120,9 +120,9 @@ class QuantLayer(nn.Module):
     def dequantized_weight(self, dtype) -> torch.Tensor:
         if self.weight_bits == FLOAT_BITS:
             return self.weight.to(dtype)
-        q = unpack(self.weight_packed, self.weight_bits, self.weight_shape)
+        q = self.int_codes()
         shape = (-1,) + (1,) * (q.dim() - 1)
-        return (q.to(dtype) * self.weight_scale.to(dtype).view(shape))
+        return q.to(dtype) * self.weight_scale.to(dtype).view(shape)
 
     # -- activations -------------------------------------------------------------
     def _slices(self, x: torch.Tensor, dim: int):
