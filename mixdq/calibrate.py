@@ -26,6 +26,21 @@ from .quant import quantizable_layers, quantized_layers, replace_layers, restore
 from .quant.quantizers import ActRange
 
 
+def shipped_prompts_file(pipe) -> Path:
+    """The model folder's calibration_prompts.txt, else the generic list."""
+    folder = model_dir(pipe)
+    path = folder / "calibration_prompts.txt" if folder else None
+    return path if path and path.is_file() else GENERIC_PROMPTS
+
+
+def _read_prompts(path: Path) -> list[str]:
+    return [p.strip() for p in path.read_text().splitlines() if p.strip()]
+
+
+def shipped_prompts(pipe) -> list[str]:
+    return _read_prompts(shipped_prompts_file(pipe))
+
+
 @dataclass
 class Calibration:
     """What to run the pipeline on. None means the model's own default."""
@@ -47,11 +62,8 @@ class Calibration:
     @classmethod
     def default(cls, pipe, n: int = 32, **kw) -> "Calibration":
         """The prompt list shipped with the model (or the generic one), first n."""
-        folder = model_dir(pipe)
-        path = folder / "calibration_prompts.txt" if folder else None
-        if not (path and path.is_file()):
-            path = GENERIC_PROMPTS
-        prompts = [p.strip() for p in Path(path).read_text().splitlines() if p.strip()]
+        path = shipped_prompts_file(pipe)
+        prompts = _read_prompts(path)
         if n > len(prompts):
             raise ValueError(f"{path} holds {len(prompts)} prompts; asked for {n}")
         return cls(prompts=prompts[:n], **kw)

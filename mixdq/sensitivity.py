@@ -553,7 +553,7 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
 
 
 def calibration_from_args(pipe, args):
-    from .calibrate import Calibration
+    from .calibrate import Calibration, shipped_prompts
 
     kw = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance,
               height=args.resolution, width=args.resolution, batch_size=args.batch_size)
@@ -567,24 +567,11 @@ def calibration_from_args(pipe, args):
         return Calibration(prompts=prompts, **kw)
     if args.prompts is not None and args.prompts < 1:
         raise SystemExit("error: --prompts must be >= 1")
-    n = args.prompts or min(32, _shipped_prompt_count(pipe))
+    n = args.prompts or min(32, len(shipped_prompts(pipe)))
     try:
         return Calibration.default(pipe, n=n, **kw)
     except ValueError as e:
         raise SystemExit(f"error: {e}; pass a smaller --prompts or a --prompts-file")
-
-
-def _shipped_prompt_count(pipe) -> int:
-    """How many calibration prompts the model ships (the file Calibration.default reads)."""
-    from .loading import GENERIC_PROMPTS, model_dir
-
-    folder = model_dir(pipe)
-    path = folder / "calibration_prompts.txt" if folder else None
-    if not (path and path.is_file()):
-        path = GENERIC_PROMPTS
-    if not Path(path).is_file():
-        return 32
-    return sum(1 for p in Path(path).read_text().splitlines() if p.strip())
 
 
 def add_sensitivity_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import int8_ops
+from .quantizers import fake_quantize_act
 
 KERNELS = ("int_mm", "dequant")
 BACKENDS = ("int_mm", "onednn", "fbgemm", "reference")
@@ -218,8 +219,7 @@ def _measure_cuda(index: int) -> dict:
         return int8_ops.linear_int_mm(x, xs, xz, wq, ws, None)
 
     def dequant_path():
-        xq = (torch.clamp(torch.round(x / xs) + xz, 0, 255) - xz) * xs
-        return F.linear(xq.half(), (wq.half() * ws[:, None].half()))
+        return F.linear(fake_quantize_act(x, xs, xz, 8).half(), wq.half() * ws[:, None].half())
 
     def cuda_time(fn, repeat=20):
         for _ in range(3):
@@ -283,14 +283,6 @@ def kernel_report(device="cpu") -> dict:
         index = device.index if device.index is not None else torch.cuda.current_device()
         report.update({k: v for k, v in _cuda_choice(index).items() if k not in ("kernel", "version")})
     return report
-
-
-def int_mm_usable(x2d: torch.Tensor, weight_q: torch.Tensor) -> bool:
-    """CUDA's _int_mm needs M > 16 and K, N multiples of 8; CPU takes any shape."""
-    if x2d.device.type != "cuda":
-        return True
-    m, k = x2d.shape
-    return m > 16 and k % 8 == 0 and weight_q.shape[0] % 8 == 0
 
 
 def _backend_override() -> str | None:

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..plan import FLOAT_BITS, LayerBits
-from . import kernels
+from . import int8_ops, kernels
 from .packing import pack, packed_nbytes, unpack
 from .quantizers import ActRange, act_qparams, fake_quantize_act, quantize_weight
 
@@ -196,7 +196,7 @@ class QuantLinear(QuantLayer):
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         if self._int_path():
             codes = self.int_codes()
-            if kernels.int_mm_usable(x.reshape(-1, x.shape[-1]), codes):
+            if int8_ops.int_mm_ok(x.numel() // x.shape[-1], x.shape[-1], codes.shape[0], x.device):
                 return kernels.int8_linear(x, self.act_scale, self.act_zero_point, codes,
                                            self.weight_scale, self.bias, key=self.weight_packed)
         w = self.dequantized_weight(x.dtype)
