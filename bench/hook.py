@@ -2,9 +2,11 @@
 
 The library's layers (mixdq/quant/layers.py) now route every 8-bit-activation
 layer with integer weights (linears and convs, 2-8 bits) through the int8
-kernels themselves, so on CPU `route_int8` is a no-op (it checks
-`QuantConv2d.routes_int8_conv`).  It stays for the GPU benchmark, whose
-`hold_consts=True` keeps the epilogue constants in buffers for CUDA graphs.
+kernels themselves, so `route_int8` is now a no-op (it checks
+`QuantConv2d.routes_int8_conv`), and with it gpu.py's `--hold-consts`: the
+library layers do not read held epilogue constants.  The H100 figure measured
+with it (0.76x at 512 px batch 4, bench/RESULTS.md) needs that moved into
+QuantLinear (a buffer refreshed on set_ranges) before it can be reproduced.
 """
 from __future__ import annotations
 

@@ -244,11 +244,9 @@ def observe_ranges(unet, inputs) -> tuple[dict, float]:
     return ranges, dt, out
 
 
-def build_variant(unet, plan, ranges, route: bool):
+def build_variant(unet, plan, ranges):
     from mixdq import model_nbytes
     from mixdq.quant import kernels, quantized_layers, replace_layers
-
-    from .hook import route_int8
 
     trim()
     rss0 = rss_bytes()
@@ -260,7 +258,8 @@ def build_variant(unet, plan, ranges, route: bool):
     chosen = kernels.select_kernel(next(unet.parameters()).device)
     for layer in quantized_layers(clone).values():
         layer.kernel = chosen
-    routed = route_int8(clone) if route else 0
+    # layers that run the integer kernels (8-bit activations, 2-8-bit weights)
+    routed = sum(1 for layer in quantized_layers(clone).values() if layer._int_path())
     dt = time.perf_counter() - t
     trim()
     rss1 = rss_bytes()
@@ -331,7 +330,7 @@ def _rel_err(out, ref) -> float:
 # ---------------------------------------------------------------------------
 # one model
 # ---------------------------------------------------------------------------
-def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str, route: bool,
+def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str,
                 log=print) -> dict:
     from mixdq import model_nbytes, quantizable_layers
 
@@ -356,7 +355,7 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
     built = {}
     info = {}
     for v, plan in plans.items():
-        model, meta = build_variant(unet, plan, ranges, route)
+        model, meta = build_variant(unet, plan, ranges)
         built[v] = model
         info[v] = meta
         log(f"  {v}: {plan.summary()} -> {meta['weight_bytes'] / MiB:.0f} MiB, quantized in {meta['quantize_s']:.1f} s")
@@ -433,7 +432,7 @@ DEFAULT_VARIANTS = ("W8A8", "W5A8", "W4A8", "W4A16")
 
 def run(models=DEFAULT_MODELS, variants=DEFAULT_VARIANTS, reps: int = 3, px: int = 512, batch: int = 1,
         device: str = "cpu", out_dir: str | Path = HERE, threads: int | None = None,
-        kernels_table: bool = True, route: bool = True, small_kernels: bool = False,
+        kernels_table: bool = True, small_kernels: bool = False,
         reps_small_models: int | None = None, argv=None, log=print, avx2_emulation: bool = False,
         malloc_threshold: int | None = None) -> dict:
     """Measure; write <out_dir>/results-<device>.json and <out_dir>/RESULTS.md; return the dict."""
@@ -442,7 +441,7 @@ def run(models=DEFAULT_MODELS, variants=DEFAULT_VARIANTS, reps: int = 3, px: int
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(models, variants, reps, px, batch, device, out_dir, kernels_table, route,
+        return _run(models, variants, reps, px, batch, device, out_dir, kernels_table,
                     small_kernels, reps_small_models, argv, log, avx2_emulation,
                     {"malloc_mmap_threshold": malloc_threshold, "mallopt_ok": mallopt_ok})
     finally:
@@ -469,7 +468,7 @@ def _kernels_subprocess(env_extra: dict, small: bool, threads: int) -> dict | No
             return {"error": repr(e)}
 
 
-def _run(models, variants, reps, px, batch, device, out_dir, kernels_table, route, small_kernels,
+def _run(models, variants, reps, px, batch, device, out_dir, kernels_table, small_kernels,
          reps_small_models, argv, log, avx2_emulation, alloc_info=None):
     torch.set_flush_denormal(True)  # random weights must not hit denormal slow paths
     out_dir = Path(out_dir)
@@ -479,8 +478,8 @@ def _run(models, variants, reps, px, batch, device, out_dir, kernels_table, rout
                                      "its start (CPU: VmHWM); add weight_bytes for the step's total",
                         "quantize_s": "replace_layers time, calibration excluded; calibration_step_s "
                                       "is the one float step that collected the activation ranges",
-                        "routed": "variants with routed_int8_layers > 0 ran bench/hook.py's routing "
-                                  "(int8 convs and <8-bit weights through the integer kernels)"}}
+                        "routed": "routed_int8_layers: layers on the integer kernels (8-bit "
+                                  "activations, 2-8-bit weights; convs included)"}}
     t0 = time.perf_counter()
     if kernels_table and device == "cpu":
         from . import kernels as kbench
@@ -498,7 +497,7 @@ def _run(models, variants, reps, px, batch, device, out_dir, kernels_table, rout
                 log(kbench.table(k2))
     for i, name in enumerate(models):
         r = reps if i == 0 or reps_small_models is None else reps_small_models
-        res = bench_model(name, variants, r, px, batch, device, route, log=log)
+        res = bench_model(name, variants, r, px, batch, device, log=log)
         res["ratios"] = ratios(res)
         result["models"].append(res)
         result["elapsed_s"] = time.perf_counter() - t0
@@ -553,8 +552,6 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="fix glibc's mmap threshold (bytes) so RSS peaks follow live tensors")
     parser.add_argument("--avx2-emulation", action="store_true",
                         help="also run the kernel table with oneDNN limited to AVX2 (subprocess)")
-    parser.add_argument("--no-route", action="store_true",
-                        help="run the library's layers as they are (no bench/hook.py routing)")
     return parser
 
 
@@ -565,7 +562,7 @@ def run_bench(args: argparse.Namespace, argv=None) -> dict:
         return gpu.run(model=args.models[0], device=args.device, out_dir=args.out)
     return run(models=args.models, variants=args.variants, reps=args.reps, px=args.px,
                batch=args.batch, device=args.device, out_dir=args.out, threads=args.threads,
-               kernels_table=not args.no_kernels_table, route=not args.no_route,
+               kernels_table=not args.no_kernels_table,
                small_kernels=args.small_kernels, reps_small_models=args.reps_small_models,
                argv=argv, avx2_emulation=args.avx2_emulation, malloc_threshold=args.malloc_mmap_threshold)
 
