@@ -125,7 +125,7 @@ def _profile(fn, top=12) -> dict:
 
 def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=None,
         compile_mode=True, iters=20, log=_log, stages=("eager", "cudagraph", "compiled"),
-        hold_consts=False, compile_variants=None, profile_config=None):
+        hold_epilogue=False, compile_variants=None, profile_config=None):
     from mixdq import model_nbytes
     from mixdq.quant import quantizable_layers
 
@@ -183,9 +183,9 @@ def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-        if hold_consts:
-            from .hook import route_int8
-            route_int8(clone, hold_consts=True)
+        if hold_epilogue:  # epilogue constants as buffers the compiled graph reads
+            from mixdq.quant import hold_epilogue as hold
+            m.setdefault("epilogue_held_layers", {})[name] = hold(clone)
         m["weights"][name] = model_nbytes(clone)
         m["alloc_delta"][name] = alloc() - a1
         m.setdefault("quantize_s", {})[name] = time.perf_counter() - t
@@ -212,7 +212,7 @@ def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=
             (f" ({row['speedup_vs_float16']:.2f}x)" if "speedup_vs_float16" in row else ""))
         save()
 
-    m["hold_consts"] = hold_consts
+    m["hold_epilogue"] = hold_epilogue
     # 2. eager
     for c in (configs[:1] if device.type == "cuda" else configs) if "eager" in stages else []:
         for name, mod in models.items():
@@ -314,13 +314,13 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--stages", default="eager,cudagraph,compiled")
-    p.add_argument("--hold-consts", action="store_true",
-                   help="linears keep their epilogue constants as buffers (bench/hook.py)")
+    p.add_argument("--hold-epilogue", action="store_true",
+                   help="linears keep their epilogue constants as buffers (mixdq.quant.hold_epilogue)")
     p.add_argument("--compile-variants", default=None, help="comma list, e.g. float16,W8A8-linears")
     p.add_argument("--profile", default=None, help="PX,BATCH: profile one compiled step per variant")
     a = p.parse_args(argv)
     run(model=a.model, device=a.device, out_dir=a.out, budget_s=a.budget_s, compile_mode=not a.no_compile,
-        iters=a.iters, stages=tuple(a.stages.split(",")), hold_consts=a.hold_consts,
+        iters=a.iters, stages=tuple(a.stages.split(",")), hold_epilogue=a.hold_epilogue,
         compile_variants=a.compile_variants.split(",") if a.compile_variants else None,
         profile_config=tuple(int(v) for v in a.profile.split(",")) if a.profile else None)
 

@@ -134,8 +134,11 @@ def test_gpu_script_runs_unchanged_on_cpu(tmp_path):
     from bench import gpu
     from bench.report import write_results_md
 
-    res = gpu.run(model="tiny-sdxl", device="cpu", out_dir=tmp_path, iters=1, log=lambda *a: None)
+    res = gpu.run(model="tiny-sdxl", device="cpu", out_dir=tmp_path, iters=1, log=lambda *a: None,
+                  hold_epilogue=True)
     m = res["models"][0]
+    held = m["epilogue_held_layers"]
+    assert held["W8A8"] == held["W8A8-linears"] > 0 and held["W4A8"] > 0
     assert {"float16", "W8A8", "W8A8-linears", "W4A8"} <= set(m["weights"])
     assert m["weights"]["W4A8"] < m["weights"]["W8A8"] < m["weights"]["float16"] * 2
     assert {r["variant"] for r in m["timings"]} == {"float16", "W8A8", "W8A8-linears"}

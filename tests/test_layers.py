@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixdq.plan import LayerBits
-from mixdq.quant import kernels
+from mixdq.quant import hold_epilogue, int8_ops, kernels
 from mixdq.quant.layers import BOS_KEY_LEN, QuantConv2d, QuantLinear, quantized_nbytes
 from mixdq.quant.quantizers import ActRange, act_qparams, fake_quantize_act, fake_quantize_weight
 
@@ -72,6 +72,43 @@ def test_int_mm_path_matches_reference():
     q.kernel = "int_mm"
     out = q(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_held_epilogue_follows_ranges_and_loads_and_traces(monkeypatch):
+    """hold_epilogue (for torch.compile): same outputs as the cached eager path, kept
+    current through set_ranges and load_state_dict, never saved, traceable."""
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", "int_mm")  # the backend that reads held constants
+    torch.manual_seed(3)
+    x = torch.randn(2, 20, 64)
+    r1, r2 = ActRange(float(x.min()), float(x.max()), 1), ActRange(-1.0, 2.5, 1)
+
+    def model(seed):
+        torch.manual_seed(seed)
+        layers = [QuantLinear.from_float(nn.Linear(64, 64), LayerBits(w, a)) for w, a in ((8, 8), (4, 8), (8, 16))]
+        for layer in layers:
+            layer.kernel = "int_mm"
+            layer.set_ranges([r1])
+        return nn.Sequential(*layers[:1], nn.ReLU(), *layers[1:])
+
+    ref, held = model(0), model(0)
+    assert hold_epilogue(held) == 2  # the A16 layer has no integer path
+    expected = ref(x)
+    assert not any("epilogue" in k for k in held.state_dict())
+    # the held path does not consult the cache at all
+    monkeypatch.setattr(int8_ops, "_epilogue_consts", lambda *a, **k: pytest.fail("cache used"))
+    torch.testing.assert_close(held(x), expected, rtol=0, atol=0)
+    monkeypatch.undo()
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", "int_mm")
+    # new ranges refresh the held constants
+    for m in (ref, held):
+        m[0].set_ranges([r2])
+    torch.testing.assert_close(held(x), ref(x), rtol=0, atol=0)
+    # loading other weights refreshes them too (export.load assigns tensors)
+    other = model(1)
+    held.load_state_dict(other.state_dict(), assign=True)
+    torch.testing.assert_close(held(x), other(x), rtol=0, atol=0)
+    compiled = torch.compile(held, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), other(x), rtol=1e-6, atol=1e-6)
 
 
 def test_kernel_dispatch_override_and_report(monkeypatch, tmp_path):

@@ -7,6 +7,12 @@ A quantized layer holds only what it needs at inference:
   act_scale, act_zero_point   float32, one entry per input slice (1, or 2 for
                  the up-block shortcut conv that sees concat(hidden, skip))
   bos_out, bos_key            BOS-aware cross-attention K/V only
+Before torch.compile, `hold_epilogue(model)` makes integer-path linears keep
+the int8 epilogue y = acc * epilogue_scale + epilogue_bias as non-persistent
+buffers (derived, not saved, refreshed when weights, ranges or the state dict
+change; 8 bytes per output channel, not counted by `quantized_nbytes`), so the
+compiled graph reads them instead of recomputing sum_k W on every call.  Eager
+calls get the same constants from int8_ops' cache at no memory cost.
 The float weight is gone; `weight_bits == 16` keeps it (float weight, quantized
 activations).  `quantized_nbytes` predicts these bytes exactly.
 """
@@ -79,6 +85,11 @@ class QuantLayer(nn.Module):
         # Calibration state (not saved): None when frozen, else one ActRange per slice.
         self.observing: str | None = None  # None | "quantize" (sequential) | "float"
         self.ranges: list[ActRange] = [ActRange() for _ in range(parts)]
+        # derived buffers follow a loaded state dict (export.load assigns tensors)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_derived())
+
+    def _refresh_derived(self) -> None:
+        """Recompute buffers derived from weights and ranges (none by default)."""
 
     # -- construction ---------------------------------------------------------
     def _load_float(self, weight: torch.Tensor, bias: torch.Tensor | None, bos_embedding=None):
@@ -96,6 +107,7 @@ class QuantLayer(nn.Module):
                 # W e_BOS + b with the *float* weight: token 0 stays exact.
                 self.bos_out.copy_(F.linear(e, weight, bias).reshape(-1))
                 self.bos_key.copy_(e.reshape(-1)[:BOS_KEY_LEN])
+        self._refresh_derived()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -161,6 +173,7 @@ class QuantLayer(nn.Module):
         self.ranges = [ActRange(r.lo, r.hi, r.batches) for r in ranges]
         with torch.no_grad():
             self._freeze_ranges()
+        self._refresh_derived()
 
     def start_observing(self, mode: str) -> None:
         self.observing = mode
@@ -170,6 +183,7 @@ class QuantLayer(nn.Module):
         self.observing = None
         with torch.no_grad():
             self._freeze_ranges()
+        self._refresh_derived()
 
     def extra_repr(self) -> str:
         s = f"{tuple(self.weight_shape)}, W{self.weight_bits}A{self.act_bits}, kernel={self.kernel}"
@@ -193,12 +207,32 @@ class QuantLinear(QuantLayer):
         layer.kernel = kernels.select_kernel(linear.weight.device)
         return layer
 
+    holds_epilogue = False
+
+    def hold_epilogue(self) -> bool:
+        """Keep the epilogue constants as buffers from now on (see the module doc).
+        Returns whether this layer has an integer path that uses them."""
+        self.holds_epilogue = self.weight_bits <= 8 and self.act_bits == 8
+        self._refresh_derived()
+        return self.holds_epilogue
+
+    def _refresh_derived(self) -> None:
+        if not self.holds_epilogue:
+            return
+        with torch.no_grad():
+            scale, bias = int8_ops.epilogue_consts(self.int_codes(), self.weight_scale, self.bias,
+                                                   self.act_scale, self.act_zero_point)
+        self.register_buffer("epilogue_scale", scale.clone(), persistent=False)
+        self.register_buffer("epilogue_bias", bias.clone(), persistent=False)
+
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         if self._int_path():
             codes = self.int_codes()
             if int8_ops.int_mm_ok(x.numel() // x.shape[-1], x.shape[-1], codes.shape[0], x.device):
+                consts = (self.epilogue_scale, self.epilogue_bias) if self.holds_epilogue else None
                 return kernels.int8_linear(x, self.act_scale, self.act_zero_point, codes,
-                                           self.weight_scale, self.bias, key=self.weight_packed)
+                                           self.weight_scale, self.bias, key=self.weight_packed,
+                                           consts=consts)
         w = self.dequantized_weight(x.dtype)
         return F.linear(self._quantize_input(x, -1), w, self.bias)
 
@@ -244,8 +278,6 @@ class QuantConv2d(QuantLayer):
         layer.kernel = kernels.select_kernel(conv.weight.device)
         return layer
 
-    routes_int8_conv = True  # bench/hook.py checks this: the routing lives here now
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._int_path():
             codes = self.int_codes()
@@ -255,3 +287,9 @@ class QuantConv2d(QuantLayer):
                                            key=self.weight_packed, **self.conv_args)
         w = self.dequantized_weight(x.dtype)
         return F.conv2d(self._quantize_input(x, 1), w, self.bias, **self.conv_args)
+
+
+def hold_epilogue(model: nn.Module) -> int:
+    """Call before torch.compile (after quantize or load): every integer-path
+    QuantLinear keeps its epilogue constants as buffers.  Returns how many do."""
+    return sum(m.hold_epilogue() for m in model.modules() if isinstance(m, QuantLinear))
