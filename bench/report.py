@@ -1,4 +1,4 @@
-"""Render bench results (results-cpu.json, results-gpu.json) as RESULTS.md.
+"""Render bench results (results-cpu*.json, results-gpu*.json) as RESULTS.md.
 
 Every figure in RESULTS.md comes from those JSON files, which `bench.run` (CPU)
 and `bench.gpu` (CUDA) write; `analysis.md` beside them, if present, is the
@@ -42,6 +42,9 @@ def _env_lines(env: dict) -> list[str]:
         else:
             lines.append("- allocator: glibc defaults (its mmap threshold rises after frees, so freed tensors can "
                          "stay resident: step peaks read from VmHWM are upper bounds)")
+        if env.get("emulation"):
+            lines.append("- **emulated instruction set** (fresh process, every kernel library capped): "
+                         + ", ".join(f"{k}={v}" for k, v in env["emulation"].items()))
         if env.get("kernel_dispatch"):
             kd = env["kernel_dispatch"]
             lines.append(f"- int8 dispatch: layer kernel `{kd.get('kernel')}`, linear backend "

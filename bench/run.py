@@ -331,7 +331,7 @@ def _rel_err(out, ref) -> float:
 # one model
 # ---------------------------------------------------------------------------
 def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str,
-                log=print) -> dict:
+                log=print, time_bfloat16: bool = True) -> dict:
     from mixdq import model_nbytes, quantizable_layers
 
     from .models import build_unet, unet_inputs
@@ -385,14 +385,15 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
     trim()
     bf16_bytes = model_nbytes(unet)
     rss_after = rss_bytes()
-    bf_inputs = unet_inputs(name, unet, batch=batch, px=px, dtype=torch.bfloat16, device=device)
-    tb = interleaved({"bfloat16": unet}, bf_inputs, device, reps, log=log)["bfloat16"]
     out["variants"]["bfloat16"] = {"weight_bytes": bf16_bytes,
-                                   "rss_delta_bytes": None if rss_before is None else rss_after - rss_before,
-                                   "step_s": tb["median_s"], "step_times_s": tb["times"],
-                                   "peak_step_bytes": tb["peak_step_bytes"],
-                                   "rel_err_vs_float32": _rel_err(tb["out"], ref_out.float().cpu()),
-                                   "timed_after": "float32 and quantized rounds (not interleaved)"}
+                                   "rss_delta_bytes": None if rss_before is None else rss_after - rss_before}
+    if time_bfloat16:
+        bf_inputs = unet_inputs(name, unet, batch=batch, px=px, dtype=torch.bfloat16, device=device)
+        tb = interleaved({"bfloat16": unet}, bf_inputs, device, reps, log=log)["bfloat16"]
+        out["variants"]["bfloat16"].update(
+            step_s=tb["median_s"], step_times_s=tb["times"], peak_step_bytes=tb["peak_step_bytes"],
+            rel_err_vs_float32=_rel_err(tb["out"], ref_out.float().cpu()),
+            timed_after="float32 and quantized rounds (not interleaved)")
     out["variants"]["float16"] = {"weight_bytes": bf16_bytes,
                                   "note": "same bytes as bfloat16 (2 per parameter); not timed on CPU"}
     del unet
@@ -433,43 +434,50 @@ DEFAULT_VARIANTS = ("W8A8", "W5A8", "W4A8", "W4A16")
 def run(models=DEFAULT_MODELS, variants=DEFAULT_VARIANTS, reps: int = 3, px: int = 512, batch: int = 1,
         device: str = "cpu", out_dir: str | Path = HERE, threads: int | None = None,
         kernels_table: bool = True, small_kernels: bool = False,
-        reps_small_models: int | None = None, argv=None, log=print, avx2_emulation: bool = False,
-        malloc_threshold: int | None = None) -> dict:
-    """Measure; write <out_dir>/results-<device>.json and <out_dir>/RESULTS.md; return the dict."""
+        reps_small_models: int | None = None, argv=None, log=print,
+        malloc_threshold: int | None = None, label: str | None = None, time_bfloat16: bool = True) -> dict:
+    """Measure; write <out_dir>/results-<device>.json (results-cpu-<isa>-emulated.json
+    inside an emulation) and <out_dir>/RESULTS.md; return the dict."""
     threads_before = torch.get_num_threads()
     mallopt_ok = fix_malloc_threshold(malloc_threshold) if malloc_threshold else False
     if threads:
         torch.set_num_threads(threads)
     try:
         return _run(models, variants, reps, px, batch, device, out_dir, kernels_table,
-                    small_kernels, reps_small_models, argv, log, avx2_emulation,
+                    small_kernels, reps_small_models, argv, log, label, time_bfloat16,
                     {"malloc_mmap_threshold": malloc_threshold, "mallopt_ok": mallopt_ok})
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _kernels_subprocess(env_extra: dict, small: bool, threads: int) -> dict | None:
-    """The kernel table in a fresh process with oneDNN limited to an older ISA
-    (ONEDNN_MAX_CPU_ISA must be set before oneDNN initialises).  Emulates an
-    AVX2-only CPU for oneDNN-based paths only: FBGEMM still sees AVX-512."""
-    import tempfile
+# Emulating an older CPU on this one: every library that picks kernels by
+# instruction set is capped before it initialises (so: a fresh process).
+EMULATIONS = {
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",           # torch's own vectorised kernels
+        "ONEDNN_MAX_CPU_ISA": "AVX2",            # oneDNN (bf16/int8 matmul, convs)
+        "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",    # FBGEMM's int8 linear
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",       # MKL (float32 GEMM)
+        # torch._int_mm does not follow these caps (here it stays fast; on real
+        # AVX2-only EPYCs it ran 30-100x slower than float32, world notes), so the
+        # integer layers take the backends the dispatch measures fastest there
+        "MIXDQ_INT8_BACKEND": "linear=fbgemm,conv=onednn",
+    },
+}
 
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "k.json"
-        cmd = [sys.executable, "-c",
-               "import sys, json, torch; torch.set_num_threads(int(sys.argv[1])); "
-               "from bench.kernels import compare; json.dump(compare(small=sys.argv[2] == '1'), open(sys.argv[3], 'w'))",
-               str(threads), "1" if small else "0", str(path)]
-        env = dict(os.environ, **env_extra, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        try:
-            subprocess.run(cmd, env=env, check=True, timeout=1800, capture_output=True)
-            return json.loads(path.read_text())
-        except Exception as e:  # an emulation that fails must not sink the run
-            return {"error": repr(e)}
+
+def run_emulated(isa: str, argv: list[str], out_dir: Path, log=print) -> dict:
+    """Run `python -m bench.run argv` again in a process capped to `isa`; its
+    results go to <out>/results-cpu-<isa>-emulated.json."""
+    env = dict(os.environ, **EMULATIONS[isa], MIXDQ_EMULATED=isa,
+               PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log(f"re-running in a process capped to {isa}: " + " ".join(f"{k}={v}" for k, v in EMULATIONS[isa].items()))
+    subprocess.run([sys.executable, "-m", "bench.run", *argv], env=env, check=True)
+    return json.loads((Path(out_dir) / f"results-cpu-{isa}-emulated.json").read_text())
 
 
 def _run(models, variants, reps, px, batch, device, out_dir, kernels_table, small_kernels,
-         reps_small_models, argv, log, avx2_emulation, alloc_info=None):
+         reps_small_models, argv, log, label=None, time_bfloat16=True, alloc_info=None):
     torch.set_flush_denormal(True)  # random weights must not hit denormal slow paths
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -480,41 +488,40 @@ def _run(models, variants, reps, px, batch, device, out_dir, kernels_table, smal
                                       "is the one float step that collected the activation ranges",
                         "routed": "routed_int8_layers: layers on the integer kernels (8-bit "
                                   "activations, 2-8-bit weights; convs included)"}}
+    emulated = os.environ.get("MIXDQ_EMULATED")
+    if emulated:
+        result["env"]["emulation"] = {k: os.environ.get(k) for k in EMULATIONS[emulated]}
+        result["notes"]["emulation"] = (
+            f"an {emulated}-only CPU emulated on this one (instruction sets capped per library, see "
+            "env.emulation); same memory system and clocks, so ratios approximate, not measure, such a machine")
+    if label:
+        result["label"] = label
+    tag = "gpu" if device != "cpu" else f"cpu-{emulated}-emulated" if emulated else "cpu"
     t0 = time.perf_counter()
     if kernels_table and device == "cpu":
         from . import kernels as kbench
         log("per-layer kernel comparison ...")
         result["kernels"] = kbench.compare(small=small_kernels)
         log(kbench.table(result["kernels"]))
-        if avx2_emulation:
-            log("kernel comparison with oneDNN limited to AVX2 (subprocess) ...")
-            k2 = _kernels_subprocess({"ONEDNN_MAX_CPU_ISA": "AVX2"}, small_kernels, torch.get_num_threads())
-            result["kernels_extra"] = [{"title": "Same, oneDNN limited to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2): "
-                                                 "emulates an AVX2-only CPU for the oneDNN paths (int_mm, onednn, "
-                                                 "float32/bfloat16 matmul via oneDNN); FBGEMM still uses AVX-512 here",
-                                        "result": k2}]
-            if "rows" in k2:
-                log(kbench.table(k2))
     for i, name in enumerate(models):
         r = reps if i == 0 or reps_small_models is None else reps_small_models
-        res = bench_model(name, variants, r, px, batch, device, log=log)
+        res = bench_model(name, variants, r, px, batch, device, log=log, time_bfloat16=time_bfloat16)
         res["ratios"] = ratios(res)
         result["models"].append(res)
         result["elapsed_s"] = time.perf_counter() - t0
-        _write(result, out_dir, device)  # after each model: a crash keeps what was measured
+        _write(result, out_dir, tag)  # after each model: a crash keeps what was measured
     try:
         result["env"]["loadavg_end"] = os.getloadavg()
     except OSError:
         pass
     result["elapsed_s"] = time.perf_counter() - t0
-    _write(result, out_dir, device)
+    _write(result, out_dir, tag)
     return result
 
 
-def _write(result, out_dir: Path, device: str):
+def _write(result, out_dir: Path, tag: str):
     from .report import write_results_md
 
-    tag = "cpu" if device == "cpu" else "gpu"
     path = out_dir / f"results-{tag}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1, default=_json_default))
@@ -550,8 +557,12 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--small-kernels", action="store_true", help="tiny shapes in the kernel table")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None,
                         help="fix glibc's mmap threshold (bytes) so RSS peaks follow live tensors")
-    parser.add_argument("--avx2-emulation", action="store_true",
-                        help="also run the kernel table with oneDNN limited to AVX2 (subprocess)")
+    parser.add_argument("--emulate", choices=sorted(EMULATIONS),
+                        help="run in a fresh process with every kernel library capped to this instruction set")
+    parser.add_argument("--label", help="title of this run in RESULTS.md")
+    parser.add_argument("--no-bfloat16-step", action="store_true",
+                        help="record bfloat16 weights but do not time its step (without AVX-512 BF16 "
+                             "it runs on slow fallbacks: minutes per SDXL step)")
     return parser
 
 
@@ -560,18 +571,21 @@ def run_bench(args: argparse.Namespace, argv=None) -> dict:
         # the GPU benchmark: float16 vs W8A8 (int8 linears), eager / CUDA graph / compiled
         from . import gpu
         return gpu.run(model=args.models[0], device=args.device, out_dir=args.out)
+    if args.emulate and os.environ.get("MIXDQ_EMULATED") != args.emulate:
+        return run_emulated(args.emulate, sys.argv[1:] if argv is None else argv, Path(args.out))
     return run(models=args.models, variants=args.variants, reps=args.reps, px=args.px,
                batch=args.batch, device=args.device, out_dir=args.out, threads=args.threads,
                kernels_table=not args.no_kernels_table,
                small_kernels=args.small_kernels, reps_small_models=args.reps_small_models,
-               argv=argv, avx2_emulation=args.avx2_emulation, malloc_threshold=args.malloc_mmap_threshold)
+               argv=argv, malloc_threshold=args.malloc_mmap_threshold, label=args.label,
+               time_bfloat16=not args.no_bfloat16_step)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = add_bench_args(argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0]))
     args = p.parse_args(argv)
-    run_bench(args, argv=argv)
+    return run_bench(args, argv=argv)
 
 
 if __name__ == "__main__":

@@ -78,19 +78,20 @@ def test_routed_layers_match_the_library_reference():
                 assert err < 2e-3, (bits, n, err)
 
 
-def _check_cpu_results(res, out_dir, models):
-    data = json.loads((out_dir / "results-cpu.json").read_text())
+def _check_cpu_results(res, out_dir, models, name="results-cpu.json"):
+    data = json.loads((out_dir / name).read_text())
     assert [m["model"] for m in data["models"]] == models
     env = data["env"]
     for key in ("torch", "diffusers", "command", "cpu", "date_utc"):
         assert env[key]
-    assert env["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["cpu"]["capability"] == (torch.backends.cpu.get_cpu_capability() if "emulation" not in env
+                                        else env["emulation"]["ATEN_CPU_CAPABILITY"].upper())
     for m in data["models"]:
         v = m["variants"]
         assert set(v) == {"float32", "W8A8", "W5A8", "W4A8", "W4A16", "bfloat16", "float16"}
         for k, d in v.items():
             assert d["weight_bytes"] > 0
-            if k != "float16":
+            if k != "float16" and (k != "bfloat16" or "step_s" in d):  # bfloat16 step: optional
                 assert d["step_s"] > 0 and len(d["step_times_s"]) >= 1
         # memory accounting: float32 = 2x float16; quantized below float16
         assert v["float32"]["weight_bytes"] == 2 * v["float16"]["weight_bytes"]
@@ -118,6 +119,24 @@ def test_cpu_bench_runs_on_small_configs(tmp_path):
     assert {r["type"] for r in k["rows"]} == {"linear", "conv"}
     for r in k["rows"]:
         assert r["ms"]["float32"] > 0 and r["fastest_int8"] in r["ms"]
+
+
+def test_emulated_avx2_run_caps_every_library(tmp_path):
+    """--emulate avx2: a fresh process with torch, oneDNN, FBGEMM and MKL capped to AVX2
+    and the integer layers on the backends an AVX2-only CPU gets; its own JSON and title."""
+    res = brun.main(["--models", "tiny-sdxl", "--reps", "1", "--px", "64", "--out", str(tmp_path),
+                     "--threads", "1", "--no-kernels-table",
+                     "--emulate", "avx2", "--label", "emulated test run", "--no-bfloat16-step"])
+    assert res["env"]["cpu"]["capability"] == "AVX2"  # ATEN_CPU_CAPABILITY took effect
+    assert res["env"]["emulation"] == brun.EMULATIONS["avx2"]
+    assert res["env"]["kernel_dispatch"]["linear_backend"] == "fbgemm"
+    assert res["env"]["kernel_dispatch"]["conv_backend"] == "onednn"
+    _check_cpu_results(res, tmp_path, ["tiny-sdxl"], "results-cpu-avx2-emulated.json")
+    assert res["models"][0]["variants"]["W8A8"]["routed_int8_layers"] > 0
+    assert "step_s" not in res["models"][0]["variants"]["bfloat16"]  # weights only
+    assert sorted(p.name for p in tmp_path.glob("results-*.json")) == ["results-cpu-avx2-emulated.json"]
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## CPU: emulated test run" in md and "FBGEMM_ENABLE_INSTRUCTIONS" in md
 
 
 def test_cli_args_round_trip(tmp_path):

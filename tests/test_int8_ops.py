@@ -144,6 +144,19 @@ def test_dispatch_override_runs_each_backend(monkeypatch, tmp_path, backend):
         kernels.linear_backend("cpu")
 
 
+def test_dispatch_override_per_layer_type(monkeypatch, tmp_path):
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", "linear=reference,conv=int_mm")
+    assert kernels.linear_backend("cpu") == "reference" and kernels.conv_backend("cpu") == "int_mm"
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", "linear=reference")  # conv: the measured choice
+    auto = kernels._cpu_choice()["conv_backend"]
+    assert kernels.linear_backend("cpu") == "reference" and kernels.conv_backend("cpu") == auto
+    for bad in ("linear=fbgemm,onednn", "attention=int_mm", "linear=magic"):
+        monkeypatch.setenv("MIXDQ_INT8_BACKEND", bad)
+        with pytest.raises(ValueError, match="MIXDQ_INT8_BACKEND"):
+            kernels.linear_backend("cpu")
+
+
 def test_kernel_report_names_capability(monkeypatch, tmp_path):
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
     rep = kernels.kernel_report("cpu")

@@ -25,7 +25,8 @@ Two levels:
   which per-weight constants are cached; defaults to weight_q's storage owner.
   The prepacked backends hold a second copy of each 8-bit weight, so they are
   chosen only where the copy-free int_mm is slower than float32 (AVX2-only
-  CPUs); MIXDQ_INT8_BACKEND=int_mm|onednn|fbgemm|reference forces one.
+  CPUs); MIXDQ_INT8_BACKEND=int_mm|onednn|fbgemm|reference forces one, or
+  one per layer type: MIXDQ_INT8_BACKEND=linear=fbgemm,conv=onednn.
   CUDA: int_mm for linears (torch.compile fuses the activation quantization
   and the epilogue into neighbouring kernels); convs keep cuDNN in the model
   dtype on weights dequantized per call (no int8 conv in torch on CUDA).
@@ -285,13 +286,24 @@ def kernel_report(device="cpu") -> dict:
     return report
 
 
-def _backend_override() -> str | None:
+def _backend_override(layer_type: str) -> str | None:
+    """MIXDQ_INT8_BACKEND: one backend for both layer types ('onednn'), or one per
+    type ('linear=fbgemm,conv=onednn'); unset or 'auto': the measured choice."""
     choice = os.environ.get("MIXDQ_INT8_BACKEND")
-    if choice and choice != "auto":
-        if choice not in BACKENDS:
-            raise ValueError(f"unknown MIXDQ_INT8_BACKEND {choice!r}; choose one of {BACKENDS} or auto")
-        return choice
-    return None
+    if not choice or choice == "auto":
+        return None
+    per_type = dict(item.split("=", 1) for item in choice.split(",") if "=" in item)
+    if per_type:
+        unknown = set(per_type) - {"linear", "conv"}
+        if unknown or len(per_type) != len(choice.split(",")):
+            raise ValueError(f"MIXDQ_INT8_BACKEND={choice!r}: write one backend or "
+                             "'linear=BACKEND,conv=BACKEND'")
+        choice = per_type.get(layer_type)
+        if choice is None or choice == "auto":
+            return None
+    if choice not in BACKENDS:
+        raise ValueError(f"unknown MIXDQ_INT8_BACKEND {choice!r}; choose one of {BACKENDS} or auto")
+    return choice
 
 
 _CHOICE_SEEN: dict | None = None  # last CPU choice, readable while torch.compile traces
@@ -313,8 +325,8 @@ def linear_backend(device: torch.device | str = "cpu") -> str:
         # no environment lookups while torch.compile traces the layer
         if torch.compiler.is_compiling():
             return "int_mm"
-        return "reference" if _backend_override() == "reference" else "int_mm"
-    forced = None if torch.compiler.is_compiling() else _backend_override()
+        return "reference" if _backend_override("linear") == "reference" else "int_mm"
+    forced = None if torch.compiler.is_compiling() else _backend_override("linear")
     return forced or _cpu_choice_traceable().get("linear_backend", "int_mm")
 
 
@@ -327,8 +339,8 @@ def conv_backend(device: torch.device | str = "cpu") -> str:
     if torch.device(device).type == "cuda":
         if torch.compiler.is_compiling():
             return "reference"
-        return "int_mm" if _backend_override() == "int_mm" else "reference"
-    forced = None if torch.compiler.is_compiling() else _backend_override()
+        return "int_mm" if _backend_override("conv") == "int_mm" else "reference"
+    forced = None if torch.compiler.is_compiling() else _backend_override("conv")
     if forced in ("fbgemm",):  # FBGEMM has no float-output int8 conv
         forced = None
     return forced or _cpu_choice_traceable().get("conv_backend", "int_mm")
