@@ -125,7 +125,8 @@ def _profile(fn, top=12) -> dict:
 
 def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=None,
         compile_mode=True, iters=20, log=_log, stages=("eager", "cudagraph", "compiled"),
-        hold_epilogue=False, compile_variants=None, profile_config=None):
+        hold_epilogue=False, compile_variants=None, profile_config=None, inductor_mode=None,
+        fuse_int_mm_mul=False, kernel="int_mm"):
     from mixdq import model_nbytes
     from mixdq.quant import quantizable_layers
 
@@ -179,7 +180,7 @@ def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=
         with torch.no_grad():
             replace_layers(clone, plan, ranges=ranges)
         for layer in quantized_layers(clone).values():
-            layer.kernel = kernels.select_kernel(device)
+            layer.kernel = kernels.select_kernel(device, override=None if kernel == "auto" else kernel)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -213,6 +214,7 @@ def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=
         save()
 
     m["hold_epilogue"] = hold_epilogue
+    m["kernel"] = kernel if kernel != "auto" else kernels.kernel_report(device)
     # 2. eager
     for c in (configs[:1] if device.type == "cuda" else configs) if "eager" in stages else []:
         for name, mod in models.items():
@@ -265,9 +267,16 @@ def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=
         _dynamo.config.cache_size_limit = 64
         if hasattr(_dynamo.config, "recompile_limit"):
             _dynamo.config.recompile_limit = 64
+        if fuse_int_mm_mul:
+            # inductor's one-kernel Triton template for _int_mm(a, b) * scale (as in
+            # torchao's int8 recipes): the int32 accumulator never reaches memory
+            import torch._inductor.config as inductor_config
+            inductor_config.force_fuse_int_mm_with_mul = True
+        m["inductor"] = {"mode": inductor_mode, "force_fuse_int_mm_with_mul": fuse_int_mm_mul}
+        kw = {"mode": inductor_mode} if inductor_mode else {}
         order = [c for c in ((512, 4), (1024, 1), (512, 1)) if c in configs]
         for name, mod in models.items():
-            mod.compile_repeated_blocks(fullgraph=True, dynamic=False)
+            mod.compile_repeated_blocks(fullgraph=True, dynamic=False, **kw)
         for c in order:
             if left() < 90:
                 m["notes"].append(f"skipped compiled runs at {c}: budget ({left():.0f} s left)")
@@ -318,11 +327,20 @@ def main(argv=None):
                    help="linears keep their epilogue constants as buffers (mixdq.quant.hold_epilogue)")
     p.add_argument("--compile-variants", default=None, help="comma list, e.g. float16,W8A8-linears")
     p.add_argument("--profile", default=None, help="PX,BATCH: profile one compiled step per variant")
+    p.add_argument("--kernel", default="int_mm", choices=["int_mm", "dequant", "auto"],
+                   help="W8A8 layers' path: int8 GEMM (default: what this benchmark is for), "
+                        "dequantize + float16 GEMM, or the library's measured choice")
+    p.add_argument("--inductor-mode", default=None,
+                   help="torch.compile mode, e.g. max-autotune-no-cudagraphs (Triton GEMM templates "
+                        "tried against cuBLAS/CUTLASS; minutes more compile time)")
+    p.add_argument("--fuse-int-mm-mul", action="store_true",
+                   help="inductor.config.force_fuse_int_mm_with_mul: int8 GEMM and scale in one kernel")
     a = p.parse_args(argv)
     run(model=a.model, device=a.device, out_dir=a.out, budget_s=a.budget_s, compile_mode=not a.no_compile,
         iters=a.iters, stages=tuple(a.stages.split(",")), hold_epilogue=a.hold_epilogue,
         compile_variants=a.compile_variants.split(",") if a.compile_variants else None,
-        profile_config=tuple(int(v) for v in a.profile.split(",")) if a.profile else None)
+        profile_config=tuple(int(v) for v in a.profile.split(",")) if a.profile else None,
+        inductor_mode=a.inductor_mode, fuse_int_mm_mul=a.fuse_int_mm_mul, kernel=a.kernel)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,7 @@ def test_gpu_script_runs_unchanged_on_cpu(tmp_path):
     res = gpu.run(model="tiny-sdxl", device="cpu", out_dir=tmp_path, iters=1, log=lambda *a: None,
                   hold_epilogue=True)
     m = res["models"][0]
+    assert m["kernel"] == "int_mm"  # the int8 path is what this benchmark measures
     held = m["epilogue_held_layers"]
     assert held["W8A8"] == held["W8A8-linears"] > 0 and held["W4A8"] > 0
     assert {"float16", "W8A8", "W8A8-linears", "W4A8"} <= set(m["weights"])
