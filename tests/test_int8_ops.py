@@ -5,6 +5,11 @@ Reference: dequant(q_x) @ dequant(q_w)^T + b with asymmetric uint8 activations
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -184,3 +189,54 @@ def test_int_path_traces_without_graph_breaks():
     out2 = torch.compile(lambda x: kernels.int8_linear(x, scale, zp, wq, ws, None), backend="aot_eager",
                          fullgraph=True)(x)
     assert _rel(out2, out) < 1e-6
+
+
+_SATURATION_PROBE = """
+import json, torch
+from mixdq.quant import int8_ops as K
+g = torch.Generator().manual_seed(0)
+x = torch.randn(256, 640, generator=g)
+w = torch.randn(640, 640, generator=g)
+s, z = float(x.max() - x.min()) / 255, 128
+err = {}
+for bits in (8, 6):
+    qmax = 2 ** (bits - 1) - 1
+    ws = w.abs().amax(1) / qmax
+    wq = torch.round(w / ws[:, None]).to(torch.int8)
+    ref = K.linear_reference(x, s, z, wq, ws, None)
+    y = K.LINEAR_BACKENDS["fbgemm"](x, s, z, wq, ws, None)
+    err[bits] = float((y - ref).norm() / ref.norm())
+print(json.dumps(err))
+"""
+
+
+def test_without_vnni_u8s8_kernels_saturate_8bit_codes_only():
+    """The premise of kernels.int8_exact, measured: with FBGEMM capped to AVX2 (no VNNI)
+    its int8 linear drifts from the reference for 8-bit codes, not for 6-bit ones."""
+    if "fbgemm" not in _backends(K.LINEAR_BACKENDS):
+        pytest.skip("fbgemm not in this torch build")
+    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2",
+               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _SATURATION_PROBE], env=env, capture_output=True,
+                         text=True, check=True, timeout=300)
+    err = json.loads(out.stdout.strip().splitlines()[-1])
+    assert err["8"] > 1e-3 and err["6"] < 1e-4, err
+
+
+def test_wide_codes_leave_the_int8_path_without_vnni(monkeypatch):
+    from mixdq.plan import LayerBits
+    from mixdq.quant.layers import QuantLinear
+
+    layers = {w: QuantLinear.from_float(torch.nn.Linear(32, 16), LayerBits(w, 8)) for w in (8, 6, 4)}
+    for layer in layers.values():
+        layer.kernel = "int_mm"
+    monkeypatch.setattr(kernels, "vnni", lambda: True)
+    assert all(layer._int_path() for layer in layers.values())
+    monkeypatch.setattr(kernels, "vnni", lambda: False)
+    monkeypatch.delenv("MIXDQ_INT8_SATURATE", raising=False)
+    assert [w for w, layer in layers.items() if layer._int_path()] == [6, 4]
+    w8, x = layers[8], torch.randn(3, 32)
+    exact = torch.nn.functional.linear(w8._quantize_input(x, -1), w8.dequantized_weight(x.dtype), w8.bias)
+    torch.testing.assert_close(w8(x), exact, rtol=0, atol=0)  # the float path ran
+    monkeypatch.setenv("MIXDQ_INT8_SATURATE", "allow")  # speed over exactness, on request
+    assert all(layer._int_path() for layer in layers.values())

@@ -125,9 +125,10 @@ class QuantLayer(nn.Module):
         return unpack(self.weight_packed, self.weight_bits, self.weight_shape)
 
     def _int_path(self) -> bool:
-        """8-bit activations and integer weights of any width run the integer kernels."""
+        """8-bit activations and integer weights of any width run the integer kernels
+        (where they are exact for these codes: kernels.int8_exact)."""
         return (self.kernel == "int_mm" and self.weight_bits <= 8 and self.act_bits == 8
-                and self.observing is None)
+                and self.observing is None and kernels.int8_exact(self.weight_bits, self.weight_packed.device))
 
     def dequantized_weight(self, dtype) -> torch.Tensor:
         if self.weight_bits == FLOAT_BITS:
