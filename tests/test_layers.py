@@ -1,3 +1,5 @@
+import io
+
 import pytest
 import torch
 import torch.nn as nn
@@ -107,6 +109,7 @@ def test_held_epilogue_follows_ranges_and_loads_and_traces(monkeypatch):
     other = model(1)
     held.load_state_dict(other.state_dict(), assign=True)
     torch.testing.assert_close(held(x), other(x), rtol=0, atol=0)
+    torch.save(held, io.BytesIO())  # the load hook pickles with the module
     compiled = torch.compile(held, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), other(x), rtol=1e-6, atol=1e-6)
 

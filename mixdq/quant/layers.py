@@ -54,6 +54,10 @@ def quantized_nbytes(weight_shape, has_bias: bool, bits: LayerBits, dtype: torch
     return weight + bias + extra
 
 
+def _refresh_after_load(module: "QuantLayer", _incompatible_keys) -> None:
+    module._refresh_derived()  # a module-level function: hooks must pickle
+
+
 class QuantLayer(nn.Module):
     """State and arithmetic shared by QuantLinear and QuantConv2d."""
 
@@ -86,7 +90,7 @@ class QuantLayer(nn.Module):
         self.observing: str | None = None  # None | "quantize" (sequential) | "float"
         self.ranges: list[ActRange] = [ActRange() for _ in range(parts)]
         # derived buffers follow a loaded state dict (export.load assigns tensors)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_derived())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def _refresh_derived(self) -> None:
         """Recompute buffers derived from weights and ranges (none by default)."""
@@ -199,6 +203,7 @@ class QuantLinear(QuantLayer):
     # diffusers reads these off its layers (e.g. SDXL's add_embedding.linear_1.in_features)
     in_features = property(lambda self: self.weight_shape[1])
     out_features = property(lambda self: self.weight_shape[0])
+    holds_epilogue = False  # hold_epilogue() sets it
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: LayerBits, bos_embedding=None) -> "QuantLinear":
@@ -207,8 +212,6 @@ class QuantLinear(QuantLayer):
         layer._load_float(linear.weight, linear.bias, bos_embedding)
         layer.kernel = kernels.select_kernel(linear.weight.device)
         return layer
-
-    holds_epilogue = False
 
     def hold_epilogue(self) -> bool:
         """Keep the epilogue constants as buffers from now on (see the module doc).
