@@ -197,6 +197,8 @@ def make_plans(layers: dict, variants) -> dict:
             out[v] = mixed_plan(layers, 5.0, 4)
         elif v == "W4A8":
             out[v] = mixed_plan(layers, 4.0, 4, lowest=2)
+        elif v == "W7A8":  # 7-bit codes: exact on the int8 kernels of CPUs without VNNI
+            out[v] = Plan.uniform(names, 7, 8, meta={"mean_weight_bits": 7})
         elif v == "W4A16":
             out[v] = Plan.uniform(names, 4, 16, meta={"mean_weight_bits": 4})
         else:
@@ -429,6 +431,7 @@ def ratios(model_result: dict) -> dict:
 # ---------------------------------------------------------------------------
 DEFAULT_MODELS = ("sdxl-turbo", "sd-turbo", "sd15")
 DEFAULT_VARIANTS = ("W8A8", "W5A8", "W4A8", "W4A16")
+VARIANTS = DEFAULT_VARIANTS + ("W7A8",)
 
 
 def run(models=DEFAULT_MODELS, variants=DEFAULT_VARIANTS, reps: int = 3, px: int = 512, batch: int = 1,
@@ -544,7 +547,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
                         help="bench.configs names: sdxl-turbo sd-turbo sd15 tiny-sdxl")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                        choices=list(DEFAULT_VARIANTS))
+                        choices=list(VARIANTS))
     parser.add_argument("--reps", type=int, default=3, help="timed steps per model (after 1 warm-up)")
     parser.add_argument("--reps-small-models", type=int, default=None,
                         help="timed steps for the models after the first (default: --reps)")

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Mapping
 
 from .errors import PlanError
 
-WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 16)
+WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # 7: exact int8 on CPUs without VNNI (kernels.py)
 ACT_BITS = (4, 6, 8, 16)
 FLOAT_BITS = 16
 PLAN_FORMAT = "mixdq-plan/1"

@@ -65,7 +65,7 @@ def _uniform_size(costs, names, w: int, a: int = 8) -> float:
 def nominal_size(costs, names, bits: float, act: int = 8) -> float:
     """UNet MB of a uniform W{bits}A8 model with its weights packed at exactly `bits` bits.
 
-    The core library stores 3-bit weights in 4-bit containers and 5/6-bit in int8, so a real
+    The core library stores 3-bit weights in 4-bit containers and 5/6/7-bit in int8, so a real
     uniform W5A8 is as large as W8A8; "the memory of ~W5A8" is the exactly-packed size, which
     is linear in bits between the container widths 2, 4 and 8 (same scales and float parts)."""
     if bits in (2, 4, 8, 16):

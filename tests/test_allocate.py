@@ -13,7 +13,7 @@ from mixdq.memory import LayerCosts
 from mixdq.plan import Plan
 from mixdq.sensitivity import Sensitivity, layer_group
 
-WBITS = (2, 3, 4, 5, 6, 8, 16)
+WBITS = (2, 3, 4, 5, 6, 7, 8, 16)
 
 
 def _costs(numel: dict[str, int], fixed=1000) -> LayerCosts:
@@ -64,7 +64,7 @@ def test_ilp_equals_brute_force(seed):
     groups = {l: rng.choice([CONTENT, QUALITY]) for l in layers}
     values, costs = {}, {}
     for l in layers:
-        bits = rng.sample([2, 3, 4, 5, 6, 8, 16], rng.randint(2, 4))
+        bits = rng.sample([2, 3, 4, 5, 6, 7, 8, 16], rng.randint(2, 4))
         values[l] = {b: -rng.random() for b in bits}
         costs[l] = {b: rng.randint(1, 100) for b in bits}
     lo = sum(min(c.values()) for c in costs.values())

@@ -13,8 +13,8 @@ def test_roundtrip_json(tmp_path):
 
 
 def test_bad_bits_name_layer_and_allowed_values():
-    with pytest.raises(PlanError, match=r"layer 'x'.*weight bits 7.*\(2, 3, 4, 5, 6, 8, 16\)"):
-        Plan({"x": (7, 8)})
+    with pytest.raises(PlanError, match=r"layer 'x'.*weight bits 9.*\(2, 3, 4, 5, 6, 7, 8, 16\)"):
+        Plan({"x": (9, 8)})
     with pytest.raises(PlanError, match=r"layer 'y'.*activation bits 2.*\(4, 6, 8, 16\)"):
         Plan({"y": (8, 2)})
     with pytest.raises(PlanError, match="expected \\(weight_bits, act_bits\\)"):

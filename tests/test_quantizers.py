@@ -6,7 +6,7 @@ from mixdq.quant.quantizers import (ActRange, act_qparams, dequantize_weight, fa
                                     quantize_act, quantize_weight, weight_qrange)
 from mixdq.metrics import sqnr as sqnr_db
 
-WBITS = (2, 3, 4, 5, 6, 8)
+WBITS = (2, 3, 4, 5, 6, 7, 8)
 
 
 @pytest.mark.parametrize("bits", WBITS)
@@ -75,7 +75,7 @@ def test_packing_roundtrip_and_bytes(bits):
 
 
 def test_container_sizes():
-    assert [codes_per_byte(b) for b in (2, 3, 4, 5, 6, 8)] == [4, 2, 2, 1, 1, 1]
+    assert [codes_per_byte(b) for b in (2, 3, 4, 5, 6, 7, 8)] == [4, 2, 2, 1, 1, 1, 1]
     assert packed_nbytes(10, 2) == 3 and packed_nbytes(10, 4) == 5 and packed_nbytes(10, 8) == 10
     with pytest.raises(ValueError, match="supported"):
         codes_per_byte(16)

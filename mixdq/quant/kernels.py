@@ -86,11 +86,12 @@ VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
 # Without VNNI, x86 int8 GEMMs (FBGEMM, oneDNN) multiply unsigned 8-bit activations
 # by signed 8-bit weights with vpmaddubsw, which adds adjacent products into a
 # *saturating* int16: 255 * (|w1| + |w2|) must stay <= 32767, true for every pair
-# only while |w| <= 64.  Weight codes of <= 6 bits (|w| <= 31) are always exact;
+# only while |w| <= 64.  Weight codes of <= 7 bits (|w| <= 63) are always exact;
 # 8-bit codes (up to 127) are not (measured: 1 % relative error per layer, UNet
 # output error 0.14 vs 0.09 with VNNI).  PyTorch's answer is 7-bit activations
-# (reduce_range); ours is to keep such layers on the exact float path unless
-# MIXDQ_INT8_SATURATE=allow trades that error for the int8 speed.
+# (reduce_range); ours is 7-bit weights where a plan wants speed on such CPUs,
+# and 8-bit codes on the exact float path unless MIXDQ_INT8_SATURATE=allow
+# trades that error for the int8 speed.
 SATURATION_FREE_CODE = 64
 
 

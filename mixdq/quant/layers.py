@@ -124,7 +124,7 @@ class QuantLayer(nn.Module):
         return LayerBits(self.weight_bits, self.act_bits)
 
     def int_codes(self) -> torch.Tensor:
-        """Integer weight codes (int8) in the weight's shape: a view for 5/6/8 bits,
+        """Integer weight codes (int8) in the weight's shape: a view for 5-8 bits,
         unpacked for 2/3/4 bits (a transient int8 tensor, never a float copy)."""
         return unpack(self.weight_packed, self.weight_bits, self.weight_shape)
 

@@ -2,11 +2,11 @@
 
 | bits    | container            | codes per byte |
 |---------|----------------------|----------------|
-| 8, 6, 5 | int8                 | 1              |
+| 5 to 8  | int8                 | 1              |
 | 4, 3    | uint8, two nibbles   | 2              |
 | 2       | uint8, four crumbs   | 4              |
 
-3-bit codes use the 4-bit container and 5/6-bit codes the int8 one: packing
+3-bit codes use the 4-bit container and 5/6/7-bit codes the int8 one: packing
 them tighter would save at most 25% on those layers but cost an unaligned
 unpack on every forward.  Codes are packed over the flattened weight, padded
 to a whole byte, so bytes = ceil(numel / codes_per_byte).
@@ -19,13 +19,13 @@ import torch
 
 
 def codes_per_byte(bits: int) -> int:
-    if bits in (5, 6, 8):
+    if bits in (5, 6, 7, 8):
         return 1
     if bits in (3, 4):
         return 2
     if bits == 2:
         return 4
-    raise ValueError(f"no packed container for {bits}-bit weights; supported: 2, 3, 4, 5, 6, 8")
+    raise ValueError(f"no packed container for {bits}-bit weights; supported: 2, 3, 4, 5, 6, 7, 8")
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
