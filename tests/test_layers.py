@@ -19,7 +19,7 @@ def _float_tensors(module):
     return [n for n, t in module.state_dict().items() if t.is_floating_point() and t.dim() >= 2]
 
 
-@pytest.mark.parametrize("w,a", [(2, 8), (3, 8), (4, 8), (5, 6), (6, 4), (8, 8), (16, 8), (4, 16)])
+@pytest.mark.parametrize("w,a", [(2, 8), (3, 8), (4, 8), (5, 6), (6, 4), (7, 8), (8, 8), (16, 8), (4, 16)])
 def test_linear_matches_fake_quant_reference_and_bytes(w, a):
     torch.manual_seed(0)
     lin = nn.Linear(40, 24)
@@ -46,7 +46,7 @@ def test_bytes_per_bit_are_packed():
     assert sizes == {2: 64 * 32 // 4 + extra, 4: 64 * 32 // 2 + extra, 8: 64 * 32 + extra}
 
 
-@pytest.mark.parametrize("w,a", [(4, 8), (8, 8), (2, 16), (8, 4)])
+@pytest.mark.parametrize("w,a", [(4, 8), (7, 8), (8, 8), (2, 16), (8, 4)])
 def test_conv_matches_reference(w, a):
     torch.manual_seed(1)
     conv = nn.Conv2d(6, 10, 3, padding=1, stride=2)
