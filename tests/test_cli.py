@@ -47,8 +47,8 @@ def test_quantize_export_generate(tiny_sdxl_dir, tmp_path):
 
 
 def test_bad_arguments_are_clear(tiny_sdxl_dir, tmp_path):
-    p = run("quantize", "--model", str(tiny_sdxl_dir), "--plan", "W7A8", check=False)
-    assert p.returncode == 2 and "weight bits 7" in p.stderr and "allowed" in p.stderr
+    p = run("quantize", "--model", str(tiny_sdxl_dir), "--plan", "W9A8", check=False)
+    assert p.returncode == 2 and "weight bits 9" in p.stderr and "allowed" in p.stderr
     p = run("quantize", "--model", str(tiny_sdxl_dir), "--plan", "no-such-plan", check=False)
     assert p.returncode == 2 and "neither a plan file" in p.stderr
     p = run("generate", "--model", str(tmp_path / "missing"), "--prompt", "x", check=False)
