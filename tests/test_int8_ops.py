@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,7 +217,7 @@ def test_without_vnni_u8s8_kernels_saturate_8bit_codes_only():
     if "fbgemm" not in _backends(K.LINEAR_BACKENDS):
         pytest.skip("fbgemm not in this torch build")
     env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2",
-               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", _SATURATION_PROBE], env=env, capture_output=True,
                          text=True, check=True, timeout=300)
     err = json.loads(out.stdout.strip().splitlines()[-1])
