@@ -272,3 +272,40 @@ def test_library_default_loads_embedded_model(defaults):
     img = pipe(prompt, num_inference_steps=defaults["num_inference_steps"], guidance_scale=defaults["guidance_scale"],
                generator=torch.Generator("cpu").manual_seed(0)).images[0]
     assert img.size == (64, 64)
+
+
+def test_training_times_and_cpu_recipe_card(tmp_path):
+    """The CPU-recipe paragraph of the model card comes from a real log and an evaluate record."""
+    from mixdq.zoo import evaluate
+
+    log = "\n".join([
+        "[23:50:00] training tiny-sdxl on cpu (1 threads), run dir r",
+        "[23:55:00] vae step 50/3000 l1 0.1 mse 0.1 kl 0.1 6.00s/step",
+        "[23:58:00] vae step 80/3000 ...",            # killed here; the gap below is not counted
+        "[00:30:00] training tiny-sdxl on cpu (1 threads), run dir r",
+        "[00:30:03] vae: resumed at step 50",
+        "[00:40:03] vae step 100: reconstruction alignment {}",
+        "[00:50:03] latent bank: (8, 4, 16, 16), scaling_factor 0.5",
+        "[01:20:03] unet step 50/3000 loss 0.1",
+        "[01:21:03] validation (train split) @1 steps: {}",
+        "[01:21:33] default steps: 1; total training time 1 min",
+        "noise without a timestamp",
+    ])
+    t = evaluate.training_times(log)
+    assert t["processes"] == 2
+    # vae: 5 + 3 min in the first process, 3 s + 10 min after resuming
+    assert t["stages_min"] == pytest.approx({"vae": 18.05, "latents": 10.0, "unet": 30.0,
+                                             "validation + export": 1.5}, abs=0.06)
+    assert t["total_min"] == pytest.approx(59.55, abs=0.06)
+    per = {"shape": 0.95, "color": 1.0, "size": 1.0, "position": 1.0, "background": 1.0}
+    rec = {"training": t, "hardware": {"threads": 1, "cpu": "x86_64", "torch": "2.13"}, "n_captions": 200,
+           "seeds": [0, 1, 2], "defaults": {"num_inference_steps": 1},
+           "results": {"1": {"per_attribute": per, "all": 0.95, "n": 600}}}
+    path = tmp_path / evaluate.CPU_RECIPE_FILE
+    path.write_text(json.dumps(rec))
+    text = "\n".join(evaluate.cpu_recipe_lines(path))
+    assert "1.0 h" in text and "unet 30 min" in text and "all 0.950" in text and "**passed**" in text
+    rec["results"]["1"]["per_attribute"]["shape"] = 0.5
+    path.write_text(json.dumps(rec))
+    assert "NOT reached" in "\n".join(evaluate.cpu_recipe_lines(path))
+    assert "not recorded" in "\n".join(evaluate.cpu_recipe_lines(tmp_path / "missing.json"))

@@ -120,12 +120,70 @@ def markdown_table(results: dict, default_steps: int) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+_STAGE_OF = (("latent bank", "latents"), ("vae", "vae"), ("unet", "unet"),
+             ("validation", "validation + export"), ("default steps", "validation + export"),
+             ("exported", "validation + export"))
+
+
+def training_times(log_text: str) -> dict:
+    """Minutes per stage of a `train_tiny` log (its "[HH:MM:SS] message" lines).
+
+    The time between two lines of one process goes to the stage of the later line
+    (the work that led to it); a line "training tiny-sdxl on ..." starts a process,
+    so the gap across an interruption is not counted, while the work redone after
+    resuming from the last checkpoint is (it was spent)."""
+    import re
+
+    stages: dict[str, float] = {}
+    runs, prev = 0, None
+    for line in log_text.splitlines():
+        m = re.match(r"\[(\d\d):(\d\d):(\d\d)\] (.*)", line)
+        if not m:
+            continue
+        t = int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3])
+        msg = m[4]
+        if msg.startswith("training tiny-sdxl on"):
+            runs, prev = runs + 1, t
+            continue
+        stage = next((name for key, name in _STAGE_OF if msg.startswith(key)), None)
+        if prev is not None and stage:
+            stages[stage] = stages.get(stage, 0.0) + ((t - prev) % 86400) / 60
+        prev = t
+    return {"stages_min": {k: round(v, 1) for k, v in stages.items()},
+            "total_min": round(sum(stages.values()), 1), "processes": runs}
+
+
 def passes_bar(r: dict) -> bool:
     return all(v >= BAR_PER_ATTRIBUTE for v in r["per_attribute"].values()) and r["all"] >= BAR_ALL
 
 
 def _dir_mb(path: Path, pattern: str = "*") -> float:
     return sum(p.stat().st_size for p in Path(path).rglob(pattern) if p.is_file()) / 1e6
+
+
+CPU_RECIPE_FILE = "cpu_recipe.json"  # evaluate --json of the same recipe trained on CPU
+
+
+def cpu_recipe_lines(path: Path) -> list[str]:
+    """The model card's account of the CPU run of the recipe (if one was recorded)."""
+    if not path.exists():
+        return ["The same command without `--device cuda` runs the same recipe on CPU (not recorded here).", ""]
+    rec = json.loads(path.read_text())
+    tr, hw = rec.get("training", {}), rec.get("hardware") or {}
+    steps = rec["defaults"]["num_inference_steps"]
+    r = rec["results"][str(steps)] if str(steps) in rec["results"] else rec["results"][steps]
+    per = ", ".join(f"{k} {v:.0f} min" for k, v in tr.get("stages_min", {}).items())
+    return [
+        "### The CPU recipe",
+        "",
+        f"The same command on CPU (`--threads {hw.get('threads')}`, {hw.get('cpu')}, torch {hw.get('torch')}, a "
+        f"2-core machine shared with other work) took **{tr.get('total_min', 0) / 60:.1f} h** "
+        f"({per}; {tr.get('processes')} process(es): interrupted and resumed from its checkpoints).",
+        f"That CPU-trained model, held-out captions ({rec['n_captions']} x {len(rec['seeds'])} seeds) at its "
+        f"default {steps} step(s): " + ", ".join(f"{k} {v:.3f}" for k, v in r["per_attribute"].items())
+        + f", all {r['all']:.3f}: bar **{'passed' if passes_bar(r) else 'NOT reached'}**.",
+        "",
+    ]
 
 
 def model_card(model: Path, results: dict, spi: dict, n: int, seeds, grid_name: str | None) -> str:
@@ -221,12 +279,8 @@ def model_card(model: Path, results: dict, spi: dict, n: int, seeds, grid_name: 
             "accuracy by steps: " + ", ".join(f"{k}: {v:.3f}" for k, v in meta.get("validation_all_by_steps", {}).items())
             + ").",
             "",
-            "The same command without `--device cuda` runs the same recipe on CPU.  Measured there",
-            "(AVX-512 EPYC, 1 thread): ~3.0 CPU-s per VAE step (batch 64, bf16 autocast) and ~6.2 CPU-s",
-            "per UNet step (batch 256), so about 3 core-hours for the 1586 + 822 steps; a full CPU run",
-            "has not been carried out yet (the shared 2-core machine ran it ~3x slower than that).",
-            "",
         ]
+    lines += cpu_recipe_lines(Path(model) / CPU_RECIPE_FILE)
     return "\n".join(lines)
 
 
@@ -241,6 +295,8 @@ def main(argv=None):
     ap.add_argument("--grid", type=Path, default=None, help="write the prompt | image grid here")
     ap.add_argument("--grid-rows", type=int, default=12)
     ap.add_argument("--card", action="store_true", help="write the model card README.md (and grid.png) into --model")
+    ap.add_argument("--training-log", type=Path, default=None,
+                    help="this model's train_tiny log: adds its minutes per stage to --json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load(args.model)
@@ -256,9 +312,16 @@ def main(argv=None):
               f"{spi[s]['cpu'] * 1000:.0f} ms CPU (batch 1, {torch.get_num_threads()} threads); "
               f"bar {'PASSED' if passes_bar(results[s]) else 'not reached'}")
     print(f"(evaluation took {elapsed:.0f} s)")
+    record = {"results": results, "seconds_per_image": spi, "defaults": d, "n_captions": args.n,
+              "seeds": args.seeds, "bar_passed": passes_bar(results[d["num_inference_steps"]])}
+    meta_path = Path(args.model) / "training_meta.json"
+    if meta_path.exists():
+        record["hardware"] = json.loads(meta_path.read_text()).get("hardware")
+    if args.training_log:
+        record["training"] = training_times(args.training_log.read_text())
+        print(f"training: {record['training']}")
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "seconds_per_image": spi, "defaults": d,
-                                         "n_captions": args.n, "seeds": args.seeds}, indent=2))
+        args.json.write_text(json.dumps(record, indent=2))
     if args.card and not args.grid:
         args.grid = Path(args.model) / "grid.png"
     if args.grid:
