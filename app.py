@@ -194,7 +194,8 @@ class Session:
         report = mixdq.quantize(q, plan, self.calibration, progress=False, callback=calib)
         self.quant_pipe, self.quant_plan, self.quant_label = q, plan, label
         self.quant_note = (f"quantized in {report.seconds_quantize:.2f} s + calibrated in "
-                           f"{report.seconds_calibrate:.2f} s ({len(self.calibration.prompts)} prompts)")
+                           f"{report.seconds_calibrate:.2f} s ({len(self.calibration.prompts)} prompts)"
+                           + "".join(f"; {n}" for n in report.notes))
 
     def pareto_curve(self, progress):
         if self.allocator is None:

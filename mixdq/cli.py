@@ -98,7 +98,8 @@ def cmd_quantize(args):
     print(json.dumps({"float_mb": report.float_bytes / 1e6, "quantized_mb": report.quantized_bytes / 1e6,
                       "ratio": report.ratio, "kernel": report.kernel, "plan": report.plan.summary(),
                       "seconds_quantize": report.seconds_quantize,
-                      "seconds_calibrate": report.seconds_calibrate}, indent=1))
+                      "seconds_calibrate": report.seconds_calibrate, "int8_layers": report.int8_layers,
+                      "notes": report.notes}, indent=1))
 
 
 def cmd_export(args):

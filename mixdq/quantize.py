@@ -35,6 +35,8 @@ class QuantReport:
     bos_aware: bool
     calibration: dict | None = None
     counts: dict = field(default_factory=dict)
+    int8_layers: int = 0                              # layers running the integer kernels
+    notes: list[str] = field(default_factory=list)    # what the user should know about speed
 
     @property
     def ratio(self) -> float:
@@ -43,7 +45,8 @@ class QuantReport:
     def __str__(self) -> str:
         return (f"UNet {self.float_bytes / MB:.2f} MB -> {self.quantized_bytes / MB:.2f} MB "
                 f"({self.ratio:.3f}x), {self.plan.summary()}, W8A8 kernel: {self.kernel['kernel']}, "
-                f"quantize {self.seconds_quantize:.2f}s + calibrate {self.seconds_calibrate:.2f}s")
+                f"quantize {self.seconds_quantize:.2f}s + calibrate {self.seconds_calibrate:.2f}s"
+                + "".join(f"\nnote: {n}" for n in self.notes))
 
 
 def bos_embedding(pipe) -> torch.Tensor:
@@ -99,10 +102,19 @@ def quantize(pipe, plan: Plan, calibration: Calibration | None = None,
     counts = {}
     for layer in layers.values():
         counts[str(layer.bits)] = counts.get(str(layer.bits), 0) + 1
+    on_int = [layer for layer in layers.values() if layer._int_path()]
+    notes = []
+    wide = [layer for layer in layers.values() if chosen == "int_mm" and layer.act_bits == 8
+            and layer.weight_bits == 8 and not layer._int_path()]
+    if wide:
+        notes.append(f"{len(wide)} W8A8 layers run the exact float path, slower than float: this CPU has no "
+                     "VNNI, and its int8 kernels saturate on 8-bit weight codes. 7-bit weights (W7A8) run the "
+                     "int8 kernels exactly; MIXDQ_INT8_SATURATE=allow runs W8 there at a small error.")
     return QuantReport(plan=plan, float_bytes=float_bytes, quantized_bytes=model_nbytes(unet),
                        kernel=kernels.kernel_report(unet.device) | {"kernel": chosen},
                        seconds_quantize=t1 - t0, seconds_calibrate=t2 - t1, bos_aware=bos_aware,
-                       calibration=unet.mixdq_meta["calibration"], counts=counts)
+                       calibration=unet.mixdq_meta["calibration"], counts=counts,
+                       int8_layers=len(on_int), notes=notes)
 
 
 def _rehome_tensors(unet) -> None:

@@ -34,6 +34,7 @@ def test_quantize_export_generate(tiny_sdxl_dir, tmp_path):
     (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
     report = json.loads(run("quantize", *common, "--plan", "W8A8").stdout)
     assert report["quantized_mb"] < report["float_mb"] and report["plan"].startswith("W8A8x")
+    assert report["int8_layers"] >= 0 and isinstance(report["notes"], list)
     run("export", *common, "--plan", "W4A8", "--out", str(tmp_path / "q"))
     assert (tmp_path / "q" / "mixdq.json").is_file()
     run("generate", "--model", str(tmp_path / "q"), "--prompt", "a red circle",

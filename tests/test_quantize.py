@@ -89,6 +89,26 @@ def test_int_mm_and_dequant_kernels_agree(tiny_sdxl_dir):
     assert float(psnr(images["int_mm"], images["dequant"])) > 20
 
 
+def test_report_says_when_w8_layers_leave_the_int8_kernels(tiny_sdxl_dir, monkeypatch):
+    """No VNNI (mocked): the report counts the layers on the integer kernels and tells the
+    user why the W8A8 layers are not among them, and what to use instead."""
+    from mixdq.quant import kernels
+
+    pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
+    names = list(mixdq.quantizable_layers(pipe.unet))
+    plan = Plan({n: [(8, 8), (7, 8)][i % 2] for i, n in enumerate(names)})
+    monkeypatch.setattr(kernels, "vnni", lambda: True)
+    report = mixdq.quantize(pipe, plan, Calibration(PROMPTS[:2]), kernel="int_mm", progress=False)
+    assert report.int8_layers == len(names) and report.notes == []
+    monkeypatch.setattr(kernels, "vnni", lambda: False)
+    monkeypatch.delenv("MIXDQ_INT8_SATURATE", raising=False)
+    pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
+    report = mixdq.quantize(pipe, plan, Calibration(PROMPTS[:2]), kernel="int_mm", progress=False)
+    n8 = sum(1 for i in range(len(names)) if i % 2 == 0)
+    assert report.int8_layers == len(names) - n8
+    assert len(report.notes) == 1 and f"{n8} W8A8 layers" in report.notes[0] and "W7A8" in str(report)
+
+
 def test_sequential_calibration_sees_quantized_upstream(tiny_sdxl_dir):
     """Ranges differ from the float model's ranges once upstream layers are quantized."""
     pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
