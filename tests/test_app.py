@@ -72,6 +72,7 @@ def test_budget_gives_images_and_measured_stats(served):
     assert raw["settings"]["num_inference_steps"] == 2
     for needle in ("UNet weight memory", "UNet latency per step", "Peak process memory", "SSIM", "PSNR"):
         assert needle in stats
+    assert ("Why slower" in stats) == (raw["speedup"] < 1)
     assert "<svg" in chart and "content" in chart and "up 0" in chart
     assert "<svg" in pareto_html and "this plan" in pareto_html
     assert status.startswith("**Done**")
