@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=lambda a, e=e: _missing_bench(e))
     else:
         add_bench_args(p)
-        p.set_defaults(run=run_bench)
+        # the benchmark records its command line (and --emulate re-runs it): pass the words after "bench"
+        p.set_defaults(run=lambda a: run_bench(a, argv=a.argv[a.argv.index("bench") + 1:]))
     return parser
 
 
@@ -190,7 +191,9 @@ def _missing_bench(error):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.run(args)
     except MixDQError as e:

@@ -57,3 +57,12 @@ def test_bad_arguments_are_clear(tiny_sdxl_dir, tmp_path):
     p = run("export", "--model", str(tiny_sdxl_dir), "--plan", "W8A16", "--out", str(tiny_sdxl_dir),
             check=False)
     assert p.returncode == 2 and "already exists" in p.stderr
+
+
+def test_bench_verb_records_its_command_and_emulates(tmp_path):
+    """`python -m mixdq bench ... --emulate avx2`: the re-run process gets the bench words."""
+    run("bench", "--models", "tiny-sdxl", "--reps", "1", "--px", "64", "--out", str(tmp_path), "--threads", "1",
+        "--no-kernels-table", "--variants", "W8A8", "--no-bfloat16-step", "--emulate", "avx2")
+    data = json.loads((tmp_path / "results-cpu-avx2-emulated.json").read_text())
+    assert data["env"]["command"].endswith("--emulate avx2") and " bench " not in data["env"]["command"]
+    assert data["env"]["emulation"]["FBGEMM_ENABLE_INSTRUCTIONS"] == "AVX2"
