@@ -176,10 +176,11 @@ def cpu_recipe_lines(path: Path) -> list[str]:
     return [
         "### The CPU recipe",
         "",
-        f"The same command on CPU (`--threads {hw.get('threads')}`, {hw.get('cpu')}, torch {hw.get('torch')}, a "
-        f"2-core machine shared with other work) took **{tr.get('total_min', 0) / 60:.1f} h** "
-        f"({per}; {tr.get('processes')} process(es): interrupted and resumed from its checkpoints).",
-        f"That CPU-trained model, held-out captions ({rec['n_captions']} x {len(rec['seeds'])} seeds) at its "
+        f"The same command on CPU (`--threads {hw.get('threads')}`, CPU {hw.get('cpu')}, torch {hw.get('torch')}) "
+        f"took **{tr.get('total_min', 0) / 60:.1f} h** ({per}; {tr.get('processes')} process(es): "
+        "interrupted and resumed from its checkpoints).",
+        f"That CPU-trained model (evaluated on {rec.get('evaluated_on', '?')}), held-out captions "
+        f"({rec['n_captions']} x {len(rec['seeds'])} seeds) at its "
         f"default {steps} step(s): " + ", ".join(f"{k} {v:.3f}" for k, v in r["per_attribute"].items())
         + f", all {r['all']:.3f}: bar **{'passed' if passes_bar(r) else 'NOT reached'}**.",
         "",
@@ -312,8 +313,11 @@ def main(argv=None):
               f"{spi[s]['cpu'] * 1000:.0f} ms CPU (batch 1, {torch.get_num_threads()} threads); "
               f"bar {'PASSED' if passes_bar(results[s]) else 'not reached'}")
     print(f"(evaluation took {elapsed:.0f} s)")
+    from ..quant.kernels import cpu_name
+
     record = {"results": results, "seconds_per_image": spi, "defaults": d, "n_captions": args.n,
-              "seeds": args.seeds, "bar_passed": passes_bar(results[d["num_inference_steps"]])}
+              "seeds": args.seeds, "bar_passed": passes_bar(results[d["num_inference_steps"]]),
+              "evaluated_on": f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"}
     meta_path = Path(args.model) / "training_meta.json"
     if meta_path.exists():
         record["hardware"] = json.loads(meta_path.read_text()).get("hardware")

@@ -387,9 +387,9 @@ def main(argv=None):
         meta_path.write_text(json.dumps(meta, indent=2))
         return r
 
-    import platform
+    from ..quant.kernels import cpu_name
 
-    meta["hardware"] = {"device": str(device), "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+    meta["hardware"] = {"device": str(device), "threads": args.threads, "cpu": cpu_name(),
                         "torch": torch.__version__,
                         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
     log(f"training tiny-sdxl on {device} ({args.threads} threads), run dir {args.run_dir}")
