@@ -304,8 +304,19 @@ def test_training_times_and_cpu_recipe_card(tmp_path):
     path = tmp_path / evaluate.CPU_RECIPE_FILE
     path.write_text(json.dumps(rec))
     text = "\n".join(evaluate.cpu_recipe_lines(path))
-    assert "1.0 h" in text and "unet 30 min" in text and "all 0.950" in text and "**passed**" in text
+    assert "1.0 h" in text and "unet 30.0 min" in text and "all 0.950" in text and "**passed**" in text
     rec["results"]["1"]["per_attribute"]["shape"] = 0.5
     path.write_text(json.dumps(rec))
     assert "NOT reached" in "\n".join(evaluate.cpu_recipe_lines(path))
     assert "not recorded" in "\n".join(evaluate.cpu_recipe_lines(tmp_path / "missing.json"))
+
+
+def test_shipped_cpu_recipe_record_reaches_the_bar():
+    """The recorded CPU run of the recipe (evaluate --json of its export) passed the bar."""
+    from mixdq.zoo import evaluate
+
+    rec = json.loads((evaluate.ASSET_DIR / evaluate.CPU_RECIPE_FILE).read_text())
+    steps = str(rec["defaults"]["num_inference_steps"])
+    assert evaluate.passes_bar(rec["results"][steps]) and rec["bar_passed"]
+    assert rec["results"][steps]["n"] == rec["n_captions"] * len(rec["seeds"]) >= 600
+    assert rec["hardware"]["device"] == "cpu" and rec["training"]["total_min"] > 0

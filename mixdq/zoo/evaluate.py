@@ -172,7 +172,7 @@ def cpu_recipe_lines(path: Path) -> list[str]:
     tr, hw = rec.get("training", {}), rec.get("hardware") or {}
     steps = rec["defaults"]["num_inference_steps"]
     r = rec["results"][str(steps)] if str(steps) in rec["results"] else rec["results"][steps]
-    per = ", ".join(f"{k} {v:.0f} min" for k, v in tr.get("stages_min", {}).items())
+    per = ", ".join(f"{k} {v:.1f} min" for k, v in tr.get("stages_min", {}).items())
     return [
         "### The CPU recipe",
         "",
