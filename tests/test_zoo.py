@@ -305,6 +305,7 @@ def test_training_times_and_cpu_recipe_card(tmp_path):
     path.write_text(json.dumps(rec))
     text = "\n".join(evaluate.cpu_recipe_lines(path))
     assert "1.0 h" in text and "unet 30.0 min" in text and "all 0.950" in text and "**passed**" in text
+    assert "2 processes: interrupted and resumed" in text
     rec["results"]["1"]["per_attribute"]["shape"] = 0.5
     path.write_text(json.dumps(rec))
     assert "NOT reached" in "\n".join(evaluate.cpu_recipe_lines(path))

@@ -177,8 +177,9 @@ def cpu_recipe_lines(path: Path) -> list[str]:
         "### The CPU recipe",
         "",
         f"The same command on CPU (`--threads {hw.get('threads')}`, CPU {hw.get('cpu')}, torch {hw.get('torch')}) "
-        f"took **{tr.get('total_min', 0) / 60:.1f} h** ({per}; {tr.get('processes')} process(es): "
-        "interrupted and resumed from its checkpoints).",
+        f"took **{tr.get('total_min', 0) / 60:.1f} h** ({per}"
+        + (f"; {tr['processes']} processes: interrupted and resumed from its checkpoints)."
+           if tr.get("processes", 1) > 1 else ")."),
         f"That CPU-trained model (evaluated on {rec.get('evaluated_on', '?')}), held-out captions "
         f"({rec['n_captions']} x {len(rec['seeds'])} seeds) at its "
         f"default {steps} step(s): " + ", ".join(f"{k} {v:.3f}" for k, v in r["per_attribute"].items())
