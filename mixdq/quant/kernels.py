@@ -324,21 +324,26 @@ def kernel_report(device="cpu") -> dict:
 def _backend_override(layer_type: str) -> str | None:
     """MIXDQ_INT8_BACKEND: one backend for both layer types ('onednn'), or one per
     type ('linear=fbgemm,conv=onednn'); unset or 'auto': the measured choice."""
-    choice = os.environ.get("MIXDQ_INT8_BACKEND")
-    if not choice or choice == "auto":
-        return None
-    per_type = dict(item.split("=", 1) for item in choice.split(",") if "=" in item)
-    if per_type:
-        unknown = set(per_type) - {"linear", "conv"}
-        if unknown or len(per_type) != len(choice.split(",")):
-            raise ValueError(f"MIXDQ_INT8_BACKEND={choice!r}: write one backend or "
-                             "'linear=BACKEND,conv=BACKEND'")
-        choice = per_type.get(layer_type)
-        if choice is None or choice == "auto":
-            return None
-    if choice not in BACKENDS:
-        raise ValueError(f"unknown MIXDQ_INT8_BACKEND {choice!r}; choose one of {BACKENDS} or auto")
-    return choice
+    return _parse_backend_override(os.environ.get("MIXDQ_INT8_BACKEND") or "auto").get(layer_type)
+
+
+@lru_cache(maxsize=8)
+def _parse_backend_override(choice: str) -> dict:
+    """{layer type: forced backend} for one MIXDQ_INT8_BACKEND value (read on every
+    layer call, so parsed once per value)."""
+    if choice == "auto":
+        return {}
+    items = choice.split(",")
+    per_type = dict(item.split("=", 1) for item in items if "=" in item)
+    if not per_type:
+        per_type = {"linear": choice, "conv": choice}
+    elif set(per_type) - {"linear", "conv"} or len(per_type) != len(items):
+        raise ValueError(f"MIXDQ_INT8_BACKEND={choice!r}: write one backend or "
+                         "'linear=BACKEND,conv=BACKEND'")
+    for forced in per_type.values():
+        if forced not in BACKENDS + ("auto",):
+            raise ValueError(f"unknown MIXDQ_INT8_BACKEND {forced!r}; choose one of {BACKENDS} or auto")
+    return {k: v for k, v in per_type.items() if v != "auto"}
 
 
 _CHOICE_SEEN: dict | None = None  # last CPU choice, readable while torch.compile traces
