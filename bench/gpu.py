@@ -127,8 +127,8 @@ def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=
         compile_mode=True, iters=20, log=_log, stages=("eager", "cudagraph", "compiled"),
         hold_epilogue=False, compile_variants=None, profile_config=None, inductor_mode=None,
         fuse_int_mm_mul=False, kernel="int_mm"):
-    from mixdq import model_nbytes
-    from mixdq.quant import quantizable_layers
+    from mixdq import Plan, model_nbytes
+    from mixdq.quant import hold_epilogue as hold, kernels, quantizable_layers, quantized_layers, replace_layers
 
     from .models import build_unet, unet_inputs
     from .run import environment, make_plans, observe_ranges, shared_clone
@@ -167,25 +167,23 @@ def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=
     ranges, t_cal, _ = observe_ranges(unet, inputs[configs[0]])
     layers = quantizable_layers(unet)
     linear_names = [n for n, l in layers.items() if isinstance(l, torch.nn.Linear)]
-    from mixdq import Plan
     plans = {"W8A8": Plan({n: (8, 8) for n in layers}),
              "W8A8-linears": Plan({n: (8, 8) for n in linear_names}),
              "W4A8": make_plans(layers, ["W4A8"])["W4A8"]}
+    chosen = kernels.select_kernel(device, override=None if kernel == "auto" else kernel)
     variants = {}
     for name, plan in plans.items():
         a1 = alloc()
         t = time.perf_counter()
         clone = shared_clone(unet)
-        from mixdq.quant import kernels, quantized_layers, replace_layers
         with torch.no_grad():
             replace_layers(clone, plan, ranges=ranges)
         for layer in quantized_layers(clone).values():
-            layer.kernel = kernels.select_kernel(device, override=None if kernel == "auto" else kernel)
+            layer.kernel = chosen
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
         if hold_epilogue:  # epilogue constants as buffers the compiled graph reads
-            from mixdq.quant import hold_epilogue as hold
             m.setdefault("epilogue_held_layers", {})[name] = hold(clone)
         m["weights"][name] = model_nbytes(clone)
         m["alloc_delta"][name] = alloc() - a1
