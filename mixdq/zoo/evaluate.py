@@ -171,7 +171,7 @@ def cpu_recipe_lines(path: Path) -> list[str]:
     rec = json.loads(path.read_text())
     tr, hw = rec.get("training", {}), rec.get("hardware") or {}
     steps = rec["defaults"]["num_inference_steps"]
-    r = rec["results"][str(steps)] if str(steps) in rec["results"] else rec["results"][steps]
+    r = rec["results"][str(steps)]  # a JSON record: keys are strings
     per = ", ".join(f"{k} {v:.1f} min" for k, v in tr.get("stages_min", {}).items())
     return [
         "### The CPU recipe",
