@@ -241,3 +241,35 @@ def test_wide_codes_leave_the_int8_path_without_vnni(monkeypatch):
     torch.testing.assert_close(w8(x), exact, rtol=0, atol=0)  # the float path ran
     monkeypatch.setenv("MIXDQ_INT8_SATURATE", "allow")  # speed over exactness, on request
     assert all(layer._int_path() for layer in layers.values())
+
+
+@pytest.mark.parametrize("backend", ["onednn", "fbgemm", "int_mm"])
+def test_prepacked_backends_unpack_low_bit_codes_once(monkeypatch, tmp_path, backend):
+    """4-bit layers hand the prepacked backends their unpacking method: the codes are
+    unpacked when the prepacked copy is made, not on every call (int_mm, which has
+    no copy, unpacks per call); results equal the reference either way."""
+    if backend not in _backends(K.LINEAR_BACKENDS):
+        pytest.skip(f"{backend} not in this torch build")
+    from mixdq.plan import LayerBits
+    from mixdq.quant import layers as L
+    from mixdq.quant.quantizers import ActRange
+
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", backend)
+    calls = []
+    real_unpack = L.unpack
+    monkeypatch.setattr(L, "unpack", lambda *a: calls.append(1) or real_unpack(*a))
+    torch.manual_seed(5)
+    float_layers = [torch.nn.Linear(32, 16)] + ([torch.nn.Conv2d(8, 6, 3, padding=1)] if backend != "fbgemm" else [])
+    inputs = [torch.randn(2, 5, 32), torch.randn(1, 8, 6, 6)]
+    for m, x in zip(float_layers, inputs):
+        q = (L.QuantLinear if isinstance(m, torch.nn.Linear) else L.QuantConv2d).from_float(m, LayerBits(4, 8))
+        q.kernel = "int_mm"
+        q.set_ranges([ActRange(float(x.min()), float(x.max()), 1)])
+        ref = (K.linear_reference(x, q.act_scale, q.act_zero_point, q.int_codes(), q.weight_scale, q.bias)
+               if isinstance(q, L.QuantLinear) else
+               K.conv2d_reference(x, q.act_scale, q.act_zero_point, q.int_codes(), q.weight_scale, q.bias, padding=1))
+        calls.clear()
+        for _ in range(3):
+            assert _rel(q(x), ref) < 1e-5
+        assert len(calls) == (3 if backend == "int_mm" else 1), type(q).__name__

@@ -34,6 +34,7 @@ Two levels:
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -387,35 +388,37 @@ def conv_backend(device: torch.device | str = "cpu") -> str:
 
 
 def int8_linear(x: torch.Tensor, act_scale: torch.Tensor, act_zero_point: torch.Tensor,
-                weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                weight_q, weight_scale: torch.Tensor,
                 bias: torch.Tensor | None, key: torch.Tensor | None = None,
                 consts: tuple | None = None) -> torch.Tensor:
     """y = s_a * s_w * (Xq - z) Wq^T + b on integer kernels (see int8_ops).
 
-    weight_q: (N, K) int8 codes of any bit width <= 8.  Activation codes live
+    weight_q: (N, K) int8 codes of any bit width <= 8, or a zero-argument
+    callable returning them (called only by the backends that need them on
+    this call; the prepacked ones need them once).  Activation codes live
     in [0, 255]; the int_mm backend shifts codes and zero point by 128 into
     int8 without changing (Xq - z).  Per-weight constants (the zero-point
     correction folded into the bias, prepacked copies) are cached by the tensor
     owning the codes and recomputed when it or the activation range changes.
     """
     be = linear_backend(x.device)
-    if be == "int_mm" and not int8_ops.int_mm_ok(x.numel() // x.shape[-1], x.shape[-1], weight_q.shape[0], x.device):
+    if be == "int_mm" and not int8_ops.int_mm_ok(x.numel() // x.shape[-1], x.shape[-1], weight_scale.shape[0], x.device):
         be = "reference"
     if be == "reference":
-        return int8_ops.linear_reference(x, act_scale, act_zero_point, weight_q, weight_scale, bias)
+        return int8_ops.linear_reference(x, act_scale, act_zero_point, int8_ops._codes(weight_q), weight_scale, bias)
     if be == "int_mm":
-        return int8_ops.linear_int_mm(x, act_scale, act_zero_point, weight_q, weight_scale, bias, key=key,
-                                      consts=consts)
+        return int8_ops.linear_int_mm(x, act_scale, act_zero_point, int8_ops._codes(weight_q), weight_scale, bias,
+                                      key=key, consts=consts)
     return int8_ops.LINEAR_BACKENDS[be](x, act_scale, act_zero_point, weight_q, weight_scale, bias, key=key)
 
 
-def conv_usable(x: torch.Tensor, weight_q: torch.Tensor, groups: int = 1) -> bool:
+def conv_usable(x: torch.Tensor, weight_shape: tuple, groups: int = 1) -> bool:
     """Whether int8_conv2d has an integer kernel for this call (else: dequant path)."""
     if groups != 1 or conv_backend(x.device) == "reference":
         return False
     if x.device.type == "cuda":
-        k = weight_q[0].numel()
-        return k % 8 == 0 and weight_q.shape[0] % 8 == 0
+        k = math.prod(weight_shape[1:])
+        return k % 8 == 0 and weight_shape[0] % 8 == 0
     return True
 
 
@@ -423,16 +426,19 @@ def int8_conv2d(x: torch.Tensor, act_scale: torch.Tensor, act_zero_point: torch.
                 weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                 stride=1, padding=0, dilation=1, groups=1, split: int = 0,
                 key: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantized conv2d on integer kernels.  split > 0: input channels [:split]
+    """Quantized conv2d on integer kernels (weight_q: codes or a callable, as in
+    int8_linear).  split > 0: input channels [:split]
     and [split:] carry their own activation scale / zero point (act_scale[0/1]);
     only 1x1 stride-1 convs (the up-block shortcut) are split in these UNets."""
+    be = conv_backend(x.device)
+    if be != "onednn" or split or groups != 1:
+        weight_q = int8_ops._codes(weight_q)  # only oneDNN's prepacked copy can go without
     if split:
         k = tuple(weight_q.shape[2:])
         if k != (1, 1) or int8_ops._pair(stride) != (1, 1) or int8_ops._pair(padding) != (0, 0):
             raise ValueError("split activation ranges are supported for 1x1 stride-1 convs only")
         return int8_ops.split_conv1x1_int_mm(x, act_scale, act_zero_point, split, weight_q, weight_scale, bias,
                                              key=key)
-    be = conv_backend(x.device)
     if be == "reference" or groups != 1:
         return int8_ops.conv2d_reference(x, act_scale[0], act_zero_point[0], weight_q, weight_scale, bias,
                                          stride, padding, dilation, groups)

@@ -85,10 +85,12 @@ def act_qparams(lo: float, hi: float, bits: int) -> tuple[float, int]:
 
 
 def quantize_act(x: torch.Tensor, scale, zero_point, bits: int) -> torch.Tensor:
-    """Integer codes in [0, 2^b - 1], returned in x's float dtype (exact for b <= 8)."""
-    return torch.clamp(torch.round(x / scale) + zero_point, 0, 2 ** bits - 1)
+    """Integer codes in [0, 2^b - 1], returned in x's float dtype (exact for b <= 8).
+    One new tensor, then in place: on these activation sizes the allocations of
+    the out-of-place chain cost more than the arithmetic."""
+    return torch.div(x, scale).round_().add_(zero_point).clamp_(0, 2 ** bits - 1)
 
 
 def fake_quantize_act(x: torch.Tensor, scale, zero_point, bits: int) -> torch.Tensor:
-    return (quantize_act(x, scale, zero_point, bits) - zero_point) * scale
+    return quantize_act(x, scale, zero_point, bits).sub_(zero_point).mul_(scale)
 
