@@ -42,14 +42,23 @@ def _plan_arg(text: str):
     return Plan.load(path)
 
 
-def _resolve_plan(spec, unet):
+def _weight_bits_map(text: str) -> dict[int, int]:
+    """'8=7' or '8=7,4=3' -> {8: 7} ..."""
+    try:
+        pairs = [item.split("=") for item in text.split(",")]
+        return {int(old): int(new) for old, new in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write OLD=NEW weight bits, e.g. 8=7") from None
+
+
+def _resolve_plan(spec, unet, weight_bits_map=None):
     from .plan import Plan
     from .quant import quantizable_layers
 
     if isinstance(spec, tuple):
         _, w, a = spec
-        return Plan.uniform(quantizable_layers(unet), w, a)
-    return spec
+        spec = Plan.uniform(quantizable_layers(unet), w, a)
+    return spec.with_weight_bits(weight_bits_map) if weight_bits_map else spec
 
 
 def _add_plan_args(p):
@@ -58,6 +67,9 @@ def _add_plan_args(p):
     add_calibration_args(p)
     p.add_argument("--plan", type=_plan_arg, required=True,
                    help="plan JSON, preset name, or a uniform spec such as W8A8 / W4A16")
+    p.add_argument("--weight-bits-map", type=_weight_bits_map, default=None, metavar="OLD=NEW",
+                   help="replace weight widths of the plan, e.g. 8=7: exact int8 kernels on CPUs "
+                        "without VNNI (8-bit codes run the float path there)")
     p.add_argument("--no-bos", action="store_true", help="turn BOS-aware K/V quantization off (ablation)")
     p.add_argument("--kernel", choices=["int_mm", "dequant"], default=None,
                    help="override the W8A8 kernel choice (default: measured per machine)")
@@ -69,7 +81,7 @@ def _quantized_pipe(args):
     from .sensitivity import calibration_from_args
 
     pipe = load_pipeline(args.model, device=args.device)
-    plan = _resolve_plan(args.plan, pipe.unet)
+    plan = _resolve_plan(args.plan, pipe.unet, args.weight_bits_map)
     cal = calibration_from_args(pipe, args)
     report = quantize(pipe, plan, cal, bos_aware=not args.no_bos, kernel=args.kernel)
     print(report, file=sys.stderr)

@@ -107,9 +107,10 @@ def quantize(pipe, plan: Plan, calibration: Calibration | None = None,
     wide = [layer for layer in layers.values() if chosen == "int_mm" and layer.act_bits == 8
             and layer.weight_bits == 8 and not layer._int_path()]
     if wide:
-        notes.append(f"{len(wide)} W8A8 layers run the exact float path, slower than float: this CPU has no "
-                     "VNNI, and its int8 kernels saturate on 8-bit weight codes. 7-bit weights (W7A8) run the "
-                     "int8 kernels exactly; MIXDQ_INT8_SATURATE=allow runs W8 there at a small error.")
+        notes.append(f"{len(wide)} W8A8 layers run the exact float path, no faster than float: this CPU has "
+                     "no VNNI, and its int8 kernels saturate on 8-bit weight codes. 7-bit weights (W7A8) run the "
+                     "int8 kernels exactly: plan.with_weight_bits({8: 7}), or `--weight-bits-map 8=7` on the "
+                     "command line; MIXDQ_INT8_SATURATE=allow runs W8 there at a small error.")
     return QuantReport(plan=plan, float_bytes=float_bytes, quantized_bytes=model_nbytes(unet),
                        kernel=kernels.kernel_report(unet.device) | {"kernel": chosen},
                        seconds_quantize=t1 - t0, seconds_calibrate=t2 - t1, bos_aware=bos_aware,

@@ -34,6 +34,8 @@ def test_quantize_export_generate(tiny_sdxl_dir, tmp_path):
     (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
     report = json.loads(run("quantize", *common, "--plan", "W8A8").stdout)
     assert report["quantized_mb"] < report["float_mb"] and report["plan"].startswith("W8A8x")
+    report = json.loads(run("quantize", *common, "--plan", "W8A8", "--weight-bits-map", "8=7").stdout)
+    assert report["plan"].startswith("W7A8x") and "W8" not in report["plan"]
     assert report["int8_layers"] >= 0 and isinstance(report["notes"], list)
     run("export", *common, "--plan", "W4A8", "--out", str(tmp_path / "q"))
     assert (tmp_path / "q" / "mixdq.json").is_file()
@@ -50,6 +52,9 @@ def test_quantize_export_generate(tiny_sdxl_dir, tmp_path):
 def test_bad_arguments_are_clear(tiny_sdxl_dir, tmp_path):
     p = run("quantize", "--model", str(tiny_sdxl_dir), "--plan", "W9A8", check=False)
     assert p.returncode == 2 and "weight bits 9" in p.stderr and "allowed" in p.stderr
+    p = run("quantize", "--model", str(tiny_sdxl_dir), "--plan", "W8A8", "--weight-bits-map", "8:7",
+            check=False)
+    assert p.returncode == 2 and "OLD=NEW" in p.stderr
     p = run("quantize", "--model", str(tiny_sdxl_dir), "--plan", "no-such-plan", check=False)
     assert p.returncode == 2 and "neither a plan file" in p.stderr
     p = run("generate", "--model", str(tmp_path / "missing"), "--prompt", "x", check=False)

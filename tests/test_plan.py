@@ -43,3 +43,15 @@ def test_uniform_and_summary():
     plan = Plan.uniform(["a", "b", "c"], 4, 8)
     assert len(plan) == 3 and plan.summary() == "W4A8x3"
     assert Plan.uniform(["a"], 16, 16).quantized() == {}
+
+
+def test_with_weight_bits_maps_integer_widths_only():
+    plan = Plan({"a": (8, 8), "b": (4, 8), "c": (8, 16), "d": (16, 16), "e": (16, 8)}, meta={"k": 1})
+    mapped = plan.with_weight_bits({8: 7})
+    assert {n: str(b) for n, b in mapped.items()} == {
+        "a": "W7A8", "b": "W4A8", "c": "W7A16", "d": "W16A16", "e": "W16A8"}
+    assert mapped.meta == {"k": 1, "weight_bits_mapped": {"8": 7}} and plan["a"] == LayerBits(8, 8)
+    with pytest.raises(PlanError, match="only integer widths"):
+        plan.with_weight_bits({16: 8})
+    with pytest.raises(PlanError, match="weight bits 9"):
+        plan.with_weight_bits({8: 9})

@@ -107,6 +107,11 @@ def test_report_says_when_w8_layers_leave_the_int8_kernels(tiny_sdxl_dir, monkey
     n8 = sum(1 for i in range(len(names)) if i % 2 == 0)
     assert report.int8_layers == len(names) - n8
     assert len(report.notes) == 1 and f"{n8} W8A8 layers" in report.notes[0] and "W7A8" in str(report)
+    # what the note advises: every layer back on the integer kernels, exactly
+    pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
+    report = mixdq.quantize(pipe, plan.with_weight_bits({8: 7}), Calibration(PROMPTS[:2]), kernel="int_mm",
+                            progress=False)
+    assert report.int8_layers == len(names) and report.notes == []
 
 
 def test_sequential_calibration_sees_quantized_upstream(tiny_sdxl_dir):
