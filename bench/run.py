@@ -185,6 +185,9 @@ def mixed_plan(layers: dict, target_bits: float, low: int, act: int = 8, lowest:
     return plan
 
 
+MAPPED_8TO7 = "-8to7"  # variant suffix: the plan's W8 layers as W7
+
+
 def make_plans(layers: dict, variants) -> dict:
     from mixdq import Plan
 
@@ -201,6 +204,9 @@ def make_plans(layers: dict, variants) -> dict:
             out[v] = Plan.uniform(names, 7, 8, meta={"mean_weight_bits": 7})
         elif v == "W4A16":
             out[v] = Plan.uniform(names, 4, 16, meta={"mean_weight_bits": 4})
+        elif v.endswith(MAPPED_8TO7):  # a plan's W8 layers as W7: the int8 route without VNNI
+            out[v] = make_plans(layers, [v.removesuffix(MAPPED_8TO7)])[v.removesuffix(MAPPED_8TO7)] \
+                .with_weight_bits({8: 7})
         else:
             raise ValueError(f"unknown variant {v!r}")
     return out
@@ -431,7 +437,7 @@ def ratios(model_result: dict) -> dict:
 # ---------------------------------------------------------------------------
 DEFAULT_MODELS = ("sdxl-turbo", "sd-turbo", "sd15")
 DEFAULT_VARIANTS = ("W8A8", "W5A8", "W4A8", "W4A16")
-VARIANTS = DEFAULT_VARIANTS + ("W7A8",)
+VARIANTS = DEFAULT_VARIANTS + ("W7A8", "W5A8" + MAPPED_8TO7, "W4A8" + MAPPED_8TO7)
 
 
 def run(models=DEFAULT_MODELS, variants=DEFAULT_VARIANTS, reps: int = 3, px: int = 512, batch: int = 1,

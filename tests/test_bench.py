@@ -39,6 +39,11 @@ def test_mixed_plans_hit_their_mean_bits():
     for n in layers:
         if brun._sensitive(n):
             assert plans["W4A8"][n].weight == 8
+    # the -8to7 variants: the same plan with its W8 layers at 7 bits (the int8 route without VNNI)
+    mapped = brun.make_plans(layers, ["W4A8-8to7"])["W4A8-8to7"]
+    assert {n: (b.weight if b.weight != 7 else 8, b.act) for n, b in mapped.items()} == \
+        {n: (b.weight, b.act) for n, b in plans["W4A8"].items()}
+    assert 7 in {b.weight for b in mapped.values()} and 8 not in {b.weight for b in mapped.values()}
 
 
 def test_routed_layers_match_the_library_reference():
