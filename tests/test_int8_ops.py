@@ -82,11 +82,12 @@ def test_linear_backends_match_reference(backend, bits, bias):
 @pytest.mark.parametrize("kw", [dict(k=3, stride=1, padding=1), dict(k=3, stride=2, padding=1),
                                 dict(k=1, stride=1, padding=0), dict(k=3, stride=1, padding=2, dilation=2),
                                 dict(k=3, stride=1, padding=0)])
-def test_conv_backends_match_reference(backend, kw):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_conv_backends_match_reference(backend, kw, layout):
     g = torch.Generator().manual_seed(1)
     kw = dict(kw)
     k = kw.pop("k")
-    x = torch.randn(2, 16, 11, 9, generator=g) * 2
+    x = (torch.randn(2, 16, 11, 9, generator=g) * 2).contiguous(memory_format=layout)
     wq = _codes((24, 16, k, k), 8, g)
     ws = torch.rand(24, generator=g) * 0.02 + 1e-3
     b = torch.randn(24, generator=g)

@@ -343,8 +343,11 @@ def conv2d_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0
     o, c, kh, kw = w_q.shape
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     key = w_q if key is None else key
-    xq = quantize_act(x, x_scale, x_zp, signed=True)           # NCHW int8, one pass
-    xq = xq.permute(0, 2, 3, 1)
+    nhwc = x.permute(0, 2, 3, 1)
+    if nhwc.is_contiguous():  # channels_last input (e.g. the previous int8 conv's output)
+        xq = quantize_act(nhwc, x_scale, x_zp, signed=True)    # contiguous NHWC codes, no float copy
+    else:
+        xq = quantize_act(x, x_scale, x_zp, signed=True).permute(0, 2, 3, 1)  # NCHW codes, one pass
     if kh == 1 and kw == 1 and padding == (0, 0) and stride == (1, 1):
         cols, (b, ho, wo) = xq.reshape(-1, c), (x.shape[0], x.shape[2], x.shape[3])
         w2 = w_q.reshape(o, c)
