@@ -124,8 +124,13 @@ def environment(device: str, argv=None, prog: str = "python -m bench.run") -> di
         except Exception:
             env[mod] = None
     try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent,
-                                           capture_output=True, text=True, timeout=10).stdout.strip()
+        def git(*args):
+            return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+
+        env["git_commit"] = git("rev-parse", "--short", "HEAD")
+        if env["git_commit"] and git("status", "--porcelain", "--untracked-files=no"):
+            env["git_commit"] += " + uncommitted changes"  # what ran is not exactly that commit
     except Exception:
         env["git_commit"] = None
     try:
