@@ -120,6 +120,8 @@ def test_held_epilogue_follows_ranges_and_loads_and_traces(monkeypatch):
 
     ref, held = model(0), model(0)
     assert hold_epilogue(held) == 2  # the A16 layer has no integer path
+    # the 4-bit layer's constants were cached under its packed codes, not a transient unpacked copy
+    assert held[2].weight_bits == 4 and held[2].weight_packed in int8_ops._CACHE
     expected = ref(x)
     assert not any("epilogue" in k for k in held.state_dict())
     # the held path does not consult the cache at all

@@ -204,10 +204,13 @@ def int_mm_ok(m: int, k: int, n: int, device) -> bool:
     return m > 16 and k % 8 == 0 and n % 8 == 0
 
 
-def epilogue_consts(w_q, w_scale, bias, x_scale, x_zp):
+def epilogue_consts(w_q, w_scale, bias, x_scale, x_zp, key=None):
     """(scale, effective bias) for linear_int_mm's `consts`: precompute them once
-    where a compiled graph would otherwise recompute sum_k W on every call."""
-    return _epilogue_consts(w_q.reshape(w_q.shape[0], -1), w_scale, bias, x_scale, x_zp, w_q, "lin_epi")
+    where a compiled graph would otherwise recompute sum_k W on every call.
+    key: the tensor owning the codes (as in linear_int_mm), so that unpacked
+    2/4-bit codes share the eager path's cache entry instead of making one."""
+    return _epilogue_consts(w_q.reshape(w_q.shape[0], -1), w_scale, bias, x_scale, x_zp,
+                            w_q if key is None else key, "lin_epi")
 
 
 def linear_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None, consts=None):

@@ -267,7 +267,7 @@ class QuantLinear(QuantLayer):
             return
         with torch.no_grad():
             scale, bias = int8_ops.epilogue_consts(self.int_codes(), self.weight_scale, self.bias,
-                                                   self.act_scale, self.act_zero_point)
+                                                   self.act_scale, self.act_zero_point, key=self.weight_packed)
         self.register_buffer("epilogue_scale", scale.clone(), persistent=False)
         self.register_buffer("epilogue_bias", bias.clone(), persistent=False)
 
