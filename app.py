@@ -292,9 +292,10 @@ def stats_markdown(s: dict, session: Session, how: str) -> str:
             f"{len(s['step_ms_all']['float'])} interleaved UNet calls on the same inputs; peak memory: "
             f"{s['peak_method']} (the process holds both models).")
     if speed < 1:
-        foot += ("  Why slower: this model's matmuls are tiny, so quantizing activations and the int8 "
-                 "epilogue cost more than the integer arithmetic saves; at the real SDXL size the same "
-                 "kernels are faster than float (measured in bench/RESULTS.md).")
+        foot += ("  Why slower: this model's matmuls are tiny (tens of microseconds), so the fixed cost "
+                 "per quantized layer (quantizing its input, the int8 epilogue, more operator calls) "
+                 "outweighs the integer arithmetic it saves; at the real SDXL size the same kernels are "
+                 "faster than float (measured in bench/RESULTS.md).")
     return "\n".join(rows) + foot
 
 
