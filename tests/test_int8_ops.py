@@ -274,3 +274,72 @@ def test_prepacked_backends_unpack_low_bit_codes_once(monkeypatch, tmp_path, bac
         for _ in range(3):
             assert _rel(q(x), ref) < 1e-5
         assert len(calls) == (3 if backend == "int_mm" else 1), type(q).__name__
+
+
+@pytest.mark.parametrize("backend", ["onednn", "fbgemm"])
+def test_prepacked_backends_leave_one_copy_of_int8_codes(monkeypatch, tmp_path, backend):
+    """On oneDNN / FBGEMM a 5-8-bit layer keeps only the backend's prepacked copy after its
+    first integer call; the codes read back exactly for the float path, state_dict, load,
+    deepcopy and torch.save, and the layer drops its own copy again afterwards. 4-bit layers
+    (their packed codes are smaller than the prepacked copy) keep theirs."""
+    if backend not in _backends(K.LINEAR_BACKENDS):
+        pytest.skip(f"{backend} not in this torch build")
+    import copy
+
+    from mixdq.plan import LayerBits
+    from mixdq.quant import layers as L
+    from mixdq.quant.quantizers import ActRange
+
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", backend)
+    torch.manual_seed(6)
+    cases = [(torch.nn.Linear(32, 16), 8, torch.randn(2, 5, 32)),
+             (torch.nn.Linear(32, 16), 4, torch.randn(2, 5, 32))]
+    if backend == "onednn":  # FBGEMM has no float-output conv: convs stay on int_mm there
+        cases.append((torch.nn.Conv2d(8, 6, 3, padding=1), 7, torch.randn(1, 8, 6, 6)))
+    for m, bits, x in cases:
+        make = L.QuantLinear if isinstance(m, torch.nn.Linear) else L.QuantConv2d
+
+        def quant(module):
+            q = make.from_float(module, LayerBits(bits, 8))
+            q.kernel = "int_mm"
+            q.set_ranges([ActRange(-3.0, 3.0, 1)])
+            return q
+
+        q = quant(m)
+        codes = q.int_codes().clone()
+        stored = lambda: q.weight_packed.untyped_storage().nbytes()  # noqa: E731
+        held = stored()
+        first = q(x)
+        released = bits >= 5
+        assert stored() == (0 if released else held), (type(q).__name__, bits)
+        assert torch.equal(q(x), first) and torch.equal(q.int_codes(), codes)
+        q.kernel = "dequant"  # the float path reads the codes back without restoring them
+        float_path = q(x)
+        assert _rel(float_path, first) < 1e-5 and stored() == (0 if released else held)
+        q.kernel = "int_mm"
+        state = q.state_dict()  # restores them, exactly
+        assert stored() == held and torch.equal(state["weight_packed"], L.pack(codes, bits))
+        assert torch.equal(q(x), first) and stored() == (0 if released else held)
+        for twin in (copy.deepcopy(q), torch.load(_saved(q), weights_only=False)):
+            assert torch.equal(twin.int_codes(), codes) and torch.equal(twin(x), first)
+        assert torch.equal(q(x), first) and stored() == (0 if released else held)
+        other = quant(type(m)(*_dims(m)))
+        q.load_state_dict(other.state_dict())
+        assert torch.equal(q.int_codes(), other.int_codes()) and torch.equal(q(x), other(x))
+        assert stored() == (0 if released else held)
+
+
+def _saved(module):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    buf.seek(0)
+    return buf
+
+
+def _dims(m):
+    if isinstance(m, torch.nn.Linear):
+        return m.in_features, m.out_features
+    return m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding

@@ -147,6 +147,59 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
+# Prepacked copies hold the int8 codes themselves, in the backend's layout; each
+# reads back exactly (tested), which lets a layer keep only the prepacked copy.
+_READ_BACK = {
+    "fbgemm_lin": lambda packed: torch.ops.quantized.linear_unpack(packed)[0].int_repr(),
+    "onednn_lin": lambda packed: packed.to_dense().t(),
+    "onednn_conv": lambda packed: packed.to_dense(),
+}
+_FRESH = WeakIdKeyDictionary()  # keys whose prepacked copy was just made
+
+
+def note_prepacked(key: torch.Tensor) -> None:
+    """Mark key's prepacked copy as one its layer may keep alone (take_fresh_prepacked)."""
+    try:
+        _FRESH[_owner(key)] = True
+    except TypeError:  # inference tensors etc. that refuse weak references
+        pass
+
+
+def _prepacked(key, name, deps, make):
+    """cached() for the backends' prepacked copies: also notes that a new copy was made."""
+    def make_and_note():
+        value = make()
+        note_prepacked(key)
+        return value
+
+    return cached(key, name, deps, make_and_note)
+
+
+def take_fresh_prepacked(key: torch.Tensor):
+    """(name, packed) if a prepacked copy of key's codes was made since the last
+    call, else None (one dictionary lookup: called after every integer-path call;
+    compiled graphs run no prepacked backend)."""
+    if torch.compiler.is_compiling():
+        return None
+    owner = _owner(key)
+    try:
+        if _FRESH.pop(owner, None) is None:
+            return None
+    except TypeError:
+        return None
+    current = _versions(key)[0]
+    for name in _READ_BACK:
+        hit = _CACHE.get(owner, {}).get(name)
+        if hit is not None and hit[0][0] == current:  # deps start with _versions(key)
+            return name, hit[1]
+    return None
+
+
+def read_back(name: str, packed) -> torch.Tensor:
+    """The int8 codes a prepacked copy holds, weight-shaped as the backend got them."""
+    return _READ_BACK[name](packed)
+
+
 def _scalar(t) -> float:
     return float(t) if not isinstance(t, torch.Tensor) else float(t.reshape(-1)[0])
 
@@ -244,8 +297,8 @@ def linear_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None):
     x2d = x.reshape(-1, shape[-1])
     key = w_q if key is None else key
     n = w_scale.shape[0]
-    packed = cached(key, "onednn_lin", lambda: _versions(key),
-                    lambda: torch.ops.onednn.qlinear_prepack(_codes(w_q).contiguous(), None))
+    packed = _prepacked(key, "onednn_lin", lambda: _versions(key),
+                        lambda: torch.ops.onednn.qlinear_prepack(_codes(w_q).contiguous(), None))
     wz = cached(key, "onednn_wz", (), lambda: _onednn_w_zp(n, w_scale.device))
     ws = w_scale.float().contiguous()
     xq = quantize_act(x2d.float(), x_scale, x_zp, signed=False)
@@ -269,7 +322,7 @@ def linear_fbgemm(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None):
         with _engine("fbgemm"):
             return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float())
 
-    packed = cached(key, "fbgemm_lin", lambda: _versions(key, w_scale, bias), make)
+    packed = _prepacked(key, "fbgemm_lin", lambda: _versions(key, w_scale, bias), make)
     with _engine("fbgemm"):
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             x2d, _scalar(x_scale), int(round(_scalar(x_zp))), packed)
@@ -374,7 +427,7 @@ def conv2d_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0
     key = w_q if key is None else key
     s, z = _scalar(x_scale), int(round(_scalar(x_zp)))
     ws = w_scale.float().contiguous()
-    packed = cached(key, "onednn_conv", lambda: _versions(key, w_scale) + (s, z), lambda: torch.ops.onednn.qconv_prepack(
+    packed = _prepacked(key, "onednn_conv", lambda: _versions(key, w_scale) + (s, z), lambda: torch.ops.onednn.qconv_prepack(
         _codes(w_q).contiguous(), ws, s, z, stride, padding, dilation, groups, None))
     wz = cached(key, "onednn_wz", (), lambda: _onednn_w_zp(ws.shape[0], ws.device))
     xq = quantize_act(x.float(), s, z, signed=False)
@@ -426,6 +479,6 @@ def macs_conv(b, c, o, kh, kw, ho, wo) -> int:
     return b * ho * wo * o * c * kh * kw
 
 
-__all__ = ["quantize_act", "linear_reference", "linear_int_mm", "linear_onednn", "linear_fbgemm",
+__all__ = ["quantize_act", "note_prepacked", "take_fresh_prepacked", "read_back", "linear_reference", "linear_int_mm", "linear_onednn", "linear_fbgemm",
            "conv2d_reference", "conv2d_int_mm", "conv2d_onednn", "split_conv1x1_int_mm",
            "LINEAR_BACKENDS", "CONV_BACKENDS", "int_mm_ok", "clear_cache", "cached"]

@@ -86,8 +86,15 @@ def _refresh_after_load(module: "QuantLayer", _incompatible_keys) -> None:
     module._refresh_derived()  # a module-level function: hooks must pickle
 
 
+def _restore_before_io(module: "QuantLayer", *_args) -> None:
+    module._restore_codes()  # state_dict / load_state_dict read or write the codes
+
+
 class QuantLayer(nn.Module):
     """State and arithmetic shared by QuantLinear and QuantConv2d."""
+
+    # (name, packed) while only a backend's prepacked copy holds the codes (_release_codes)
+    _held_prepacked = None
 
     def __init__(self, weight_shape, has_bias: bool, bits: LayerBits, dtype, device=None,
                  split: int = 0, bos: bool = False):
@@ -119,9 +126,51 @@ class QuantLayer(nn.Module):
         self.ranges: list[ActRange] = [ActRange() for _ in range(parts)]
         # derived buffers follow a loaded state dict (export.load assigns tensors)
         self.register_load_state_dict_post_hook(_refresh_after_load)
+        self.register_state_dict_pre_hook(_restore_before_io)
+        self.register_load_state_dict_pre_hook(_restore_before_io)
 
     def _refresh_derived(self) -> None:
         """Recompute buffers derived from weights and ranges (none by default)."""
+
+    # -- one copy of the codes on prepacked backends ------------------------------
+    def _release_codes(self, fresh) -> None:
+        """oneDNN and FBGEMM (the int8 backends of CPUs without VNNI) run on a prepacked
+        int8 copy of the weight made on the first call; `fresh` is that copy
+        (int8_ops.take_fresh_prepacked).  Keep only it: our codes' storage is dropped
+        and read back from it whenever the codes are needed (state_dict, .to(),
+        pickling, the float paths).  Only for 5-8-bit codes, whose int8 container is
+        the size of the prepacked copy, so model_nbytes still measures what is held;
+        2-4-bit layers keep their packed codes and the copy."""
+        t = self.weight_packed
+        if self.weight_bits < 5 or t.device.type != "cpu" or t.is_inference():
+            return
+        try:
+            t.untyped_storage().resize_(0)
+        except RuntimeError:  # a storage that cannot shrink (e.g. mapped from a file)
+            return
+        self._held_prepacked = fresh
+
+    def _restore_codes(self) -> None:
+        """Give the codes their own storage again, for code that reads the buffer."""
+        if self._held_prepacked is None:
+            return
+        t = self.weight_packed
+        codes = int8_ops.read_back(*self._held_prepacked)
+        # same contents as before the release: keep the version, so that the
+        # backend's prepacked copy (keyed on it) stays valid...
+        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(t):
+            t.untyped_storage().resize_(t.numel() * t.element_size())
+            t.copy_(codes.reshape(-1))
+        self._held_prepacked = None
+        int8_ops.note_prepacked(t)  # ...and drop ours again after the next integer call
+
+    def _apply(self, fn, recurse=True):
+        self._restore_codes()  # .to() / .half() / .cuda() copy the codes
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        self._restore_codes()  # pickling and deepcopy copy the codes
+        return super().__getstate__()
 
     # -- construction ---------------------------------------------------------
     def _load_float(self, weight: torch.Tensor, bias: torch.Tensor | None, bos_embedding=None):
@@ -154,13 +203,22 @@ class QuantLayer(nn.Module):
     def int_codes(self) -> torch.Tensor:
         """Integer weight codes (int8) in the weight's shape: a view for 5-8 bits,
         unpacked for 2/3/4 bits (a transient int8 tensor, never a float copy)."""
+        if self._held_prepacked is not None:  # read back, transient like unpacked codes
+            return int8_ops.read_back(*self._held_prepacked).reshape(self.weight_shape)
         return unpack(self.weight_packed, self.weight_bits, self.weight_shape)
 
     def _codes_arg(self):
         """The codes for the integer kernels: 5-8-bit codes are a free view; 2/3/4-bit
-        ones go as the unpacking method, so that backends holding a prepacked
-        copy (oneDNN, FBGEMM) do not unpack them on every call."""
-        return self.int_codes() if self.weight_bits >= 5 else self.int_codes
+        ones (and released ones) go as the unpacking method, so that backends
+        holding a prepacked copy (oneDNN, FBGEMM) do not unpack them on every call."""
+        if self.weight_bits >= 5 and self._held_prepacked is None:
+            return self.int_codes()
+        return self.int_codes
+
+    def _after_int_call(self) -> None:
+        fresh = int8_ops.take_fresh_prepacked(self.weight_packed)
+        if fresh is not None:
+            self._release_codes(fresh)
 
     def _int_path(self) -> bool:
         """8-bit activations and integer weights of any width run the integer kernels
@@ -275,9 +333,10 @@ class QuantLinear(QuantLayer):
         if self._int_path():
             if int8_ops.int_mm_ok(x.numel() // x.shape[-1], x.shape[-1], self.weight_shape[0], x.device):
                 consts = (self.epilogue_scale, self.epilogue_bias) if self.holds_epilogue else None
-                return kernels.int8_linear(x, self.act_scale, self.act_zero_point, self._codes_arg(),
-                                           self.weight_scale, self.bias, key=self.weight_packed,
-                                           consts=consts)
+                y = kernels.int8_linear(x, self.act_scale, self.act_zero_point, self._codes_arg(),
+                                        self.weight_scale, self.bias, key=self.weight_packed, consts=consts)
+                self._after_int_call()
+                return y
         w = self.dequantized_weight(x.dtype, scratch=True)
         return F.linear(self._quantize_input(x, -1), w, self.bias)
 
@@ -326,9 +385,11 @@ class QuantConv2d(QuantLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._int_path():
             if kernels.conv_usable(x, self.weight_shape, self.conv_args.get("groups", 1)):
-                return kernels.int8_conv2d(x, self.act_scale, self.act_zero_point, self._codes_arg(),
-                                           self.weight_scale, self.bias, split=self.split,
-                                           key=self.weight_packed, **self.conv_args)
+                y = kernels.int8_conv2d(x, self.act_scale, self.act_zero_point, self._codes_arg(),
+                                        self.weight_scale, self.bias, split=self.split,
+                                        key=self.weight_packed, **self.conv_args)
+                self._after_int_call()
+                return y
         w = self.dequantized_weight(x.dtype, scratch=True)
         return F.conv2d(self._quantize_input(x, 1), w, self.bias, **self.conv_args)
 
