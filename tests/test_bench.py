@@ -173,3 +173,11 @@ def test_gpu_script_runs_unchanged_on_cpu(tmp_path):
     data = json.loads((tmp_path / "results-gpu.json").read_text())
     assert data["env"]["device"] == "cpu"
     assert "## GPU" in write_results_md(tmp_path).read_text()
+
+
+def test_results_are_ordered_by_run_number():
+    from bench.report import _run_order
+
+    runs = [{"label": f"run {n}: x", "env": {}} for n in (10, 2, 9, 1)] + [{"env": {}}]
+    assert [r.get("label", "")[:6] for r in sorted(runs, key=_run_order)] == \
+        ["", "run 1:", "run 2:", "run 9:", "run 10"]
