@@ -14,7 +14,10 @@ change; 8 bytes per output channel, not counted by `quantized_nbytes`), so the
 compiled graph reads them instead of recomputing sum_k W on every call.  Eager
 calls get the same constants from int8_ops' cache at no memory cost.
 The float weight is gone; `weight_bits == 16` keeps it (float weight, quantized
-activations).  `quantized_nbytes` predicts these bytes exactly.
+activations).  `quantized_nbytes` predicts these bytes exactly.  On the
+prepacked int8 backends (oneDNN, FBGEMM: CPUs without VNNI) a 5-8-bit layer's
+codes live in the backend's prepacked copy after the first call, the same
+number of bytes held in another layout (see `_release_codes`).
 """
 from __future__ import annotations
 
