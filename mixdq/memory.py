@@ -1,9 +1,9 @@
 """Bytes a UNet holds, measured and predicted.
 
 `model_nbytes` measures: the sum of every parameter's and buffer's nbytes (on
-CPUs without VNNI a 5-8-bit layer's codes move into its int8 backend's prepacked
-copy after the first call: the same bytes, held there instead; 2-4-bit layers
-hold that int8 copy besides their packed codes, which model_nbytes does not see).
+CPUs without VNNI a layer's codes move into its int8 backend's prepacked copy
+after the first call: the same bytes for 5-8-bit codes, one byte per weight
+instead of the packed 1/2 or 1/4 for 2-4-bit ones, which model_nbytes does not see).
 `layer_costs` predicts, per layer and weight bit-width, the bytes the layer
 will hold once quantized; `quantize` then makes the prediction true (tested).
 1 MB = 1e6 bytes throughout.

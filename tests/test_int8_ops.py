@@ -278,10 +278,9 @@ def test_prepacked_backends_unpack_low_bit_codes_once(monkeypatch, tmp_path, bac
 
 @pytest.mark.parametrize("backend", ["onednn", "fbgemm"])
 def test_prepacked_backends_leave_one_copy_of_int8_codes(monkeypatch, tmp_path, backend):
-    """On oneDNN / FBGEMM a 5-8-bit layer keeps only the backend's prepacked copy after its
-    first integer call; the codes read back exactly for the float path, state_dict, load,
-    deepcopy and torch.save, and the layer drops its own copy again afterwards. 4-bit layers
-    (their packed codes are smaller than the prepacked copy) keep theirs."""
+    """On oneDNN / FBGEMM a layer keeps only the backend's prepacked copy after its first
+    integer call; the codes read back exactly for the float path, state_dict, load, deepcopy
+    and torch.save, and the layer drops its own copy again afterwards."""
     if backend not in _backends(K.LINEAR_BACKENDS):
         pytest.skip(f"{backend} not in this torch build")
     import copy
@@ -311,23 +310,22 @@ def test_prepacked_backends_leave_one_copy_of_int8_codes(monkeypatch, tmp_path, 
         stored = lambda: q.weight_packed.untyped_storage().nbytes()  # noqa: E731
         held = stored()
         first = q(x)
-        released = bits >= 5
-        assert stored() == (0 if released else held), (type(q).__name__, bits)
+        assert stored() == 0, (type(q).__name__, bits)
         assert torch.equal(q(x), first) and torch.equal(q.int_codes(), codes)
         q.kernel = "dequant"  # the float path reads the codes back without restoring them
         float_path = q(x)
-        assert _rel(float_path, first) < 1e-5 and stored() == (0 if released else held)
+        assert _rel(float_path, first) < 1e-5 and stored() == 0
         q.kernel = "int_mm"
         state = q.state_dict()  # restores them, exactly
         assert stored() == held and torch.equal(state["weight_packed"], L.pack(codes, bits))
-        assert torch.equal(q(x), first) and stored() == (0 if released else held)
+        assert torch.equal(q(x), first) and stored() == 0
         for twin in (copy.deepcopy(q), torch.load(_saved(q), weights_only=False)):
             assert torch.equal(twin.int_codes(), codes) and torch.equal(twin(x), first)
-        assert torch.equal(q(x), first) and stored() == (0 if released else held)
+        assert torch.equal(q(x), first) and stored() == 0
         other = quant(type(m)(*_dims(m)))
         q.load_state_dict(other.state_dict())
         assert torch.equal(q.int_codes(), other.int_codes()) and torch.equal(q(x), other(x))
-        assert stored() == (0 if released else held)
+        assert stored() == 0
 
 
 def _saved(module):

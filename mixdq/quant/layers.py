@@ -16,8 +16,9 @@ calls get the same constants from int8_ops' cache at no memory cost.
 The float weight is gone; `weight_bits == 16` keeps it (float weight, quantized
 activations).  `quantized_nbytes` predicts these bytes exactly.  On the
 prepacked int8 backends (oneDNN, FBGEMM: CPUs without VNNI) a 5-8-bit layer's
-codes live in the backend's prepacked copy after the first call, the same
-number of bytes held in another layout (see `_release_codes`).
+codes live in the backend's prepacked int8 copy after the first call (see
+`_release_codes`): the same bytes for 5-8-bit codes, 2-4x the packed size for
+2-4-bit ones (those backends have no low-bit kernels).
 """
 from __future__ import annotations
 
@@ -141,11 +142,11 @@ class QuantLayer(nn.Module):
         int8 copy of the weight made on the first call; `fresh` is that copy
         (int8_ops.take_fresh_prepacked).  Keep only it: our codes' storage is dropped
         and read back from it whenever the codes are needed (state_dict, .to(),
-        pickling, the float paths).  Only for 5-8-bit codes, whose int8 container is
-        the size of the prepacked copy, so model_nbytes still measures what is held;
-        2-4-bit layers keep their packed codes and the copy."""
+        pickling, the float paths).  5-8-bit codes are stored in int8, the size of the
+        prepacked copy; 2-4-bit layers then hold int8 instead of their packed codes
+        (that copy is what the backend runs; model_nbytes counts the packed size)."""
         t = self.weight_packed
-        if self.weight_bits < 5 or t.device.type != "cpu" or t.is_inference():
+        if t.device.type != "cpu" or t.is_inference():
             return
         try:
             t.untyped_storage().resize_(0)
@@ -163,7 +164,7 @@ class QuantLayer(nn.Module):
         # backend's prepacked copy (keyed on it) stays valid...
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(t):
             t.untyped_storage().resize_(t.numel() * t.element_size())
-            t.copy_(codes.reshape(-1))
+            t.copy_(pack(codes, self.weight_bits))
         self._held_prepacked = None
         int8_ops.note_prepacked(t)  # ...and drop ours again after the next integer call
 
