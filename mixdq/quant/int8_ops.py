@@ -480,5 +480,6 @@ def macs_conv(b, c, o, kh, kw, ho, wo) -> int:
 
 
 __all__ = ["quantize_act", "note_prepacked", "take_fresh_prepacked", "read_back", "linear_reference",
-           "linear_int_mm", "linear_onednn", "linear_fbgemm", "conv2d_reference", "conv2d_int_mm", "conv2d_onednn", "split_conv1x1_int_mm",
-           "LINEAR_BACKENDS", "CONV_BACKENDS", "int_mm_ok", "clear_cache", "cached"]
+           "linear_int_mm", "linear_onednn", "linear_fbgemm", "conv2d_reference", "conv2d_int_mm",
+           "conv2d_onednn", "split_conv1x1_int_mm", "LINEAR_BACKENDS", "CONV_BACKENDS", "int_mm_ok",
+           "clear_cache", "cached"]
