@@ -1,21 +1,23 @@
 """Bytes a UNet holds, measured and predicted.
 
-`model_nbytes` measures: the sum of every parameter's and buffer's nbytes (on
+`model_nbytes` measures: the sum of every parameter's and buffer's nbytes.  On
 CPUs without VNNI a layer's codes move into its int8 backend's prepacked copy
-after the first call: the same bytes for 5-8-bit codes, one byte per weight
-instead of the packed 1/2 or 1/4 for 2-4-bit ones, which model_nbytes does not see).
+after the first call (layers.QuantLayer._release_codes); such codes count at one
+byte per weight, the copy's codes (for 2-4-bit layers twice or four times
+their packed size; the copy's block padding is not counted).
 `layer_costs` predicts, per layer and weight bit-width, the bytes the layer
 will hold once quantized; `quantize` then makes the prediction true (tested).
 1 MB = 1e6 bytes throughout.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch.nn as nn
 
 from .plan import WEIGHT_BITS, LayerBits, Plan
-from .quant import is_bos_layer, layer_spec, quantizable_layers, quantized_nbytes, shortcut_splits
+from .quant import QuantLayer, is_bos_layer, layer_spec, quantizable_layers, quantized_nbytes, shortcut_splits
 
 MB = 1_000_000
 
@@ -28,6 +30,9 @@ def model_nbytes(module: nn.Module) -> int:
         if id(t) not in seen:
             seen.add(id(t))
             total += t.nbytes
+    for m in module.modules():
+        if isinstance(m, QuantLayer) and m._held_prepacked is not None:
+            total += math.prod(m.weight_shape) - m.weight_packed.nbytes  # int8 copy, not packed codes
     return total
 
 

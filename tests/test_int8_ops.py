@@ -285,6 +285,7 @@ def test_prepacked_backends_leave_one_copy_of_int8_codes(monkeypatch, tmp_path, 
         pytest.skip(f"{backend} not in this torch build")
     import copy
 
+    from mixdq.memory import model_nbytes
     from mixdq.plan import LayerBits
     from mixdq.quant import layers as L
     from mixdq.quant.quantizers import ActRange
@@ -308,9 +309,11 @@ def test_prepacked_backends_leave_one_copy_of_int8_codes(monkeypatch, tmp_path, 
         q = quant(m)
         codes = q.int_codes().clone()
         stored = lambda: q.weight_packed.untyped_storage().nbytes()  # noqa: E731
-        held = stored()
+        held, measured = stored(), model_nbytes(q)
         first = q(x)
         assert stored() == 0, (type(q).__name__, bits)
+        # what is held now: the int8 copy, one byte per weight (4-bit: twice the packed codes)
+        assert model_nbytes(q) == measured - held + codes.numel()
         assert torch.equal(q(x), first) and torch.equal(q.int_codes(), codes)
         q.kernel = "dequant"  # the float path reads the codes back without restoring them
         float_path = q(x)

@@ -145,7 +145,7 @@ class QuantLayer(nn.Module):
         and read back from it whenever the codes are needed (state_dict, .to(),
         pickling, the float paths).  5-8-bit codes are stored in int8, the size of the
         prepacked copy; 2-4-bit layers then hold int8 instead of their packed codes
-        (that copy is what the backend runs; model_nbytes counts the packed size)."""
+        (that copy is what the backend runs, and what model_nbytes then counts)."""
         t = self.weight_packed
         if t.device.type != "cpu" or t.is_inference():
             return
