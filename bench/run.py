@@ -210,8 +210,8 @@ def make_plans(layers: dict, variants) -> dict:
         elif v == "W4A16":
             out[v] = Plan.uniform(names, 4, 16, meta={"mean_weight_bits": 4})
         elif v.endswith(MAPPED_8TO7):  # a plan's W8 layers as W7: the int8 route without VNNI
-            out[v] = make_plans(layers, [v.removesuffix(MAPPED_8TO7)])[v.removesuffix(MAPPED_8TO7)] \
-                .with_weight_bits({8: 7})
+            base = v.removesuffix(MAPPED_8TO7)
+            out[v] = make_plans(layers, [base])[base].with_weight_bits({8: 7})
         else:
             raise ValueError(f"unknown variant {v!r}")
     return out
