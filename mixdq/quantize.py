@@ -102,10 +102,10 @@ def quantize(pipe, plan: Plan, calibration: Calibration | None = None,
     counts = {}
     for layer in layers.values():
         counts[str(layer.bits)] = counts.get(str(layer.bits), 0) + 1
-    on_int = [layer for layer in layers.values() if layer._int_path()]
+    on_int = {name for name, layer in layers.items() if layer._int_path()}
     notes = []
-    wide = [layer for layer in layers.values() if chosen == "int_mm" and layer.act_bits == 8
-            and layer.weight_bits == 8 and not layer._int_path()]
+    wide = [name for name, layer in layers.items() if chosen == "int_mm" and layer.act_bits == 8
+            and layer.weight_bits == 8 and name not in on_int]
     if wide:
         notes.append(f"{len(wide)} W8A8 layers run the exact float path, no faster than float: this CPU has "
                      "no VNNI, and its int8 kernels saturate on 8-bit weight codes. 7-bit weights (W7A8) run the "
