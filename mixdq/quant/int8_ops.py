@@ -187,9 +187,9 @@ def take_fresh_prepacked(key: torch.Tensor):
             return None
     except TypeError:
         return None
-    current = _versions(key)[0]
+    current, slot = _versions(key)[0], _CACHE.get(owner, {})
     for name in _READ_BACK:
-        hit = _CACHE.get(owner, {}).get(name)
+        hit = slot.get(name)
         if hit is not None and hit[0][0] == current:  # deps start with _versions(key)
             return name, hit[1]
     return None
