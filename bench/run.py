@@ -190,7 +190,7 @@ def mixed_plan(layers: dict, target_bits: float, low: int, act: int = 8, lowest:
     return plan
 
 
-MAPPED_8TO7 = "-8to7"  # variant suffix: the plan's W8 layers as W7
+KEEP_W8 = "-keep-w8"  # variant suffix: quantize(int8_safe=False): W8A8 layers stay 8-bit everywhere
 
 
 def make_plans(layers: dict, variants) -> dict:
@@ -209,9 +209,9 @@ def make_plans(layers: dict, variants) -> dict:
             out[v] = Plan.uniform(names, 7, 8, meta={"mean_weight_bits": 7})
         elif v == "W4A16":
             out[v] = Plan.uniform(names, 4, 16, meta={"mean_weight_bits": 4})
-        elif v.endswith(MAPPED_8TO7):  # a plan's W8 layers as W7: the int8 route without VNNI
-            base = v.removesuffix(MAPPED_8TO7)
-            out[v] = make_plans(layers, [base])[base].with_weight_bits({8: 7})
+        elif v.endswith(KEEP_W8):
+            base = v.removesuffix(KEEP_W8)
+            out[v] = make_plans(layers, [base])[base]
         else:
             raise ValueError(f"unknown variant {v!r}")
     return out
@@ -257,18 +257,26 @@ def observe_ranges(unet, inputs) -> tuple[dict, float]:
     return ranges, dt, out
 
 
-def build_variant(unet, plan, ranges):
+def build_variant(unet, plan, ranges, int8_safe: bool = True):
+    """The quantized variant as `mixdq.quantize(int8_safe=...)` makes it (W8A8 layers
+    as W7A8 where this CPU's int8 kernels saturate on 8-bit codes), sharing the
+    float model's unquantized tensors."""
     from mixdq import model_nbytes
     from mixdq.quant import kernels, quantized_layers, replace_layers
+    from mixdq.quantize import wide_int8_layers
 
     trim()
     rss0 = rss_bytes()
     t = time.perf_counter()
+    device = next(unet.parameters()).device
+    chosen = kernels.select_kernel(device)
+    wide = wide_int8_layers(plan, chosen, device)
+    if wide and int8_safe:
+        plan = plan.with_weight_bits({8: 7}, act=8)
     clone = shared_clone(unet)
     with torch.no_grad():
         originals = replace_layers(clone, plan, ranges=ranges)
     del originals
-    chosen = kernels.select_kernel(next(unet.parameters()).device)
     for layer in quantized_layers(clone).values():
         layer.kernel = chosen
     # layers that run the integer kernels (8-bit activations, 2-8-bit weights)
@@ -284,6 +292,7 @@ def build_variant(unet, plan, ranges):
         "quantize_s": dt, "weight_bytes": total,
         "rss_delta_bytes": None if rss0 is None else rss1 - rss0,
         "kernel": chosen, "routed_int8_layers": routed,
+        "w8a8_as_w7a8_layers": len(wide) if int8_safe else 0,
     }
 
 
@@ -368,10 +377,10 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
     built = {}
     info = {}
     for v, plan in plans.items():
-        model, meta = build_variant(unet, plan, ranges)
+        model, meta = build_variant(unet, plan, ranges, int8_safe=not v.endswith(KEEP_W8))
         built[v] = model
         info[v] = meta
-        log(f"  {v}: {plan.summary()} -> {meta['weight_bytes'] / MiB:.0f} MiB, quantized in {meta['quantize_s']:.1f} s")
+        log(f"  {v}: {meta['plan']} -> {meta['weight_bytes'] / MiB:.0f} MiB, quantized in {meta['quantize_s']:.1f} s")
 
     timing = interleaved({"float32": unet, **built}, inputs, device, reps, log=log)
     out = {"model": name, "params": n_params, "px": px, "batch": batch, "device": device,
@@ -442,7 +451,7 @@ def ratios(model_result: dict) -> dict:
 # ---------------------------------------------------------------------------
 DEFAULT_MODELS = ("sdxl-turbo", "sd-turbo", "sd15")
 DEFAULT_VARIANTS = ("W8A8", "W5A8", "W4A8", "W4A16")
-VARIANTS = DEFAULT_VARIANTS + ("W7A8", "W5A8" + MAPPED_8TO7, "W4A8" + MAPPED_8TO7)
+VARIANTS = DEFAULT_VARIANTS + ("W7A8",) + tuple(v + KEEP_W8 for v in ("W8A8", "W5A8", "W4A8"))
 
 
 def run(models=DEFAULT_MODELS, variants=DEFAULT_VARIANTS, reps: int = 3, px: int = 512, batch: int = 1,

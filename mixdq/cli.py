@@ -68,8 +68,10 @@ def _add_plan_args(p):
     p.add_argument("--plan", type=_plan_arg, required=True,
                    help="plan JSON, preset name, or a uniform spec such as W8A8 / W4A16")
     p.add_argument("--weight-bits-map", type=_weight_bits_map, default=None, metavar="OLD=NEW",
-                   help="replace weight widths of the plan, e.g. 8=7: exact int8 kernels on CPUs "
-                        "without VNNI (8-bit codes run the float path there)")
+                   help="replace weight widths throughout the plan, e.g. 8=7 (weight-only layers too)")
+    p.add_argument("--keep-w8", action="store_true",
+                   help="keep W8A8 layers 8-bit on CPUs without VNNI (exact float path, no faster than "
+                        "float there) instead of storing them as W7A8")
     p.add_argument("--no-bos", action="store_true", help="turn BOS-aware K/V quantization off (ablation)")
     p.add_argument("--kernel", choices=["int_mm", "dequant"], default=None,
                    help="override the W8A8 kernel choice (default: measured per machine)")
@@ -83,7 +85,8 @@ def _quantized_pipe(args):
     pipe = load_pipeline(args.model, device=args.device)
     plan = _resolve_plan(args.plan, pipe.unet, args.weight_bits_map)
     cal = calibration_from_args(pipe, args)
-    report = quantize(pipe, plan, cal, bos_aware=not args.no_bos, kernel=args.kernel)
+    report = quantize(pipe, plan, cal, bos_aware=not args.no_bos, kernel=args.kernel,
+                      int8_safe=not args.keep_w8)
     print(report, file=sys.stderr)
     return pipe, report
 

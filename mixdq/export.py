@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from .errors import ExportError
 from .loading import DEFAULTS_FILE, default_device, generation_defaults
 from .plan import Plan
 from .quant import QuantConv2d, QuantLinear, is_bos_layer, quantizable_layers, quantized_layers, shortcut_splits
-from .quantize import current_plan
+from .quantize import SATURATION_REASON, current_plan, wide_int8_layers
 
 FORMAT = "mixdq-export/1"
 UNET_FILE = "unet/mixdq_unet.safetensors"
@@ -131,8 +132,15 @@ def _empty_quantized_unet(folder: Path, plan: Plan, dtype, bos_aware: bool):
     return unet
 
 
-def load_quantized(folder, device=None, kernel: str | None = None, verify: bool = True):
-    """Rebuild a pipeline written by save_quantized, without any float UNet weights."""
+def load_quantized(folder, device=None, kernel: str | None = None, verify: bool = True,
+                   int8_safe: bool = False):
+    """Rebuild a pipeline written by save_quantized, without any float UNet weights.
+
+    On a CPU whose int8 kernels saturate on 8-bit weight codes (no VNNI) the
+    export's W8A8 layers run the exact float path, no faster than float: a
+    warning says so.  int8_safe=True re-rounds them to 7-bit codes there
+    (QuantLayer.requantize_weight), which the int8 kernels run exactly; the
+    images then differ a little from the export's."""
     from diffusers import DiffusionPipeline
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -172,10 +180,21 @@ def load_quantized(folder, device=None, kernel: str | None = None, verify: bool 
         raise ExportError(f"tensors not in the export: {leftover[:3]}")
     unet.to(device)
     chosen = kernel or meta.get("kernel") or "dequant"
-    for layer in quantized_layers(unet).values():
+    layers = quantized_layers(unet)
+    for layer in layers.values():
         layer.kernel = chosen
     unet.mixdq_meta = {k: meta.get(k) for k in ("bos_aware", "kernel", "calibration")}
     unet.mixdq_meta["kernel"] = chosen
+    wide = wide_int8_layers(plan, chosen, device)
+    if wide and int8_safe:
+        for name in wide:
+            layers[name].requantize_weight(7)
+        unet.mixdq_meta["requantized"] = {"layers": len(wide), "from": "W8A8", "to": "W7A8"}
+    elif wide:
+        warnings.warn(f"{len(wide)} W8A8 layers of {folder} run the exact float path, no faster than "
+                      f"float: {SATURATION_REASON} load_quantized(folder, int8_safe=True) re-rounds them "
+                      "to 7-bit codes, exact on the int8 kernels (images differ a little); quantizing "
+                      "from the float model on this machine stores W7A8 by itself.", stacklevel=2)
     pipe = DiffusionPipeline.from_pretrained(folder, unet=unet, dtype=dtype)
     pipe.to(device)
     pipe._mixdq_source = {"source": str(folder), "kind": "mixdq-export", "lora": None}

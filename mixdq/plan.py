@@ -81,18 +81,23 @@ class Plan(Mapping[str, LayerBits]):
         bits = LayerBits(weight, act)
         return cls({name: bits for name in layer_names}, meta=meta)
 
-    def with_weight_bits(self, mapping: Mapping[int, int]) -> "Plan":
+    def with_weight_bits(self, mapping: Mapping[int, int], act: int | None = None) -> "Plan":
         """The same plan with weight widths replaced per `mapping`, e.g. {8: 7}: on CPUs
         without VNNI 8-bit codes cannot run the int8 kernels exactly, 7-bit ones
-        can (kernels.int8_exact; what ONNX Runtime's reduce_range does to weights)."""
+        can (kernels.int8_exact; what ONNX Runtime's reduce_range does to weights).
+        `act` limits the change to layers with that activation width (8: only the
+        layers the int8 kernels run)."""
         for old, new in mapping.items():
             if FLOAT_BITS in (old, new):
                 raise PlanError(f"weight bits {old}->{new}: only integer widths can be mapped "
                                 f"({', '.join(str(b) for b in WEIGHT_BITS if b != FLOAT_BITS)})")
-        layers = {n: LayerBits(mapping.get(b.weight, b.weight), b.act) if not b.is_float else b
+        layers = {n: LayerBits(mapping.get(b.weight, b.weight), b.act)
+                  if not b.is_float and act in (None, b.act) else b
                   for n, b in self._layers.items()}
         meta = dict(self.meta)
         meta["weight_bits_mapped"] = {str(k): v for k, v in mapping.items()}
+        if act is not None:
+            meta["weight_bits_mapped_act"] = act
         return Plan(layers, meta=meta)
 
     def quantized(self) -> dict[str, LayerBits]:

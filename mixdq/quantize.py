@@ -19,7 +19,7 @@ import torch
 from .calibrate import Calibration, observing, run_pipeline
 from .errors import PlanError
 from .memory import MB, model_nbytes
-from .plan import FLOAT_BITS, Plan
+from .plan import FLOAT_BITS, LayerBits, Plan
 from .quant import kernels, quantizable_layers, quantized_layers, replace_layers
 from .quant.quantizers import ActRange
 
@@ -63,12 +63,17 @@ def bos_embedding(pipe) -> torch.Tensor:
 
 def quantize(pipe, plan: Plan, calibration: Calibration | None = None,
              ranges: dict[str, list[ActRange]] | None = None, *, bos_aware: bool = True,
-             kernel: str | None = None, progress: bool = True, callback=None) -> QuantReport:
+             kernel: str | None = None, int8_safe: bool = True, progress: bool = True,
+             callback=None) -> QuantReport:
     """Quantize pipe.unet per `plan`, in place.
 
     Activation ranges come from `ranges` when given, else from running
     `calibration` (needed whenever the plan quantizes an activation).
     `kernel` overrides the W8A8 path ('int_mm' or 'dequant').
+    `int8_safe`: where the int8 kernels would saturate on 8-bit weight codes (CPUs
+    without VNNI, see `wide_int8_layers`), the plan's W8A8 layers are quantized as
+    W7A8 (same bytes, exact int8 kernels) and the report says so; False keeps
+    them W8A8, on the exact float path, no faster than float there.
     """
     unet = pipe.unet
     if quantized_layers(unet):
@@ -78,6 +83,10 @@ def quantize(pipe, plan: Plan, calibration: Calibration | None = None,
     if needs_acts and calibration is None and ranges is None:
         raise PlanError("the plan quantizes activations: pass calibration=mixdq.Calibration.default(pipe) "
                         "or precomputed ranges=")
+    chosen = kernels.select_kernel(unet.device, override=kernel)
+    wide = wide_int8_layers(plan, chosen, unet.device)
+    if wide and int8_safe:
+        plan = plan.with_weight_bits({8: 7}, act=8)
     float_bytes = model_nbytes(unet)
     t0 = time.perf_counter()
     bos = bos_embedding(pipe) if bos_aware else None
@@ -86,7 +95,6 @@ def quantize(pipe, plan: Plan, calibration: Calibration | None = None,
     gc.collect()
     _rehome_tensors(unet)
     layers = quantized_layers(unet)
-    chosen = kernels.select_kernel(unet.device, override=kernel)
     for layer in layers.values():
         layer.kernel = chosen
     t1 = time.perf_counter()
@@ -102,20 +110,35 @@ def quantize(pipe, plan: Plan, calibration: Calibration | None = None,
     counts = {}
     for layer in layers.values():
         counts[str(layer.bits)] = counts.get(str(layer.bits), 0) + 1
-    on_int = {name for name, layer in layers.items() if layer._int_path()}
+    on_int = [name for name, layer in layers.items() if layer._int_path()]
     notes = []
-    wide = [name for name, layer in layers.items() if chosen == "int_mm" and layer.act_bits == 8
-            and layer.weight_bits == 8 and name not in on_int]
-    if wide:
-        notes.append(f"{len(wide)} W8A8 layers run the exact float path, no faster than float: this CPU has "
-                     "no VNNI, and its int8 kernels saturate on 8-bit weight codes. 7-bit weights (W7A8) run the "
-                     "int8 kernels exactly: plan.with_weight_bits({8: 7}), or `--weight-bits-map 8=7` on the "
-                     "command line; MIXDQ_INT8_SATURATE=allow runs W8 there at a small error.")
+    if wide and int8_safe:
+        notes.append(f"{len(wide)} W8A8 layers were quantized as W7A8 (same bytes, exact on the int8 "
+                     f"kernels): {SATURATION_REASON} int8_safe=False (`--keep-w8`) keeps them W8A8, on "
+                     "the float path, no faster than float.")
+    elif wide:
+        notes.append(f"{len(wide)} W8A8 layers run the exact float path, no faster than float: "
+                     f"{SATURATION_REASON} int8_safe=True (the default: drop `--keep-w8`) quantizes them "
+                     "as W7A8, exact on the int8 kernels; MIXDQ_INT8_SATURATE=allow runs W8 there at a "
+                     "small error.")
     return QuantReport(plan=plan, float_bytes=float_bytes, quantized_bytes=model_nbytes(unet),
                        kernel=kernels.kernel_report(unet.device) | {"kernel": chosen},
                        seconds_quantize=t1 - t0, seconds_calibrate=t2 - t1, bos_aware=bos_aware,
                        calibration=unet.mixdq_meta["calibration"], counts=counts,
                        int8_layers=len(on_int), notes=notes)
+
+
+WIDE_INT8 = LayerBits(8, 8)
+SATURATION_REASON = ("this CPU has no VNNI, and its int8 kernels saturate on 8-bit weight "
+                     "codes (7-bit ones cannot overflow them: kernels.SATURATION_FREE_CODE).")
+
+
+def wide_int8_layers(plan: Plan, kernel: str, device) -> list[str]:
+    """The plan's W8A8 layers that `kernel` cannot run on the int8 kernels exactly on
+    `device` (kernels.int8_exact: CPUs without VNNI), so would run on the float path."""
+    if kernel != "int_mm" or kernels.int8_exact(WIDE_INT8.weight, torch.device(device)):
+        return []
+    return [name for name, bits in plan.items() if bits == WIDE_INT8]
 
 
 def _rehome_tensors(unet) -> None:

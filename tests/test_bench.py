@@ -39,11 +39,29 @@ def test_mixed_plans_hit_their_mean_bits():
     for n in layers:
         if brun._sensitive(n):
             assert plans["W4A8"][n].weight == 8
-    # the -8to7 variants: the same plan with its W8 layers at 7 bits (the int8 route without VNNI)
-    mapped = brun.make_plans(layers, ["W4A8-8to7"])["W4A8-8to7"]
-    assert {n: (b.weight if b.weight != 7 else 8, b.act) for n, b in mapped.items()} == \
-        {n: (b.weight, b.act) for n, b in plans["W4A8"].items()}
-    assert 7 in {b.weight for b in mapped.values()} and 8 not in {b.weight for b in mapped.values()}
+    # -keep-w8 variants: the same plan (build_variant then keeps its W8A8 layers 8-bit)
+    assert brun.make_plans(layers, ["W4A8-keep-w8"])["W4A8-keep-w8"] == plans["W4A8"]
+
+
+def test_variants_are_built_as_quantize_builds_them(monkeypatch):
+    """Without VNNI (mocked) a W8A8 variant is measured as quantize() stores it, W7A8,
+    with the count recorded; the -keep-w8 variant keeps 8-bit codes, off the int8 path."""
+    from mixdq import quantizable_layers
+    from mixdq.quant import kernels
+
+    unet = build_unet("tiny-sdxl")
+    inputs = unet_inputs("tiny-sdxl", unet, px=64)
+    ranges, _, _ = brun.observe_ranges(unet, inputs)
+    plan = brun.make_plans(quantizable_layers(unet), ["W8A8"])["W8A8"]
+    monkeypatch.setattr(kernels, "vnni", lambda: False)
+    monkeypatch.delenv("MIXDQ_INT8_SATURATE", raising=False)
+    monkeypatch.setattr(kernels, "select_kernel", lambda device, override=None: "int_mm")
+    _, safe = brun.build_variant(unet, plan, ranges)
+    _, kept = brun.build_variant(unet, plan, ranges, int8_safe=False)
+    assert safe["plan"] == f"W7A8x{len(plan)}" and safe["w8a8_as_w7a8_layers"] == len(plan)
+    assert safe["routed_int8_layers"] == len(plan)
+    assert kept["plan"] == f"W8A8x{len(plan)}" and kept["w8a8_as_w7a8_layers"] == 0
+    assert kept["routed_int8_layers"] == 0 and kept["weight_bytes"] == safe["weight_bytes"]
 
 
 def test_routed_layers_match_the_library_reference():
@@ -83,7 +101,7 @@ def test_routed_layers_match_the_library_reference():
                 assert err < 2e-3, (bits, n, err)
 
 
-def _check_cpu_results(res, out_dir, models, name="results-cpu.json"):
+def _check_cpu_results(res, out_dir, models, name="results-cpu.json", extra=frozenset()):
     data = json.loads((out_dir / name).read_text())
     assert [m["model"] for m in data["models"]] == models
     env = data["env"]
@@ -93,7 +111,7 @@ def _check_cpu_results(res, out_dir, models, name="results-cpu.json"):
                                         else env["emulation"]["ATEN_CPU_CAPABILITY"].upper())
     for m in data["models"]:
         v = m["variants"]
-        assert set(v) == {"float32", "W8A8", "W5A8", "W4A8", "W4A16", "bfloat16", "float16"}
+        assert set(v) - extra == {"float32", "W8A8", "W5A8", "W4A8", "W4A16", "bfloat16", "float16"}
         for k, d in v.items():
             assert d["weight_bytes"] > 0
             if k != "float16" and (k != "bfloat16" or "step_s" in d):  # bfloat16 step: optional
@@ -131,15 +149,20 @@ def test_emulated_avx2_run_caps_every_library(tmp_path):
     and the integer layers on the backends an AVX2-only CPU gets; its own JSON and title."""
     res = brun.main(["--models", "tiny-sdxl", "--reps", "1", "--px", "64", "--out", str(tmp_path),
                      "--threads", "1", "--no-kernels-table",
-                     "--emulate", "avx2", "--label", "emulated test run", "--no-bfloat16-step"])
+                     "--emulate", "avx2", "--label", "emulated test run", "--no-bfloat16-step",
+                     "--variants", "W8A8", "W8A8-keep-w8", "W5A8", "W4A8", "W4A16"])
     assert res["env"]["cpu"]["capability"] == "AVX2"  # ATEN_CPU_CAPABILITY took effect
     assert res["env"]["emulation"] == brun.EMULATIONS["avx2"]
     assert res["env"]["kernel_dispatch"]["linear_backend"] == "fbgemm"
     assert res["env"]["kernel_dispatch"]["conv_backend"] == "onednn"
-    _check_cpu_results(res, tmp_path, ["tiny-sdxl"], "results-cpu-avx2-emulated.json")
-    # no VNNI: 8-bit codes would saturate the u8s8 kernels, so only <= 6-bit codes run them
+    _check_cpu_results(res, tmp_path, ["tiny-sdxl"], "results-cpu-avx2-emulated.json", {"W8A8-keep-w8"})
+    # no VNNI: 8-bit codes would saturate the u8s8 kernels, so W8A8 layers are built as
+    # quantize builds them there, W7A8, and all run them; kept 8-bit, none does
     v = res["models"][0]["variants"]
-    assert v["W8A8"]["routed_int8_layers"] == 0 and v["W4A8"]["routed_int8_layers"] > 0
+    n = res["models"][0]["layers"]["quantizable"]
+    assert v["W8A8"]["plan"] == f"W7A8x{n}" and v["W8A8"]["routed_int8_layers"] == n
+    assert v["W8A8-keep-w8"]["plan"] == f"W8A8x{n}" and v["W8A8-keep-w8"]["routed_int8_layers"] == 0
+    assert v["W4A8"]["routed_int8_layers"] == n
     assert "step_s" not in res["models"][0]["variants"]["bfloat16"]  # weights only
     assert sorted(p.name for p in tmp_path.glob("results-*.json")) == ["results-cpu-avx2-emulated.json"]
     md = (tmp_path / "RESULTS.md").read_text()

@@ -9,8 +9,8 @@ import pytest
 VERBS = ["calibrate", "sensitivity", "allocate", "quantize", "export", "generate", "bench"]
 
 
-def run(*args, check=True):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+def run(*args, check=True, **env_vars):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env_vars)
     proc = subprocess.run([sys.executable, "-m", "mixdq", *args], capture_output=True, text=True,
                           env=env, timeout=600)
     if check and proc.returncode != 0:
@@ -47,6 +47,20 @@ def test_quantize_export_generate(tiny_sdxl_dir, tmp_path):
     ranges = json.loads(run("calibrate", *common).stdout)
     assert ranges["calibration"]["prompts"] == ["a red circle", "a blue square"]
     assert all(r[0][0] <= 0 <= r[0][1] for r in ranges["ranges"].values())
+
+
+def test_quantize_without_vnni_stores_w7a8_unless_told(tiny_sdxl_dir, tmp_path):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes the library see a CPU without VNNI, whose int8
+    kernels saturate on 8-bit codes: W8A8 is stored as W7A8 there, --keep-w8 keeps it."""
+    common = ["--model", str(tiny_sdxl_dir), "--prompts-file", str(tmp_path / "p.txt"), "--plan", "W8A8",
+              "--kernel", "int_mm"]
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    safe = json.loads(run("quantize", *common, ONEDNN_MAX_CPU_ISA="AVX2").stdout)
+    kept = json.loads(run("quantize", *common, "--keep-w8", ONEDNN_MAX_CPU_ISA="AVX2").stdout)
+    assert safe["plan"].startswith("W7A8x") and "W8" not in safe["plan"]
+    assert "quantized as W7A8" in safe["notes"][0] and safe["int8_layers"] > 0
+    assert kept["plan"].startswith("W8A8x") and kept["int8_layers"] == 0
+    assert "exact float path" in kept["notes"][0] and safe["quantized_mb"] == kept["quantized_mb"]
 
 
 def test_bad_arguments_are_clear(tiny_sdxl_dir, tmp_path):

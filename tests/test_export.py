@@ -113,3 +113,54 @@ def test_roundtrip_with_a_prepacked_backend(tiny_sdxl_pipe, tmp_path, monkeypatc
     out = mixdq.save_quantized(tiny_sdxl_pipe, tmp_path / "export")
     loaded = mixdq.load_pipeline(out, device="cpu")
     assert torch.equal(_gen(loaded), before) and torch.equal(_gen(tiny_sdxl_pipe), before)
+
+
+def test_loading_w8_codes_where_int8_kernels_saturate(quantized, tmp_path, monkeypatch):
+    """An export with W8A8 layers loaded on a CPU without VNNI (mocked): by default the
+    codes load as written with a warning that names the way out;
+    int8_safe=True re-rounds them to 7 bits, which the int8 kernels run exactly."""
+    from mixdq.quant import kernels, quantized_layers
+
+    before = _gen(quantized)
+    out = mixdq.save_quantized(quantized, tmp_path / "export")
+    plan = mixdq.current_plan(quantized.unet)
+    n8 = sum(1 for b in plan.values() if str(b) == "W8A8")
+    monkeypatch.setattr(kernels, "vnni", lambda: False)
+    monkeypatch.delenv("MIXDQ_INT8_SATURATE", raising=False)
+    with pytest.warns(UserWarning, match=f"{n8} W8A8 layers .* int8_safe=True"):
+        exact = mixdq.load_quantized(out, device="cpu", kernel="int_mm")
+    # the same codes, the W8A8 ones on the exact float path: the image up to float rounding
+    assert mixdq.current_plan(exact.unet) == plan
+    torch.testing.assert_close(_gen(exact), before, rtol=0, atol=2e-3)
+
+    safe = mixdq.load_quantized(out, device="cpu", kernel="int_mm", int8_safe=True)
+    safe_plan = mixdq.current_plan(safe.unet)
+    assert {n for n, b in safe_plan.items() if str(b) == "W7A8"} == {
+        n for n, b in plan.items() if str(b) == "W8A8"}
+    assert all(layer._int_path() for layer in quantized_layers(safe.unet).values()
+               if layer.act_bits == 8 and layer.weight_bits <= 8)
+    assert mixdq.model_nbytes(safe.unet) == mixdq.model_nbytes(exact.unet)
+    assert safe.unet.mixdq_meta["requantized"] == {"layers": n8, "from": "W8A8", "to": "W7A8"}
+    from mixdq.metrics import psnr
+
+    assert 30 < float(psnr(_gen(safe), before)) < float("inf")
+
+
+def test_requantize_weight_rounds_codes_to_fewer_bits():
+    from mixdq.plan import LayerBits
+    from mixdq.quant.layers import QuantLinear
+    from mixdq.quant.quantizers import quantize_weight
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    layer = QuantLinear.from_float(linear, LayerBits(8, 8))
+    layer.requantize_weight(7)
+    codes = layer.int_codes()
+    assert layer.bits == LayerBits(7, 8) and int(codes.abs().max()) <= 64
+    direct_q, direct_s = quantize_weight(linear.weight, 7)
+    err = (layer.dequantized_weight(torch.float32) - linear.weight).abs()
+    direct = (direct_q.float() * direct_s[:, None] - linear.weight).abs()
+    # rounded twice: within 3/4 of a 7-bit step (direct rounding: 1/2), a little worse on average
+    assert (err <= 0.75 * direct_s[:, None] + 1e-7).all() and direct.mean() < err.mean() < 1.5 * direct.mean()
+    with pytest.raises(ValueError, match="cannot requantize 7-bit weight codes to 8 bits"):
+        layer.requantize_weight(8)

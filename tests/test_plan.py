@@ -51,6 +51,10 @@ def test_with_weight_bits_maps_integer_widths_only():
     assert {n: str(b) for n, b in mapped.items()} == {
         "a": "W7A8", "b": "W4A8", "c": "W7A16", "d": "W16A16", "e": "W16A8"}
     assert mapped.meta == {"k": 1, "weight_bits_mapped": {"8": 7}} and plan["a"] == LayerBits(8, 8)
+    only_int8 = plan.with_weight_bits({8: 7}, act=8)  # the layers the int8 kernels run
+    assert {n: str(b) for n, b in only_int8.items()} == {
+        "a": "W7A8", "b": "W4A8", "c": "W8A16", "d": "W16A16", "e": "W16A8"}
+    assert only_int8.meta["weight_bits_mapped_act"] == 8
     with pytest.raises(PlanError, match="only integer widths"):
         plan.with_weight_bits({16: 8})
     with pytest.raises(PlanError, match="weight bits 9"):

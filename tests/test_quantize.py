@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import mixdq
-from mixdq import Calibration, Plan, PlanError
+from mixdq import Calibration, LayerBits, Plan, PlanError
 from mixdq.quant import quantized_layers, shortcut_splits
 
 PROMPTS = ["a red circle", "a blue square", "two green triangles", "a cat"]
@@ -89,29 +89,43 @@ def test_int_mm_and_dequant_kernels_agree(tiny_sdxl_dir):
     assert float(psnr(images["int_mm"], images["dequant"])) > 20
 
 
-def test_report_says_when_w8_layers_leave_the_int8_kernels(tiny_sdxl_dir, monkeypatch):
-    """No VNNI (mocked): the report counts the layers on the integer kernels and tells the
-    user why the W8A8 layers are not among them, and what to use instead."""
+def test_w8a8_layers_become_w7a8_where_int8_kernels_saturate(tiny_sdxl_dir, monkeypatch):
+    """No VNNI (mocked): quantize stores the plan's W8A8 layers as W7A8 (same bytes, every
+    layer on the integer kernels) and says so; int8_safe=False keeps them W8A8 on the
+    float path and says what that costs and what to use instead."""
     from mixdq.quant import kernels
 
+    cal = Calibration(PROMPTS[:2])
     pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
     names = list(mixdq.quantizable_layers(pipe.unet))
-    plan = Plan({n: [(8, 8), (7, 8)][i % 2] for i, n in enumerate(names)})
+    plan = Plan({n: [(8, 8), (7, 8), (8, 16)][i % 3] for i, n in enumerate(names)})
+    n8 = sum(1 for b in plan.values() if b == LayerBits(8, 8))
     monkeypatch.setattr(kernels, "vnni", lambda: True)
-    report = mixdq.quantize(pipe, plan, Calibration(PROMPTS[:2]), kernel="int_mm", progress=False)
-    assert report.int8_layers == len(names) and report.notes == []
+    report = mixdq.quantize(pipe, plan, cal, kernel="int_mm", progress=False)
+    assert report.plan == plan and report.notes == []
+    assert report.int8_layers == sum(1 for b in plan.values() if b.act == 8)
+    vnni_bytes = report.quantized_bytes
+
     monkeypatch.setattr(kernels, "vnni", lambda: False)
     monkeypatch.delenv("MIXDQ_INT8_SATURATE", raising=False)
     pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
-    report = mixdq.quantize(pipe, plan, Calibration(PROMPTS[:2]), kernel="int_mm", progress=False)
-    n8 = sum(1 for i in range(len(names)) if i % 2 == 0)
-    assert report.int8_layers == len(names) - n8
-    assert len(report.notes) == 1 and f"{n8} W8A8 layers" in report.notes[0] and "W7A8" in str(report)
-    # what the note advises: every layer back on the integer kernels, exactly
+    report = mixdq.quantize(pipe, plan, cal, kernel="int_mm", progress=False)
+    assert mixdq.current_plan(pipe.unet) == report.plan
+    assert {str(b) for b in report.plan.values()} == {"W7A8", "W8A16"}  # weight-only layers keep 8
+    assert report.int8_layers == sum(1 for b in plan.values() if b.act == 8)
+    assert report.quantized_bytes == vnni_bytes
+    assert len(report.notes) == 1 and f"{n8} W8A8 layers were quantized as W7A8" in report.notes[0]
+    assert "--keep-w8" in str(report)
+
     pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
-    report = mixdq.quantize(pipe, plan.with_weight_bits({8: 7}), Calibration(PROMPTS[:2]), kernel="int_mm",
-                            progress=False)
-    assert report.int8_layers == len(names) and report.notes == []
+    report = mixdq.quantize(pipe, plan, cal, kernel="int_mm", int8_safe=False, progress=False)
+    assert report.plan == plan
+    assert report.int8_layers == sum(1 for b in plan.values() if b.act == 8) - n8
+    assert len(report.notes) == 1 and f"{n8} W8A8 layers run the exact float path" in report.notes[0]
+    # the GPU / dequant kernel never saturates: nothing changes there
+    pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
+    report = mixdq.quantize(pipe, plan, cal, kernel="dequant", progress=False)
+    assert report.plan == plan and report.notes == []
 
 
 def test_sequential_calibration_sees_quantized_upstream(tiny_sdxl_dir):

@@ -195,6 +195,22 @@ class QuantLayer(nn.Module):
                 self.bos_key.copy_(e.reshape(-1)[:BOS_KEY_LEN])
         self._refresh_derived()
 
+    def requantize_weight(self, bits: int) -> None:
+        """Re-round the weight to `bits` (5..7, narrower than now: the int8 container
+        stays) from its own codes, for a loaded model that has no float weights left:
+        load_quantized(int8_safe=True).  Rounded twice, so a little worse than
+        quantizing the float weight to `bits` directly (quantize does that)."""
+        if not 5 <= bits < self.weight_bits <= 8:
+            raise ValueError(f"cannot requantize {self.weight_bits}-bit weight codes to {bits} bits "
+                             "in place: only 8/7/6-bit codes to fewer bits, 5 or more")
+        self._restore_codes()
+        q, scale = quantize_weight(self.dequantized_weight(torch.float32), bits)
+        with torch.no_grad():
+            self.weight_packed.copy_(pack(q, bits))  # a new version: backends' caches drop the old
+            self.weight_scale.copy_(scale)
+        self.weight_bits = bits
+        self._refresh_derived()
+
     @property
     def dtype(self) -> torch.dtype:
         return self.bias.dtype if self.bias is not None else (
