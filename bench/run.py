@@ -328,13 +328,18 @@ def step_once(model, inputs, device):
 
 
 def interleaved(models: dict, inputs, device, reps: int, warmup: int = 1, log=print) -> dict:
-    res = {k: {"times": [], "peak": [], "out": None} for k in models}
+    """Timed rounds after `warmup` ones, the models interleaved in each.  Peaks are
+    kept apart: the timed steps' (steady state) and the first step's, which also
+    makes whatever a model builds once (the int8 backends' prepacked weights)."""
+    res = {k: {"times": [], "peak": [], "first_peak": None, "out": None} for k in models}
     for r in range(warmup + reps):
         for k, m in models.items():
             dt, peak, out = step_once(m, inputs, device)
             if r >= warmup:
                 res[k]["times"].append(dt)
-            res[k]["peak"].append(peak)
+                res[k]["peak"].append(peak)
+            elif r == 0:
+                res[k]["first_peak"] = peak
             if res[k]["out"] is None:
                 res[k]["out"] = out.float().cpu()
             log(f"  round {r}{' (warm-up)' if r < warmup else ''} {k}: {dt:.3f} s")
@@ -392,11 +397,13 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
     out["variants"]["float32"] = {"weight_bytes": f32_bytes, "rss_delta_bytes": rss_f32,
                                   "step_s": timing["float32"]["median_s"],
                                   "step_times_s": timing["float32"]["times"],
-                                  "peak_step_bytes": timing["float32"]["peak_step_bytes"]}
+                                  "peak_step_bytes": timing["float32"]["peak_step_bytes"],
+                                  "peak_first_step_bytes": timing["float32"]["first_peak"]}
     for v in built:
         out["variants"][v] = {**info[v], "step_s": timing[v]["median_s"],
                               "step_times_s": timing[v]["times"],
                               "peak_step_bytes": timing[v]["peak_step_bytes"],
+                              "peak_first_step_bytes": timing[v]["first_peak"],
                               "rel_err_vs_float32": _rel_err(timing[v]["out"], timing["float32"]["out"])}
     del built, timing
     trim()
@@ -414,6 +421,7 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
         tb = interleaved({"bfloat16": unet}, bf_inputs, device, reps, log=log)["bfloat16"]
         out["variants"]["bfloat16"].update(
             step_s=tb["median_s"], step_times_s=tb["times"], peak_step_bytes=tb["peak_step_bytes"],
+            peak_first_step_bytes=tb["first_peak"],
             rel_err_vs_float32=_rel_err(tb["out"], ref_out.float().cpu()),
             timed_after="float32 and quantized rounds (not interleaved)")
     out["variants"]["float16"] = {"weight_bytes": bf16_bytes,
@@ -505,8 +513,10 @@ def _run(models, variants, reps, px, batch, device, out_dir, kernels_table, smal
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"env": {**environment(device, argv), "allocator": alloc_info or {}}, "models": [], "kernels": None,
-              "notes": {"peak_step": "peak resident set during one step above the resident set at "
-                                     "its start (CPU: VmHWM); add weight_bytes for the step's total",
+              "notes": {"peak_step": "peak resident set during one timed step (after the warm-up) above "
+                                     "the resident set at its start (CPU: VmHWM); add weight_bytes for the "
+                                     "step's total. first step: the warm-up step's, which also makes the int8 "
+                                     "backends' prepacked weights",
                         "quantize_s": "replace_layers time, calibration excluded; calibration_step_s "
                                       "is the one float step that collected the activation ranges",
                         "routed": "routed_int8_layers: layers on the integer kernels (8-bit "

@@ -116,6 +116,8 @@ def _check_cpu_results(res, out_dir, models, name="results-cpu.json", extra=froz
             assert d["weight_bytes"] > 0
             if k != "float16" and (k != "bfloat16" or "step_s" in d):  # bfloat16 step: optional
                 assert d["step_s"] > 0 and len(d["step_times_s"]) >= 1
+                # timed steps' peak and the warm-up step's (prepacking happens there) apart
+                assert "peak_step_bytes" in d and "peak_first_step_bytes" in d
         # memory accounting: float32 = 2x float16; quantized below float16
         assert v["float32"]["weight_bytes"] == 2 * v["float16"]["weight_bytes"]
         assert v["W8A8"]["weight_bytes"] < v["float16"]["weight_bytes"]
@@ -129,7 +131,7 @@ def _check_cpu_results(res, out_dir, models, name="results-cpu.json", extra=froz
     md = (out_dir / "RESULTS.md").read_text()
     for name in models:
         assert f"### {name}" in md
-    assert "capability" in md and "W8A8" in md
+    assert "capability" in md and "W8A8" in md and "first step peak above start MiB" in md
 
 
 def test_cpu_bench_runs_on_small_configs(tmp_path):
