@@ -151,7 +151,7 @@ def test_emulated_avx2_run_caps_every_library(tmp_path):
     and the integer layers on the backends an AVX2-only CPU gets; its own JSON and title."""
     res = brun.main(["--models", "tiny-sdxl", "--reps", "1", "--px", "64", "--out", str(tmp_path),
                      "--threads", "1", "--no-kernels-table",
-                     "--emulate", "avx2", "--label", "emulated test run", "--no-bfloat16-step",
+                     "--emulate", "avx2", "--label", "emulated test run",
                      "--variants", "W8A8", "W8A8-keep-w8", "W5A8", "W4A8", "W4A16"])
     assert res["env"]["cpu"]["capability"] == "AVX2"  # ATEN_CPU_CAPABILITY took effect
     assert res["env"]["emulation"] == brun.EMULATIONS["avx2"]
@@ -165,7 +165,7 @@ def test_emulated_avx2_run_caps_every_library(tmp_path):
     assert v["W8A8"]["plan"] == f"W7A8x{n}" and v["W8A8"]["routed_int8_layers"] == n
     assert v["W8A8-keep-w8"]["plan"] == f"W8A8x{n}" and v["W8A8-keep-w8"]["routed_int8_layers"] == 0
     assert v["W4A8"]["routed_int8_layers"] == n
-    assert "step_s" not in res["models"][0]["variants"]["bfloat16"]  # weights only
+    assert "step_s" not in res["models"][0]["variants"]["bfloat16"]  # weights only: implied by --emulate
     assert sorted(p.name for p in tmp_path.glob("results-*.json")) == ["results-cpu-avx2-emulated.json"]
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## CPU: emulated test run" in md and "FBGEMM_ENABLE_INSTRUCTIONS" in md
