@@ -62,7 +62,7 @@ def _model_table(m: dict) -> list[str]:
              f"({m['layers']['linear']} linear, {m['layers']['conv']} conv).",
              "",
              "| variant | plan | weights MiB | vs float16 | RSS delta MiB | step s (median) | speed-up vs float32 "
-             "| step peak above start MiB | step peak total MiB | peak vs half | first step peak above start MiB "
+             "| step peak above start MiB | first step peak above start MiB | step peak total MiB | peak vs half "
              "| quantize s | rel. err vs float32 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, d in v.items():
@@ -73,9 +73,9 @@ def _model_table(m: dict) -> list[str]:
             f"| {_f(d.get('rss_delta_bytes') and d['rss_delta_bytes'] / MiB, '{:.0f}')} "
             f"| {_f(d.get('step_s'), '{:.2f}')} | {_f(rr.get('speedup_vs_float32'), '{:.2f}x')} "
             f"| {_f(d.get('peak_step_bytes') and d['peak_step_bytes'] / MiB, '{:.0f}')} "
+            f"| {_f(d.get('peak_first_step_bytes') and d['peak_first_step_bytes'] / MiB, '{:.0f}')} "
             f"| {_f(rr.get('step_peak_total_bytes') and rr['step_peak_total_bytes'] / MiB, '{:.0f}')} "
             f"| {_f(rr.get('step_peak_total_vs_half'), '{:.2f}x')} "
-            f"| {_f(d.get('peak_first_step_bytes') and d['peak_first_step_bytes'] / MiB, '{:.0f}')} "
             f"| {_f(d.get('quantize_s'), '{:.1f}')} | {_f(d.get('rel_err_vs_float32'), '{:.3f}')} |")
     lines.append("")
     times = {k: d.get("step_times_s") for k, d in v.items() if d.get("step_times_s")}

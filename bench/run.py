@@ -433,20 +433,26 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
 
 def ratios(model_result: dict) -> dict:
     """Weights vs float16, step speed-up vs float32, and each step's peak total
-    (weights + the step's increment) vs bfloat16's, which stands in for float16
-    on the CPU (same weight bytes, 2-byte activations)."""
+    (weights + the larger increment of a timed step and the first step) vs
+    bfloat16's, which stands in for float16 on the CPU (same weight bytes,
+    2-byte activations)."""
     v = model_result["variants"]
     f16 = v["float16"]["weight_bytes"]
     f32_t = v["float32"].get("step_s")
+
+    def step_peak(d):  # the larger of the timed steps' and the first step's
+        peaks = [d[k] for k in ("peak_step_bytes", "peak_first_step_bytes") if d.get(k) is not None]
+        return max(peaks) if peaks else None
+
     half = v.get("bfloat16", {})
-    half_total = (half["weight_bytes"] + half["peak_step_bytes"]) if half.get("peak_step_bytes") is not None else None
+    half_total = half["weight_bytes"] + step_peak(half) if step_peak(half) is not None else None
     r = {}
     for k, d in v.items():
         e = {"weights_vs_float16": d["weight_bytes"] / f16}
         if f32_t and d.get("step_s"):
             e["speedup_vs_float32"] = f32_t / d["step_s"]
-        if d.get("peak_step_bytes") is not None:
-            total = d["weight_bytes"] + d["peak_step_bytes"]
+        if step_peak(d) is not None:
+            total = d["weight_bytes"] + step_peak(d)
             e["step_peak_total_bytes"] = total
             if half_total:
                 e["step_peak_total_vs_half"] = total / half_total
@@ -515,8 +521,8 @@ def _run(models, variants, reps, px, batch, device, out_dir, kernels_table, smal
     result = {"env": {**environment(device, argv), "allocator": alloc_info or {}}, "models": [], "kernels": None,
               "notes": {"peak_step": "peak resident set during one timed step (after the warm-up) above "
                                      "the resident set at its start (CPU: VmHWM); add weight_bytes for the "
-                                     "step's total. first step: the warm-up step's, which also makes the int8 "
-                                     "backends' prepacked weights",
+                                     "step's total (the larger of this and the first step's). first step: the "
+                                     "warm-up step's, which also makes the int8 backends' prepacked weights",
                         "quantize_s": "replace_layers time, calibration excluded; calibration_step_s "
                                       "is the one float step that collected the activation ranges",
                         "routed": "routed_int8_layers: layers on the integer kernels (8-bit "

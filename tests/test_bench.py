@@ -206,3 +206,18 @@ def test_results_are_ordered_by_run_number():
     runs = [{"label": f"run {n}: x", "env": {}} for n in (10, 2, 9, 1)] + [{"env": {}}]
     assert [r.get("label", "")[:6] for r in sorted(runs, key=_run_order)] == \
         ["", "run 1:", "run 2:", "run 9:", "run 10"]
+
+
+def test_step_peak_total_counts_the_larger_of_first_and_timed_steps():
+    mib = 1 << 20
+    v = {"float16": {"weight_bytes": 100 * mib},
+         "float32": {"weight_bytes": 200 * mib, "step_s": 2.0, "peak_step_bytes": 10 * mib,
+                     "peak_first_step_bytes": 5 * mib},
+         "bfloat16": {"weight_bytes": 100 * mib, "peak_step_bytes": 20 * mib},
+         "W8A8": {"weight_bytes": 50 * mib, "step_s": 1.0, "peak_step_bytes": 4 * mib,
+                  "peak_first_step_bytes": 30 * mib}}
+    r = brun.ratios({"variants": v})
+    assert r["float32"]["step_peak_total_bytes"] == 210 * mib
+    assert r["W8A8"]["step_peak_total_bytes"] == 80 * mib  # the first step's, not the timed ones'
+    assert r["W8A8"]["step_peak_total_vs_half"] == 80 / 120 and r["W8A8"]["speedup_vs_float32"] == 2.0
+    assert r["W8A8"]["weights_vs_float16"] == 0.5
