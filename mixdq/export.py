@@ -1,7 +1,8 @@
 """save_quantized / load_quantized: a quantized pipeline as a folder.
 
     out/
-      mixdq.json            format, dtype, kernel, BOS flag, calibration, checksums
+      mixdq.json            format, dtype, kernel (the exporter's: load picks its own),
+                            BOS flag, calibration, checksums
       plan.json             the Plan (layer -> bits)
       model_index.json      the diffusers pipeline index
       unet/config.json      the UNet architecture
@@ -29,7 +30,7 @@ import torch
 from .errors import ExportError
 from .loading import DEFAULTS_FILE, default_device, generation_defaults
 from .plan import Plan
-from .quant import QuantConv2d, QuantLinear, is_bos_layer, quantizable_layers, quantized_layers, shortcut_splits
+from .quant import QuantConv2d, QuantLinear, is_bos_layer, kernels, quantizable_layers, quantized_layers, shortcut_splits
 from .quantize import SATURATION_REASON, current_plan, wide_int8_layers
 
 FORMAT = "mixdq-export/1"
@@ -135,6 +136,7 @@ def _empty_quantized_unet(folder: Path, plan: Plan, dtype, bos_aware: bool):
 def load_quantized(folder, device=None, kernel: str | None = None, verify: bool = True,
                    int8_safe: bool = False):
     """Rebuild a pipeline written by save_quantized, without any float UNet weights.
+    The W8A8 path is this machine's (kernels.select_kernel), or `kernel`.
 
     On a CPU whose int8 kernels saturate on 8-bit weight codes (no VNNI) the
     export's W8A8 layers run the exact float path, no faster than float: a
@@ -179,7 +181,9 @@ def load_quantized(folder, device=None, kernel: str | None = None, verify: bool 
     if leftover:
         raise ExportError(f"tensors not in the export: {leftover[:3]}")
     unet.to(device)
-    chosen = kernel or meta.get("kernel") or "dequant"
+    # this machine's path, as quantize would pick it here: the export may come from a
+    # GPU (dequant) or a VNNI CPU (int_mm) and be run on anything
+    chosen = kernels.select_kernel(device, override=kernel)
     layers = quantized_layers(unet)
     for layer in layers.values():
         layer.kernel = chosen

@@ -164,3 +164,21 @@ def test_requantize_weight_rounds_codes_to_fewer_bits():
     assert (err <= 0.75 * direct_s[:, None] + 1e-7).all() and direct.mean() < err.mean() < 1.5 * direct.mean()
     with pytest.raises(ValueError, match="cannot requantize 7-bit weight codes to 8 bits"):
         layer.requantize_weight(8)
+
+
+def test_load_picks_this_machines_kernel(tiny_sdxl_pipe, tmp_path):
+    """An export made with another path (say on a GPU, where dequant won) runs the path
+    this machine picks, unless told otherwise."""
+    from mixdq.quant import kernels, quantized_layers
+
+    names = list(mixdq.quantizable_layers(tiny_sdxl_pipe.unet))
+    mixdq.quantize(tiny_sdxl_pipe, Plan.uniform(names, 8, 8), Calibration(PROMPTS[:1]), kernel="dequant",
+                   progress=False)
+    out = mixdq.save_quantized(tiny_sdxl_pipe, tmp_path / "export")
+    assert json.loads((out / "mixdq.json").read_text())["kernel"] == "dequant"
+    here = kernels.select_kernel("cpu")
+    loaded = mixdq.load_quantized(out, device="cpu")
+    assert {layer.kernel for layer in quantized_layers(loaded.unet).values()} == {here}
+    assert loaded.unet.mixdq_meta["kernel"] == here
+    told = mixdq.load_quantized(out, device="cpu", kernel="dequant")
+    assert {layer.kernel for layer in quantized_layers(told.unet).values()} == {"dequant"}
