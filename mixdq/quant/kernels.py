@@ -90,8 +90,9 @@ VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
 # only while |w| <= 64.  Weight codes of <= 7 bits (|w| <= 63) are always exact;
 # 8-bit codes (up to 127) are not (measured: 1 % relative error per layer, UNet
 # output error 0.14 vs 0.09 with VNNI).  PyTorch's answer is 7-bit activations
-# (reduce_range); ours is 7-bit weights where a plan wants speed on such CPUs,
-# and 8-bit codes on the exact float path unless MIXDQ_INT8_SATURATE=allow
+# (reduce_range); ours is 7-bit weights: on such CPUs `quantize` stores a plan's
+# W8A8 layers as W7A8 (int8_safe), and 8-bit codes that reach them anyway (an
+# export, int8_safe=False) run the exact float path unless MIXDQ_INT8_SATURATE=allow
 # trades that error for the int8 speed.
 SATURATION_FREE_CODE = 64
 
