@@ -263,16 +263,14 @@ def build_variant(unet, plan, ranges, int8_safe: bool = True):
     float model's unquantized tensors."""
     from mixdq import model_nbytes
     from mixdq.quant import kernels, quantized_layers, replace_layers
-    from mixdq.quantize import wide_int8_layers
+    from mixdq.quantize import int8_safe_plan
 
     trim()
     rss0 = rss_bytes()
     t = time.perf_counter()
     device = next(unet.parameters()).device
     chosen = kernels.select_kernel(device)
-    wide = wide_int8_layers(plan, chosen, device)
-    if wide and int8_safe:
-        plan = plan.with_weight_bits({8: 7}, act=8)
+    plan, wide = int8_safe_plan(plan, chosen, device, int8_safe)
     clone = shared_clone(unet)
     with torch.no_grad():
         originals = replace_layers(clone, plan, ranges=ranges)

@@ -84,9 +84,7 @@ def quantize(pipe, plan: Plan, calibration: Calibration | None = None,
         raise PlanError("the plan quantizes activations: pass calibration=mixdq.Calibration.default(pipe) "
                         "or precomputed ranges=")
     chosen = kernels.select_kernel(unet.device, override=kernel)
-    wide = wide_int8_layers(plan, chosen, unet.device)
-    if wide and int8_safe:
-        plan = plan.with_weight_bits({8: 7}, act=8)
+    plan, wide = int8_safe_plan(plan, chosen, unet.device, int8_safe)
     float_bytes = model_nbytes(unet)
     t0 = time.perf_counter()
     bos = bos_embedding(pipe) if bos_aware else None
@@ -139,6 +137,15 @@ def wide_int8_layers(plan: Plan, kernel: str, device) -> list[str]:
     if kernel != "int_mm" or kernels.int8_exact(WIDE_INT8.weight, torch.device(device)):
         return []
     return [name for name, bits in plan.items() if bits == WIDE_INT8]
+
+
+def int8_safe_plan(plan: Plan, kernel: str, device, int8_safe: bool = True) -> tuple[Plan, list[str]]:
+    """(the plan quantize builds, the plan's wide_int8_layers): with int8_safe those
+    layers become W7A8, which the int8 kernels run exactly in the same bytes."""
+    wide = wide_int8_layers(plan, kernel, device)
+    if wide and int8_safe:
+        plan = plan.with_weight_bits({8: 7}, act=8)  # W8A8 (WIDE_INT8) -> W7A8
+    return plan, wide
 
 
 def _rehome_tensors(unet) -> None:
