@@ -61,12 +61,13 @@ def _resolve_plan(spec, unet, weight_bits_map=None):
     return spec.with_weight_bits(weight_bits_map) if weight_bits_map else spec
 
 
-def _add_plan_args(p):
+def _add_plan_args(p, required: bool = True):
     from .sensitivity import add_calibration_args
 
     add_calibration_args(p)
-    p.add_argument("--plan", type=_plan_arg, required=True,
-                   help="plan JSON, preset name, or a uniform spec such as W8A8 / W4A16")
+    p.add_argument("--plan", type=_plan_arg, required=required,
+                   help="plan JSON, preset name, or a uniform spec such as W8A8 / W4A16"
+                        + ("" if required else ": quantize with it first"))
     p.add_argument("--weight-bits-map", type=_weight_bits_map, default=None, metavar="OLD=NEW",
                    help="replace weight widths throughout the plan, e.g. 8=7 (weight-only layers too)")
     p.add_argument("--keep-w8", action="store_true",
@@ -131,9 +132,12 @@ def cmd_generate(args):
     from . import generation_defaults, load_pipeline
 
     if args.plan is not None:
+        if args.int8_safe:
+            raise MixDQError("--int8-safe is for an exported --model; with --plan, quantize stores W8A8 "
+                             "layers as W7A8 by itself where needed (--keep-w8 keeps them 8-bit)")
         pipe, _ = _quantized_pipe(args)
     else:
-        pipe = load_pipeline(args.model, device=args.device)
+        pipe = load_pipeline(args.model, device=args.device, kernel=args.kernel, int8_safe=args.int8_safe)
     settings = generation_defaults(pipe)
     if args.steps is not None:
         settings["num_inference_steps"] = args.steps
@@ -181,12 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("generate", help="generate one image (float, exported, or --plan)")
-    add_calibration_args(p)
+    _add_plan_args(p, required=False)
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", default="out.png", help="output PNG (default out.png)")
-    p.add_argument("--plan", type=_plan_arg, default=None, help="quantize with this plan first")
-    p.add_argument("--no-bos", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--kernel", choices=["int_mm", "dequant"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--int8-safe", action="store_true",
+                   help="an exported --model on a CPU without VNNI: re-round its W8A8 layers to 7 bits, "
+                        "which the int8 kernels run exactly (else they run the float path)")
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("bench", help="memory and latency benchmarks (bench/)")
