@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import warnings
 from pathlib import Path
 
 # Offline by construction: no analytics calls, and the local server reachable past any proxy
@@ -80,6 +81,7 @@ class Session:
         self.pareto_points = None      # [(size_mb, predicted loss)] of the family, once computed
         self.quant_pipe = None
         self.quant_plan = None
+        self.quant_request = None      # the plan quant_plan was built from (reuse check)
         self.quant_label = None        # how the current quantized model was made
         self.quant_note = ""           # measured quantization time, or "reused"
         self.last = None               # the latest measurement (dict from measure.compare)
@@ -180,7 +182,7 @@ class Session:
         return alloc.plan, f"allocated for **{_fmt_mb(budget)}**{note} (ILP, {alloc.solve_s:.2f} s)", alloc
 
     def quantized(self, plan, label, progress):
-        if self.quant_pipe is not None and self.quant_plan == plan and self.quant_label != "imported":
+        if self.quant_pipe is not None and self.quant_request == plan and self.quant_label != "imported":
             progress(0.3, desc="quantize: this plan is already quantized")
             self.quant_note = "already quantized (reused)"
             return
@@ -192,7 +194,8 @@ class Session:
             progress(0.1 + 0.25 * done / max(total, 1), desc=f"quantize: calibrating activations {done}/{total}")
 
         report = mixdq.quantize(q, plan, self.calibration, progress=False, callback=calib)
-        self.quant_pipe, self.quant_plan, self.quant_label = q, plan, label
+        # the plan asked for, and the one quantize built (W8A8 -> W7A8 on CPUs without VNNI)
+        self.quant_pipe, self.quant_request, self.quant_plan, self.quant_label = q, plan, report.plan, label
         self.quant_note = (f"quantized in {report.seconds_quantize:.2f} s + calibrated in "
                            f"{report.seconds_calibrate:.2f} s ({len(self.calibration.prompts)} prompts)"
                            + "".join(f"; {n}" for n in report.notes))
@@ -609,15 +612,19 @@ def build_app(model=None, *, sensitivity=None, calibration=None, workdir=None, p
             path = file if isinstance(file, str) else getattr(file, "name", None) or file.get("path")
             with session.lock:
                 progress(0.05, desc="load: unpacking and verifying the archive")
-                loaded = measure.import_archive(path, dest=session.workdir / "imports",
-                                                device=session.float_pipe.unet.device)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", mixdq.SlowPathWarning)
+                    loaded = measure.import_archive(path, dest=session.workdir / "imports",
+                                                    device=session.float_pipe.unet.device)
                 if not measure.same_architecture(session.float_pipe, loaded):
                     raise gr.Error("This export was made from a different model than the one the app runs, so "
                                    "there is no float image to compare with. Start the app with "
                                    "`--model PATH_OF_THE_EXPORT` to generate with it alone.",
                                    title="Different model")
                 session.quant_pipe, session.quant_plan = loaded, mixdq.current_plan(loaded.unet)
-                session.quant_label, session.quant_note = "imported", "loaded from an export"
+                session.quant_label = "imported"
+                session.quant_note = "loaded from an export" + "".join(
+                    f"; {w.message}" for w in caught if issubclass(w.category, mixdq.SlowPathWarning))
                 how = f"loaded from **{html.escape(Path(path).name)}**"
                 s = measure.compare(session.float_pipe, loaded, prompt_text, seed_v, steps_v,
                                     progress=lambda f, d: progress(0.2 + 0.7 * f, desc=f"generate: {d}"))

@@ -11,7 +11,7 @@ The flow, one verb per step:
     pipe = load_quantized("out/")
 """
 from .calibrate import Calibration, float_ranges
-from .errors import BudgetError, ExportError, MixDQError, ModelNotFoundError, PlanError
+from .errors import BudgetError, ExportError, MixDQError, ModelNotFoundError, PlanError, SlowPathWarning
 from .loading import generation_defaults, load_pipeline
 from .memory import LayerCosts, layer_costs, model_nbytes
 from .plan import LayerBits, Plan
@@ -22,7 +22,7 @@ __all__ = [
     "load_pipeline", "generation_defaults", "Calibration", "float_ranges", "quantize",
     "QuantReport", "current_plan", "bos_embedding", "Plan", "LayerBits", "quantizable_layers",
     "layer_costs", "LayerCosts", "model_nbytes", "MixDQError", "PlanError", "BudgetError",
-    "ModelNotFoundError", "ExportError",
+    "ModelNotFoundError", "ExportError", "SlowPathWarning",
 ]
 from .export import load_quantized, save_quantized  # noqa: E402
 from .sensitivity import Sensitivity, sensitivity  # noqa: E402

@@ -19,3 +19,8 @@ class ModelNotFoundError(MixDQError, FileNotFoundError):
 
 class ExportError(MixDQError):
     """An exported folder could not be written or read back."""
+
+
+class SlowPathWarning(UserWarning):
+    """A quantized model will run slower than it could on this machine (the message says why
+    and what to do); the app shows it next to the model."""

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ExportError
+from .errors import ExportError, SlowPathWarning
 from .loading import DEFAULTS_FILE, default_device, generation_defaults
 from .plan import Plan
 from .quant import QuantConv2d, QuantLinear, is_bos_layer, kernels, quantizable_layers, quantized_layers, shortcut_splits
@@ -198,7 +198,7 @@ def load_quantized(folder, device=None, kernel: str | None = None, verify: bool 
         warnings.warn(f"{len(wide)} W8A8 layers of {folder} run the exact float path, no faster than "
                       f"float: {SATURATION_REASON} load_quantized(folder, int8_safe=True) re-rounds them "
                       "to 7-bit codes, exact on the int8 kernels (images differ a little); quantizing "
-                      "from the float model on this machine stores W7A8 by itself.", stacklevel=2)
+                      "from the float model on this machine stores W7A8 by itself.", SlowPathWarning, stacklevel=2)
     pipe = DiffusionPipeline.from_pretrained(folder, unet=unet, dtype=dtype)
     pipe.to(device)
     pipe._mixdq_source = {"source": str(folder), "kind": "mixdq-export", "lora": None}

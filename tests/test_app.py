@@ -98,6 +98,33 @@ def test_export_gives_a_file_that_loads_back(served, tmp_path):
     assert again[7]["ssim"] == first[7]["ssim"]
     assert again[7]["unet_quant_mb"] == pytest.approx(first[7]["unet_quant_mb"])
     assert "loaded from" in again[8]
+    assert "int8_safe" not in again[7]["quantization"]  # this CPU runs the export's W8A8 layers on int8 kernels
+
+
+def test_load_on_a_cpu_without_vnni_says_what_runs_slower(served, monkeypatch):
+    """An export with W8A8 layers loaded where they would saturate the int8 kernels (no VNNI,
+    mocked): the app says, next to the model, that they run the float path and what to do."""
+    from mixdq.quant import kernels
+
+    demo, client = served
+    session = demo.mixdq_session
+    lo, hi = session.budget_range()
+    monkeypatch.setattr(kernels, "vnni", lambda: True)  # the export is made where W8A8 runs as such
+    monkeypatch.setattr(kernels, "select_kernel", lambda device, override=None: override or "int_mm")
+    _generate(client, round(hi, 3) - 0.002, seed=4)  # near the largest budget: W8A8 layers in the plan
+    n8 = sum(1 for b in session.quant_plan.values() if str(b) == "W8A8")
+    assert n8 > 0
+    path = client.predict(api_name="/export")
+    monkeypatch.setattr(kernels, "vnni", lambda: False)
+    monkeypatch.delenv("MIXDQ_INT8_SATURATE", raising=False)
+    out = client.predict(handle_file(path), "a red circle", 4, 2, api_name="/load")
+    assert f"{n8} W8A8 layers" in out[7]["quantization"] and "int8_safe=True" in out[7]["quantization"]
+    assert f"{n8} W8A8 layers" in out[4]  # the stats table's footer, next to the plan
+    # quantizing on that CPU: the app shows the plan quantize built, and why it differs
+    out = _generate(client, round(hi, 3) - 0.003, seed=4)
+    assert "W8A8" not in session.quant_plan.summary() and "W7A8" in session.quant_plan.summary()
+    assert "W8A8" in session.quant_request.summary()
+    assert "quantized as W7A8" in out[4] and session.quant_plan.summary() in out[4]
 
 
 @pytest.mark.parametrize("args,message", [
