@@ -115,19 +115,26 @@ def test_roundtrip_with_a_prepacked_backend(tiny_sdxl_pipe, tmp_path, monkeypatc
     assert torch.equal(_gen(loaded), before) and torch.equal(_gen(tiny_sdxl_pipe), before)
 
 
-def test_loading_w8_codes_where_int8_kernels_saturate(quantized, tmp_path, monkeypatch):
-    """An export with W8A8 layers loaded on a CPU without VNNI (mocked): by default the
-    codes load as written with a warning that names the way out;
-    int8_safe=True re-rounds them to 7 bits, which the int8 kernels run exactly."""
+def test_loading_w8_codes_where_int8_kernels_saturate(tiny_sdxl_pipe, tmp_path, monkeypatch):
+    """An export with W8A8 layers (made where VNNI runs them) loaded on a CPU without VNNI
+    (both mocked): by default the codes load as written with a warning that names the way
+    out; int8_safe=True re-rounds them to 7 bits, which the int8 kernels run exactly."""
     from mixdq.quant import kernels, quantized_layers
 
+    monkeypatch.setattr(kernels, "vnni", lambda: True)
+    names = list(mixdq.quantizable_layers(tiny_sdxl_pipe.unet))
+    cycle = [(8, 8), (4, 8), (2, 16), (16, 8), (16, 16)]
+    quantized = tiny_sdxl_pipe
+    mixdq.quantize(quantized, Plan({n: cycle[i % len(cycle)] for i, n in enumerate(names)}),
+                   Calibration(PROMPTS), kernel="int_mm", progress=False)
     before = _gen(quantized)
     out = mixdq.save_quantized(quantized, tmp_path / "export")
     plan = mixdq.current_plan(quantized.unet)
     n8 = sum(1 for b in plan.values() if str(b) == "W8A8")
     monkeypatch.setattr(kernels, "vnni", lambda: False)
     monkeypatch.delenv("MIXDQ_INT8_SATURATE", raising=False)
-    with pytest.warns(UserWarning, match=f"{n8} W8A8 layers .* int8_safe=True"):
+    assert n8 > 0
+    with pytest.warns(mixdq.SlowPathWarning, match=f"{n8} W8A8 layers .* int8_safe=True"):
         exact = mixdq.load_quantized(out, device="cpu", kernel="int_mm")
     # the same codes, the W8A8 ones on the exact float path: the image up to float rounding
     assert mixdq.current_plan(exact.unet) == plan
