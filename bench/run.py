@@ -438,19 +438,18 @@ def ratios(model_result: dict) -> dict:
     f16 = v["float16"]["weight_bytes"]
     f32_t = v["float32"].get("step_s")
 
-    def step_peak(d):  # the larger of the timed steps' and the first step's
+    def step_total(d):  # weights + the larger peak of the timed steps and the first step
         peaks = [d[k] for k in ("peak_step_bytes", "peak_first_step_bytes") if d.get(k) is not None]
-        return max(peaks) if peaks else None
+        return d["weight_bytes"] + max(peaks) if peaks else None
 
-    half = v.get("bfloat16", {})
-    half_total = half["weight_bytes"] + step_peak(half) if step_peak(half) is not None else None
+    half_total = step_total(v["bfloat16"]) if "bfloat16" in v else None
     r = {}
     for k, d in v.items():
         e = {"weights_vs_float16": d["weight_bytes"] / f16}
         if f32_t and d.get("step_s"):
             e["speedup_vs_float32"] = f32_t / d["step_s"]
-        if step_peak(d) is not None:
-            total = d["weight_bytes"] + step_peak(d)
+        total = step_total(d)
+        if total is not None:
             e["step_peak_total_bytes"] = total
             if half_total:
                 e["step_peak_total_vs_half"] = total / half_total
