@@ -105,13 +105,14 @@ def _owner(t: torch.Tensor) -> torch.Tensor:
 def _versions(*ts) -> tuple:
     """What identifies the current contents of ts: version counters (bumped by
     in-place writes), plus the values of small CPU tensors (activation scale and
-    zero point: cheap, and exact even for inference tensors, which have no version
-    counter), plus Python numbers as they are."""
+    zero point: cheap, exact even for inference tensors, which have no version
+    counter, and for a tensor replaced by another), plus Python numbers as they
+    are.  Called on every eager integer call: cheap checks first."""
     out = []
     for t in ts:
         if not isinstance(t, torch.Tensor):
             out.append(t)
-        elif t.device.type == "cpu" and t.numel() <= 4:
+        elif t.numel() <= 4 and t.is_cpu:
             out.append(t.tolist())  # compared, never hashed: a list will do
         elif t.is_inference():
             out.append(("inference", t.data_ptr()))  # immutable outside inference mode
@@ -179,7 +180,7 @@ def take_fresh_prepacked(key: torch.Tensor):
     """(name, packed) if a prepacked copy of key's codes was made since the last
     call, else None (one dictionary lookup: called after every integer-path call;
     compiled graphs run no prepacked backend)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _FRESH:
         return None
     owner = _owner(key)
     try:
