@@ -7,6 +7,11 @@ quantization and the epilogue (float in, float out), i.e. what a layer costs.
 All variants of one shape are timed interleaved, round-robin, so the ratios hold
 on a shared, noisy machine.
 
+torchao=True adds torchao's CPU W8A8 recipe (`Int8DynamicActivationInt8WeightConfig`:
+activations quantized per token at run time, weights per channel) to the linear
+rows, on a float32 and on a bfloat16 layer: the library this field reaches for
+first, timed beside ours (it quantizes nn.Linear only, so conv rows have none).
+
 `python -m bench.kernels` prints the table; `compare()` returns it (bench.run
 records it in RESULTS.md and the JSON).
 """
@@ -76,16 +81,44 @@ def _available(name):
     return True
 
 
+def torchao_version() -> str | None:
+    try:
+        import torchao
+    except Exception:  # not installed, or built for another torch
+        return None
+    return torchao.__version__
+
+
+def _torchao_linears(w: torch.Tensor, b: torch.Tensor) -> dict:
+    """{column: nn.Linear quantized by torchao} for the float32 and bfloat16 layer."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    out = {}
+    for name, dtype in (("torchao_dyn", torch.float32), ("torchao_dyn_bf16", torch.bfloat16)):
+        with torch.inference_mode(False):  # quantize_ swaps parameters
+            layer = torch.nn.Linear(w.shape[1], w.shape[0], dtype=dtype)
+            with torch.no_grad():
+                layer.weight.copy_(w)
+                layer.bias.copy_(b)
+            quantize_(layer, Int8DynamicActivationInt8WeightConfig())
+        out[name] = layer
+    return out
+
+
 QUICK_LINEAR = [LINEAR_SHAPES[i] for i in (0, 1, 3, 6)]
 QUICK_CONV = [CONV_SHAPES[i] for i in (0, 2, 5)]
 
 
-def compare(small: bool = False, reps: int = 7, budget_s: float = 6.0, backends=None, quick: bool = False) -> dict:
+def compare(small: bool = False, reps: int = 7, budget_s: float = 6.0, backends=None, quick: bool = False,
+            torchao: bool = False) -> dict:
     """Median ms per layer call for each path, and speed-ups vs float32.
 
-    quick: a subset of the shapes (for slow emulated ISAs)."""
+    quick: a subset of the shapes (for slow emulated ISAs).  torchao: add its
+    W8A8 recipe to the linear rows (an error when torchao cannot be imported)."""
     torch.manual_seed(0)
     backends = [b for b in (backends or ("int_mm", "onednn", "fbgemm")) if _available(b)]
+    if torchao and torchao_version() is None:
+        raise RuntimeError("torchao is not importable here: pip install torchao (see requirements-dev.txt)")
     rows = []
     with torch.inference_mode():
         for label, m, k, n in (TINY_LINEAR if small else QUICK_LINEAR if quick else LINEAR_SHAPES):
@@ -99,6 +132,10 @@ def compare(small: bool = False, reps: int = 7, budget_s: float = 6.0, backends=
             for be in backends:
                 f = K.LINEAR_BACKENDS[be]
                 fns[be] = (lambda f=f: f(x, s, z, wq, ws, b))
+            if torchao:
+                for name, layer in _torchao_linears(w, b).items():
+                    xt = x.to(layer.weight.dtype)
+                    fns[name] = (lambda layer=layer, xt=xt: layer(xt))
             ms = _interleaved(fns, reps, budget_s)
             rows.append({"type": "linear", "label": label, "shape": [m, k, n], "ms": ms})
         for label, c, o, h, kk, st in (TINY_CONV if small else QUICK_CONV if quick else CONV_SHAPES):
@@ -131,7 +168,8 @@ def compare(small: bool = False, reps: int = 7, budget_s: float = 6.0, backends=
     return {"rows": rows, "summary": summary, "env": {
         "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"),
         "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
-        "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}}
+        "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+        "torchao": torchao_version() if torchao else None}}
 
 
 def table(result: dict) -> str:
@@ -159,11 +197,12 @@ if __name__ == "__main__":
     p.add_argument("--quick", action="store_true")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--torchao", action="store_true", help="add torchao's W8A8 recipe to the linear rows")
     p.add_argument("--json")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = compare(small=a.small, quick=a.quick, reps=a.reps, budget_s=2.0 if a.quick else 6.0)
+    res = compare(small=a.small, quick=a.quick, reps=a.reps, budget_s=2.0 if a.quick else 6.0, torchao=a.torchao)
     print(table(res))
     if a.json:
         with open(a.json, "w") as f:

@@ -469,8 +469,9 @@ def run(models=DEFAULT_MODELS, variants=DEFAULT_VARIANTS, reps: int = 3, px: int
         device: str = "cpu", out_dir: str | Path = HERE, threads: int | None = None,
         kernels_table: bool = True, small_kernels: bool = False,
         reps_small_models: int | None = None, argv=None, log=print,
-        malloc_threshold: int | None = None, label: str | None = None, time_bfloat16: bool = True) -> dict:
-    """Measure; write <out_dir>/results-<device>.json (results-cpu-<isa>-emulated.json
+        malloc_threshold: int | None = None, label: str | None = None, time_bfloat16: bool = True,
+        torchao: bool = False) -> dict:
+    """Measure (torchao: its W8A8 recipe joins the kernel table); write <out_dir>/results-<device>.json (results-cpu-<isa>-emulated.json
     inside an emulation) and <out_dir>/RESULTS.md; return the dict."""
     threads_before = torch.get_num_threads()
     mallopt_ok = fix_malloc_threshold(malloc_threshold) if malloc_threshold else False
@@ -479,7 +480,7 @@ def run(models=DEFAULT_MODELS, variants=DEFAULT_VARIANTS, reps: int = 3, px: int
     try:
         return _run(models, variants, reps, px, batch, device, out_dir, kernels_table,
                     small_kernels, reps_small_models, argv, log, label, time_bfloat16,
-                    {"malloc_mmap_threshold": malloc_threshold, "mallopt_ok": mallopt_ok})
+                    {"malloc_mmap_threshold": malloc_threshold, "mallopt_ok": mallopt_ok}, torchao)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -511,7 +512,7 @@ def run_emulated(isa: str, argv: list[str], out_dir: Path, log=print) -> dict:
 
 
 def _run(models, variants, reps, px, batch, device, out_dir, kernels_table, small_kernels,
-         reps_small_models, argv, log, label=None, time_bfloat16=True, alloc_info=None):
+         reps_small_models, argv, log, label=None, time_bfloat16=True, alloc_info=None, torchao=False):
     torch.set_flush_denormal(True)  # random weights must not hit denormal slow paths
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -537,7 +538,7 @@ def _run(models, variants, reps, px, batch, device, out_dir, kernels_table, smal
     if kernels_table and device == "cpu":
         from . import kernels as kbench
         log("per-layer kernel comparison ...")
-        result["kernels"] = kbench.compare(small=small_kernels)
+        result["kernels"] = kbench.compare(small=small_kernels, torchao=torchao)
         log(kbench.table(result["kernels"]))
     for i, name in enumerate(models):
         r = reps if i == 0 or reps_small_models is None else reps_small_models
@@ -577,8 +578,9 @@ def _json_default(o):
 # CLI (the lead wires these into `python -m mixdq bench`)
 # ---------------------------------------------------------------------------
 def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
-                        help="bench.configs names: sdxl-turbo sd-turbo sd15 tiny-sdxl")
+    parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS),
+                        help="bench.configs names: sdxl-turbo sd-turbo sd15 tiny-sdxl (none: the kernel "
+                             "table only)")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
                         choices=list(VARIANTS))
     parser.add_argument("--reps", type=int, default=3, help="timed steps per model (after 1 warm-up)")
@@ -591,6 +593,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=str(HERE), help="folder for results-*.json and RESULTS.md")
     parser.add_argument("--no-kernels-table", action="store_true")
     parser.add_argument("--small-kernels", action="store_true", help="tiny shapes in the kernel table")
+    parser.add_argument("--torchao", action="store_true",
+                        help="time torchao's W8A8 recipe in the kernel table too (needs torchao installed)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None,
                         help="fix glibc's mmap threshold (bytes) so RSS peaks follow live tensors")
     parser.add_argument("--emulate", choices=sorted(EMULATIONS),
@@ -606,7 +610,7 @@ def run_bench(args: argparse.Namespace, argv=None) -> dict:
     if str(args.device).startswith("cuda"):
         # the GPU benchmark: float16 vs W8A8 (int8 linears), eager / CUDA graph / compiled
         from . import gpu
-        return gpu.run(model=args.models[0], device=args.device, out_dir=args.out)
+        return gpu.run(model=(args.models or DEFAULT_MODELS)[0], device=args.device, out_dir=args.out)
     if args.emulate and os.environ.get("MIXDQ_EMULATED") != args.emulate:
         return run_emulated(args.emulate, sys.argv[1:] if argv is None else argv, Path(args.out))
     return run(models=args.models, variants=args.variants, reps=args.reps, px=args.px,
@@ -615,7 +619,8 @@ def run_bench(args: argparse.Namespace, argv=None) -> dict:
                small_kernels=args.small_kernels, reps_small_models=args.reps_small_models,
                argv=argv, malloc_threshold=args.malloc_mmap_threshold, label=args.label,
                # the caps also take AVX-512 BF16 away: an emulated SDXL bfloat16 step ran > 10 min
-               time_bfloat16=not (args.no_bfloat16_step or os.environ.get("MIXDQ_EMULATED")))
+               time_bfloat16=not (args.no_bfloat16_step or os.environ.get("MIXDQ_EMULATED")),
+               torchao=args.torchao)
 
 
 def main(argv=None):

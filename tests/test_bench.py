@@ -146,6 +146,27 @@ def test_cpu_bench_runs_on_small_configs(tmp_path):
         assert r["ms"]["float32"] > 0 and r["fastest_int8"] in r["ms"]
 
 
+def test_kernel_table_alone_with_torchao(tmp_path):
+    """`--models` with no names runs the kernel table only; --torchao times torchao's W8A8
+    recipe beside ours on the linear rows, from layers that compute what the float ones do."""
+    pytest.importorskip("torchao")  # requirements-dev.txt installs it
+    from bench import kernels as kbench
+
+    res = brun.main(["--models", "--small-kernels", "--torchao", "--threads", "1", "--out", str(tmp_path),
+                     "--label", "kernels only"])
+    assert res["models"] == [] and res["kernels"]["env"]["torchao"] == kbench.torchao_version()
+    rows = {r["type"]: r for r in res["kernels"]["rows"]}
+    assert rows["linear"]["ms"]["torchao_dyn"] > 0 and rows["linear"]["ms"]["torchao_dyn_bf16"] > 0
+    assert "torchao_dyn" not in rows["conv"]["ms"]  # torchao quantizes nn.Linear only
+    assert "torchao_dyn ms" in (tmp_path / "RESULTS.md").read_text()
+    torch.manual_seed(0)
+    w, b, x = torch.randn(24, 40) / 40 ** 0.5, torch.randn(24) * 0.1, torch.randn(7, 40)
+    for name, layer in kbench._torchao_linears(w, b).items():
+        y = layer(x.to(layer.weight.dtype)).float()
+        ref = torch.nn.functional.linear(x, w, b)
+        assert float((y - ref).norm() / ref.norm()) < 0.05, name
+
+
 def test_emulated_avx2_run_caps_every_library(tmp_path):
     """--emulate avx2: a fresh process with torch, oneDNN, FBGEMM and MKL capped to AVX2
     and the integer layers on the backends an AVX2-only CPU gets; its own JSON and title."""
