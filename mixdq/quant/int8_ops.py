@@ -213,13 +213,23 @@ def _epilogue_consts(w_q2d: torch.Tensor, w_scale: torch.Tensor, bias, x_scale, 
     def make():
         s = (w_scale.float() * _as_tensor(x_scale, w_scale.device)).reshape(-1)
         zp = _as_tensor(x_zp, w_scale.device) - SHIFT
-        rowsum = w_q2d.sum(dim=1, dtype=torch.int32).float()
+        rowsum = _rowsum(w_q2d).float()
         beff = -zp * s * rowsum
         if bias is not None:
             beff = beff + bias.float()
         return s.contiguous(), beff.contiguous()
 
     return cached(key, name, lambda: _versions(key, w_scale, bias, x_scale, x_zp), make)
+
+
+def _rowsum(w_q2d: torch.Tensor) -> torch.Tensor:
+    """sum_k W per output row, in int32, a block of rows at a time: `sum(dtype=int32)`
+    converts its whole input first, 4x the int8 codes (200 MiB for SDXL's largest
+    weight), once per layer at its first call."""
+    if torch.compiler.is_compiling():
+        return w_q2d.sum(dim=1, dtype=torch.int32)
+    rows = max(1, (1 << 20) // max(1, w_q2d.shape[1]))
+    return torch.cat([block.sum(dim=1, dtype=torch.int32) for block in w_q2d.split(rows)])
 
 
 def _as_tensor(v, device) -> torch.Tensor:
