@@ -114,6 +114,36 @@ def test_split_shortcut_conv_matches_per_slice_reference():
     assert _rel(out, ref) < 1e-5
 
 
+def test_large_accumulators_run_in_row_blocks_with_identical_results(monkeypatch):
+    """Above _ACC_SPLIT_ABOVE the int8 GEMM and its epilogue run by blocks of rows (last block
+    short); linear, conv and the split shortcut give bit-identical outputs either way."""
+    g = torch.Generator().manual_seed(9)
+    x, xc = torch.randn(2, 45, 24, generator=g), torch.randn(1, 16, 12, 11, generator=g)
+    wq, wc, w1 = _codes((40, 24), 8, g), _codes((12, 16, 3, 3), 8, g), _codes((12, 16, 1, 1), 8, g)
+    ws, b = torch.rand(40, generator=g) * 0.02 + 1e-3, torch.randn(40, generator=g)
+    wcs = torch.rand(12, generator=g) * 0.02 + 1e-3
+    (s, z) = _act_params(x)
+    st, zt = torch.tensor([s, s]), torch.tensor([float(z), float(z)])
+
+    def outputs():
+        K.clear_cache()
+        return [K.linear_int_mm(x, s, z, wq, ws, b), K.linear_int_mm(x.bfloat16(), s, z, wq, ws, b),
+                K.conv2d_int_mm(xc, s, z, wc, wcs, b[:12], 1, 1),
+                K.split_conv1x1_int_mm(xc, st, zt, 6, w1, wcs, b[:12])]
+
+    whole = outputs()
+    blocks = []
+    monkeypatch.setattr(K, "_ACC_SPLIT_ABOVE", 64)   # every accumulator here is larger
+    monkeypatch.setattr(K, "_ACC_BLOCK", 64 * 4 * 40 // 3)  # not a divisor of the rows
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape[0]) or real(a, b))
+    blocks = outputs()
+    assert len(calls) == 2 * 5 and calls[1] < calls[0]  # 5 GEMMs, each in two blocks, the last short
+    for w, bl in zip(whole, blocks):
+        assert w.dtype == bl.dtype and w.shape == bl.shape and torch.equal(w, bl)
+
+
 def test_cached_constants_follow_in_place_changes():
     """The zero-point correction is cached per weight; recalibration must invalidate it."""
     g = torch.Generator().manual_seed(3)

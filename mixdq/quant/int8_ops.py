@@ -253,6 +253,26 @@ def _epilogue(acc: torch.Tensor, scale: torch.Tensor, beff: torch.Tensor, dtype)
     return y if dtype == torch.float32 else y.to(dtype)
 
 
+# A large GEMM's int32 accumulator lies above glibc's mmap threshold (32 MiB at
+# most), e.g. SD1.5's 4096-token feed-forward (4096 x 2560: 40 MiB): every call
+# then maps fresh pages and faults them in, and the epilogue reads them back from
+# memory.  Blocks of rows of ~4 MiB stay in the heap and in cache.
+_ACC_SPLIT_ABOVE = 32 << 20
+_ACC_BLOCK = 4 << 20
+
+
+def _int_mm_epilogue(a: torch.Tensor, b: torch.Tensor, scale, beff, dtype) -> torch.Tensor:
+    """_epilogue(torch._int_mm(a, b), ...), by blocks of rows where the accumulator is large."""
+    m, n = a.shape[0], b.shape[1]
+    if m * n * 4 <= _ACC_SPLIT_ABOVE or a.device.type != "cpu" or torch.compiler.is_compiling():
+        return _epilogue(torch._int_mm(a, b), scale, beff, dtype)
+    rows = max(64, _ACC_BLOCK // (4 * n))
+    y = torch.empty(m, n, dtype=torch.float32)
+    for i in range(0, m, rows):
+        torch.addcmul(beff, torch._int_mm(a[i:i + rows], b), scale, out=y[i:i + rows])
+    return y if dtype == torch.float32 else y.to(dtype)
+
+
 # ---------------------------------------------------------------------------
 # linear
 # ---------------------------------------------------------------------------
@@ -288,10 +308,9 @@ def linear_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None, consts=No
     shape = x.shape
     x2d = x.reshape(-1, shape[-1])
     xq = quantize_act(x2d, x_scale, x_zp, signed=True)
-    acc = torch._int_mm(xq, w_q.t())
     scale, beff = consts if consts is not None else _epilogue_consts(
         w_q, w_scale, bias, x_scale, x_zp, w_q if key is None else key, "lin_epi")
-    y = _epilogue(acc, scale, beff, x.dtype)
+    y = _int_mm_epilogue(xq, w_q.t(), scale, beff, x.dtype)
     return y.reshape(*shape[:-1], w_q.shape[0])
 
 
@@ -431,9 +450,8 @@ def conv2d_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0
         # faster than for int8 (SDXL 1280x1280x3x3: 8.4 -> 4.6 ms, next to an
         # 18.6 ms GEMM at 16x16)
         w2 = w_q.view(torch.uint8).permute(0, 2, 3, 1).reshape(o, kh * kw * c).view(torch.int8)
-    acc = torch._int_mm(cols if cols.is_contiguous() else cols.contiguous(), w2.t())
     scale, beff = _epilogue_consts(w_q.reshape(o, -1), w_scale, bias, x_scale, x_zp, key, "conv_epi")
-    y = _epilogue(acc, scale, beff, x.dtype)
+    y = _int_mm_epilogue(cols if cols.is_contiguous() else cols.contiguous(), w2.t(), scale, beff, x.dtype)
     return y.view(b, ho, wo, o).permute(0, 3, 1, 2)
 
 
@@ -479,10 +497,9 @@ def split_conv1x1_int_mm(x, x_scales, x_zps, split: int, w_q, w_scale, bias=None
         xi = x[:, lo:hi]
         xq = quantize_act(xi, x_scales[i], x_zps[i], signed=True).permute(0, 2, 3, 1).reshape(-1, hi - lo)
         wi = w2[:, lo:hi]
-        acc = torch._int_mm(xq if xq.is_contiguous() else xq.contiguous(), wi.t())
         scale, beff = _epilogue_consts(wi, w_scale, bias if i == 0 else None, x_scales[i], x_zps[i],
                                        key, f"split_epi{i}")
-        yi = _epilogue(acc, scale, beff, torch.float32)
+        yi = _int_mm_epilogue(xq if xq.is_contiguous() else xq.contiguous(), wi.t(), scale, beff, torch.float32)
         y = yi if y is None else y.add_(yi)
     b, _, h, w = x.shape
     return y.to(x.dtype).view(b, h, w, o).permute(0, 3, 1, 2)
