@@ -471,8 +471,9 @@ def run(models=DEFAULT_MODELS, variants=DEFAULT_VARIANTS, reps: int = 3, px: int
         reps_small_models: int | None = None, argv=None, log=print,
         malloc_threshold: int | None = None, label: str | None = None, time_bfloat16: bool = True,
         torchao: bool = False) -> dict:
-    """Measure (torchao: its W8A8 recipe joins the kernel table); write <out_dir>/results-<device>.json (results-cpu-<isa>-emulated.json
-    inside an emulation) and <out_dir>/RESULTS.md; return the dict."""
+    """Measure; write <out_dir>/results-<device>.json (results-cpu-<isa>-emulated.json
+    inside an emulation) and <out_dir>/RESULTS.md; return the dict.  torchao: its
+    W8A8 recipe joins the kernel table."""
     threads_before = torch.get_num_threads()
     mallopt_ok = fix_malloc_threshold(malloc_threshold) if malloc_threshold else False
     if threads:
