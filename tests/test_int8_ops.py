@@ -221,6 +221,12 @@ def test_int_path_traces_without_graph_breaks():
     out2 = torch.compile(lambda x: kernels.int8_linear(x, scale, zp, wq, ws, None), backend="aot_eager",
                          fullgraph=True)(x)
     assert _rel(out2, out) < 1e-6
+    # the CPU's int_mm conv too (padded: the pad code is the traced zero point)
+    xc, wc = torch.randn(1, 8, 7, 6, generator=g), _codes((6, 8, 3, 3), 8, g)
+    wcs = torch.rand(6, generator=g) * 0.02 + 1e-3
+    conv = torch.compile(lambda x: K.conv2d_int_mm(x, scale, zp, wc, wcs, None, 1, 1), backend="aot_eager",
+                         fullgraph=True)(xc)
+    assert _rel(conv, K.conv2d_reference(xc, scale, zp, wc, wcs, None, 1, 1)) < 1e-5
 
 
 _SATURATION_PROBE = """

@@ -196,6 +196,13 @@ def test_bos_aware_token0_exact_and_range_excludes_bos():
     out0 = q(x0)
     torch.testing.assert_close(out0[1, 0], lin.bias, rtol=0, atol=1e-6)
     torch.testing.assert_close(out0[0, 0], out[0, 0])
+    # traced (torch.compile, fullgraph): no data-dependent branch, same outputs
+    for kernel in ("dequant", "int_mm"):
+        q.kernel = kernel
+        compiled = torch.compile(q, backend="eager", fullgraph=True)
+        torch._dynamo.reset()
+        for inp in (x, x0):
+            torch.testing.assert_close(compiled(inp), q(inp), rtol=1e-5, atol=1e-5)
     assert sum(t.nbytes for t in q.state_dict().values()) == quantized_nbytes(
         (16, 32), True, LayerBits(8, 8), torch.float32, bos=True)
     assert q.bos_key.numel() == BOS_KEY_LEN

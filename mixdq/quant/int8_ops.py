@@ -433,6 +433,11 @@ def conv2d_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0
     o, c, kh, kw = w_q.shape
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     key = w_q if key is None else key
+    if torch.compiler.is_compiling() and padding != (0, 0):
+        # the patches' pad code (the zero point) is a tensor value in a traced
+        # graph; zero-padding the float input is the same (0 quantizes to it)
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        padding = (0, 0)
     nhwc = x.permute(0, 2, 3, 1)
     if nhwc.is_contiguous():  # channels_last input (e.g. the previous int8 conv's output)
         xq = quantize_act(nhwc, x_scale, x_zp, signed=True)    # contiguous NHWC codes, no float copy

@@ -366,10 +366,18 @@ class QuantLinear(QuantLayer):
             return self._linear(x)
         # BOS-aware K/V: token 0 in full precision, tokens 1.. quantized (and only
         # they set the activation range).
+        is_bos = (x[:, 0, :BOS_KEY_LEN] == self.bos_key).all(dim=-1)
+        head = self.bos_out.to(x.dtype).expand(x.shape[0], 1, -1)
+        if torch.compiler.is_compiling():
+            # no data-dependent branch in a traced graph: every token takes the
+            # quantized path and the BOS rows get their exact output.  A token 0
+            # that is not the BOS keeps the quantized result; in practice that is
+            # a zeroed negative prompt, which it computes exactly (zero is the
+            # zero point's code), as eager's float path does.
+            y = self._linear(x)
+            return torch.cat([torch.where(is_bos.view(-1, 1, 1), head, y[:, :1]), y[:, 1:]], dim=1)
         rest = self._linear(x[:, 1:])
         first = x[:, :1]
-        is_bos = (first[:, 0, :BOS_KEY_LEN] == self.bos_key).all(dim=-1)
-        head = self.bos_out.to(x.dtype).expand(x.shape[0], 1, -1)
         if not bool(is_bos.all()):
             # e.g. a zeroed negative prompt has no real BOS: compute that token
             # on the fly, float input, no activation quantization.
