@@ -132,7 +132,6 @@ def test_large_accumulators_run_in_row_blocks_with_identical_results(monkeypatch
                 K.split_conv1x1_int_mm(xc, st, zt, 6, w1, wcs, b[:12])]
 
     whole = outputs()
-    blocks = []
     monkeypatch.setattr(K, "_ACC_SPLIT_ABOVE", 64)   # every accumulator here is larger
     monkeypatch.setattr(K, "_ACC_BLOCK", 64 * 4 * 40 // 3)  # not a divisor of the rows
     calls = []

@@ -372,8 +372,8 @@ class QuantLinear(QuantLayer):
             # no data-dependent branch in a traced graph: every token takes the
             # quantized path and the BOS rows get their exact output.  A token 0
             # that is not the BOS keeps the quantized result; in practice that is
-            # a zeroed negative prompt, which it computes exactly (zero is the
-            # zero point's code), as eager's float path does.
+            # a zeroed negative prompt, which it computes as eager's float path
+            # does, up to float rounding (zero is the zero point's code).
             y = self._linear(x)
             return torch.cat([torch.where(is_bos.view(-1, 1, 1), head, y[:, :1]), y[:, 1:]], dim=1)
         rest = self._linear(x[:, 1:])
