@@ -199,8 +199,8 @@ def test_bos_aware_token0_exact_and_range_excludes_bos():
     # traced (torch.compile, fullgraph): no data-dependent branch, same outputs
     for kernel in ("dequant", "int_mm"):
         q.kernel = kernel
-        compiled = torch.compile(q, backend="eager", fullgraph=True)
         torch._dynamo.reset()
+        compiled = torch.compile(q, backend="eager", fullgraph=True)
         for inp in (x, x0):
             torch.testing.assert_close(compiled(inp), q(inp), rtol=1e-5, atol=1e-5)
     assert sum(t.nbytes for t in q.state_dict().values()) == quantized_nbytes(

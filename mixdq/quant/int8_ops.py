@@ -262,7 +262,9 @@ _ACC_BLOCK = 4 << 20
 
 
 def _int_mm_epilogue(a: torch.Tensor, b: torch.Tensor, scale, beff, dtype) -> torch.Tensor:
-    """_epilogue(torch._int_mm(a, b), ...), by blocks of rows where the accumulator is large."""
+    """_epilogue(torch._int_mm(a, b), ...), by blocks of rows where the accumulator is large
+    (a: the activation codes, made contiguous here as _int_mm needs)."""
+    a = a.contiguous()
     m, n = a.shape[0], b.shape[1]
     if m * n * 4 <= _ACC_SPLIT_ABOVE or a.device.type != "cpu" or torch.compiler.is_compiling():
         return _epilogue(torch._int_mm(a, b), scale, beff, dtype)
@@ -456,7 +458,7 @@ def conv2d_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0
         # 18.6 ms GEMM at 16x16)
         w2 = w_q.view(torch.uint8).permute(0, 2, 3, 1).reshape(o, kh * kw * c).view(torch.int8)
     scale, beff = _epilogue_consts(w_q.reshape(o, -1), w_scale, bias, x_scale, x_zp, key, "conv_epi")
-    y = _int_mm_epilogue(cols if cols.is_contiguous() else cols.contiguous(), w2.t(), scale, beff, x.dtype)
+    y = _int_mm_epilogue(cols, w2.t(), scale, beff, x.dtype)
     return y.view(b, ho, wo, o).permute(0, 3, 1, 2)
 
 
@@ -504,7 +506,7 @@ def split_conv1x1_int_mm(x, x_scales, x_zps, split: int, w_q, w_scale, bias=None
         wi = w2[:, lo:hi]
         scale, beff = _epilogue_consts(wi, w_scale, bias if i == 0 else None, x_scales[i], x_zps[i],
                                        key, f"split_epi{i}")
-        yi = _int_mm_epilogue(xq if xq.is_contiguous() else xq.contiguous(), wi.t(), scale, beff, torch.float32)
+        yi = _int_mm_epilogue(xq, wi.t(), scale, beff, torch.float32)
         y = yi if y is None else y.add_(yi)
     b, _, h, w = x.shape
     return y.to(x.dtype).view(b, h, w, o).permute(0, 3, 1, 2)
