@@ -134,19 +134,35 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# Config entries that record where and by which library release a component was loaded, not
+# what it computes: a copy of the model in another folder must keep its fingerprint, or the
+# shipped sensitivity table (matched by it) is lost on every clone.  Diffusers writes
+# `_name_or_path`, `_diffusers_version`, `_use_default_values`; transformers `_name_or_path`,
+# `_commit_hash`, `_attn_implementation*` and `transformers_version`.  `_class_name` says which
+# model it is and stays.
+_LOADER_KEYS = frozenset({"transformers_version"})
+
+
+def _identity_config(cfg) -> dict:
+    """A component's or scheduler's config without its loader metadata (nested configs too)."""
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return {k: _identity_config(v) if isinstance(v, Mapping) else v for k, v in cfg.items()
+            if not isinstance(k, str) or k == "_class_name" or not (k.startswith("_") or k in _LOADER_KEYS)}
+
+
 def model_fingerprint(pipe) -> str:
-    """Hash of what makes this pipeline produce its images: every component's config and
-    weights (each tensor's name, shape, dtype and up to 65536 evenly strided values, so a
-    fine-tune or a fused LoRA changes it while hashing SDXL stays quick)."""
+    """Hash of what makes this pipeline produce its images: every component's config (without
+    paths and loader metadata) and weights (each tensor's name, shape, dtype and up to 65536
+    evenly strided values, so a fine-tune or a fused LoRA changes it while hashing SDXL stays
+    quick), and the scheduler's class and config.  Not where the model was loaded from, nor
+    anything about the machine: the same files give the same fingerprint everywhere."""
     h = hashlib.sha256()
     for comp in ("unet", "text_encoder", "text_encoder_2", "vae"):
         m = getattr(pipe, comp, None)
         if m is None:
             continue
         h.update(comp.encode())
-        cfg = getattr(m, "config", {})
-        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+        h.update(json.dumps(_identity_config(getattr(m, "config", {})), sort_keys=True, default=str).encode())
         for name, t in m.state_dict().items():
             h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
             flat = t.detach().reshape(-1)
@@ -156,7 +172,7 @@ def model_fingerprint(pipe) -> str:
     sched = getattr(pipe, "scheduler", None)
     if sched is not None:
         h.update(type(sched).__name__.encode())
-        h.update(json.dumps(dict(sched.config), sort_keys=True, default=str).encode())
+        h.update(json.dumps(_identity_config(sched.config), sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 

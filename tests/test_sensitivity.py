@@ -225,3 +225,74 @@ def test_shards_cover_every_layer_once_and_balance_cost():
         loads = [sum(S.EVAL_COST[groups[n]] * sum(1 for j in jobs if j[0] == n) for n in sh) for sh in shards]
         assert max(loads) - min(loads) <= 5 * S.EVAL_COST["content"]  # at most one layer's work apart
         assert S._shard(jobs, groups, world) == shards  # every rank computes the same split
+
+
+def test_fingerprint_is_what_makes_the_images_not_where_they_came_from(tiny_sdxl_pipe):
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
+    pipe = tiny_sdxl_pipe
+    f0 = S.model_fingerprint(pipe)
+    # loader metadata: the folder, the library releases that read it, defaults filled in
+    pipe.unet.register_to_config(_name_or_path="/somewhere/else/unet", _diffusers_version="0.0.1",
+                                 _use_default_values=["sample_size"])
+    pipe.text_encoder.config._name_or_path = "/somewhere/else/text_encoder"
+    pipe.text_encoder_2.config.transformers_version = "0.0.1"
+    pipe.scheduler.register_to_config(_diffusers_version="0.0.1")
+    assert S.model_fingerprint(pipe) == f0
+    # one weight
+    w = pipe.vae.decoder.conv_out.weight
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.view(-1)[0] += 1e-3
+    assert S.model_fingerprint(pipe) != f0
+    with torch.no_grad():
+        w.copy_(saved)
+    assert S.model_fingerprint(pipe) == f0
+    # the scheduler: its config, or its class on the same config
+    sched = pipe.scheduler
+    pipe.scheduler = EulerDiscreteScheduler.from_config(sched.config, timestep_spacing="leading")
+    assert S.model_fingerprint(pipe) != f0
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(sched.config)
+    assert S.model_fingerprint(pipe) != f0
+    pipe.scheduler = sched
+    # an architecture field of a component's config
+    pipe.unet.register_to_config(upcast_attention=not pipe.unet.config.upcast_attention)
+    assert S.model_fingerprint(pipe) != f0
+
+
+def test_embedded_model_copied_elsewhere_finds_the_shipped_table(tmp_path, monkeypatch):
+    """A clone in another folder is the same model: same fingerprint, same cache key, and the
+    shipped presets/sensitivity.json is found for it (the app solves any budget at once)."""
+    import shutil
+
+    from mixdq import measure
+    from mixdq.loading import EMBEDDED
+
+    if not (EMBEDDED / "model_index.json").is_file():
+        pytest.skip("the embedded model is not in assets/")
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path / "empty-cache"))
+    copy = shutil.copytree(EMBEDDED, tmp_path / "elsewhere" / "my-model")
+    here, there = mixdq.load_pipeline(None, device="cpu"), mixdq.load_pipeline(copy, device="cpu")
+    assert there.unet.config._name_or_path != here.unet.config._name_or_path  # really loaded from the copy
+    fp = S.model_fingerprint(here)
+    assert S.model_fingerprint(there) == fp
+    cal = measure.default_calibration(there)
+    assert S.cache_key(there, cal)[0] == S.cache_key(here, measure.default_calibration(here))[0]
+
+    shipped = json.loads((ROOT / "presets" / "sensitivity.json").read_text())
+    # the shipped identity is this model's and its default calibration's (a fingerprint that
+    # depended on the machine or the folder would fail here on another one)
+    assert shipped["meta"]["model"] == fp[:16]
+    assert shipped["meta"]["key"] == S.cache_key(there, cal)[0]
+    for stats in (ROOT / "presets").glob("*.stats.json"):
+        assert json.loads(stats.read_text())["model"] == fp[:16], stats.name
+        plan = json.loads(stats.with_name(stats.name.replace(".stats.json", ".json")).read_text())
+        assert plan["meta"]["model"] == fp[:16], stats.name
+
+    def boom(*a, **k):
+        raise AssertionError("the sensitivity analysis ran although a table ships for this model")
+
+    monkeypatch.setattr(S, "sensitivity", boom)
+    got = measure.cached_sensitivity(there, cal)
+    assert got is not None and got.scores == S.Sensitivity.from_dict(shipped).scores
+    assert not (tmp_path / "empty-cache" / "sensitivity").exists()
