@@ -257,6 +257,30 @@ def weight_costs(costs, layers, act_bits: Mapping[str, int], candidates: Mapping
             for n in layers}
 
 
+def _cands_str(weight_candidates: Mapping[str, Sequence[int]]) -> str:
+    return "; ".join(f"{g} {{{','.join(map(str, c))}}}" for g, c in weight_candidates.items())
+
+
+def check_budget_range(budget_mb: float, lo: float, hi: float, weight_candidates, lower_bits_how: str = "") -> None:
+    """BudgetError naming the feasible range [lo, hi] MB and what to change, if `budget_mb` is
+    outside it (half a byte of slack: sizes are whole bytes).  `lower_bits_how` says how the
+    caller's user allows lower bit-widths (a command line names its flags)."""
+    if not isinstance(budget_mb, (int, float)) or math.isnan(budget_mb):
+        raise BudgetError(f"budget must be a number of megabytes, got {budget_mb!r}")
+    # The printed range is rounded inward so that both printed ends are themselves feasible.
+    lo_s, hi_s = math.ceil(lo * 1000) / 1000, math.floor(hi * 1000) / 1000
+    if budget_mb * MB < lo * MB - 0.5:
+        raise BudgetError(
+            f"no plan fits in {budget_mb:g} MB: the smallest this UNet can be with weight candidates "
+            f"{_cands_str(weight_candidates)} is {lo_s:.3f} MB (feasible budgets: {lo_s:.3f} .. {hi_s:.3f} MB); "
+            f"raise the budget or allow lower bit-widths{lower_bits_how}")
+    if budget_mb * MB > hi * MB + 0.5:
+        raise BudgetError(
+            f"a budget of {budget_mb:g} MB is above the largest plan, {hi_s:.3f} MB, which already keeps "
+            f"every candidate at its widest (feasible budgets: {lo_s:.3f} .. {hi_s:.3f} MB); "
+            f"use at most {hi_s:.3f} MB")
+
+
 # --------------------------------------------------------------------------------------------
 # The user-facing allocation.
 # --------------------------------------------------------------------------------------------
@@ -337,24 +361,7 @@ class Allocator:
         return lo / MB, hi / MB
 
     def check_budget(self, budget_mb: float) -> None:
-        lo, hi = self.feasible_range_mb()
-        if not isinstance(budget_mb, (int, float)) or math.isnan(budget_mb):
-            raise BudgetError(f"budget must be a number of megabytes, got {budget_mb!r}")
-        # The printed range is rounded inward so that both printed ends are themselves feasible.
-        lo_s, hi_s = math.ceil(lo * 1000) / 1000, math.floor(hi * 1000) / 1000
-        if budget_mb * MB < lo * MB - 0.5:
-            raise BudgetError(
-                f"no plan fits in {budget_mb:g} MB: the smallest this UNet can be with weight candidates "
-                f"{self._cands_str()} is {lo_s:.3f} MB (feasible budgets: {lo_s:.3f} .. {hi_s:.3f} MB); "
-                "raise the budget or allow lower bit-widths")
-        if budget_mb * MB > hi * MB + 0.5:
-            raise BudgetError(
-                f"a budget of {budget_mb:g} MB is above the largest plan, {hi_s:.3f} MB, which already keeps "
-                f"every candidate at its widest (feasible budgets: {lo_s:.3f} .. {hi_s:.3f} MB); "
-                f"use at most {hi_s:.3f} MB")
-
-    def _cands_str(self) -> str:
-        return "; ".join(f"{g} {{{','.join(map(str, c))}}}" for g, c in self.weight_candidates.items())
+        check_budget_range(budget_mb, *self.feasible_range_mb(), self.weight_candidates)
 
     # ---- the weight program
     def split(self, avail: float, ratio: float | None) -> dict[str, float]:
@@ -623,24 +630,35 @@ def run_allocate(args) -> Allocation | None:
         raise BudgetError(f"--budget-mb must be a positive number of megabytes, got {args.budget_mb}")
     if args.eval_prompts < 1:
         raise PlanError("--eval-prompts must be >= 1")
-    pipe = load_pipeline(args.model, device=args.device)
-    cal = calibration_from_args(pipe, args)
-    if args.sensitivity:
-        sens = Sensitivity.load(args.sensitivity)
-    else:
-        sens = sensitivity(pipe, cal)
     wc = dict(DEFAULT_WEIGHT_CANDIDATES)
     if args.content_bits:
         wc[CONTENT] = tuple(args.content_bits)
     if args.quality_bits:
         wc[QUALITY] = tuple(args.quality_bits)
-    alloc = Allocator(sens, layer_costs(pipe.unet), weight_candidates=wc,
+    wc = _normalise_candidates(wc, WEIGHT_BITS, "weight")
+    pipe = load_pipeline(args.model, device=args.device)
+    costs = layer_costs(pipe.unet)
+    cal = calibration_from_args(pipe, args)
+    if args.sensitivity:
+        sens = Sensitivity.load(args.sensitivity)
+    else:
+        if args.budget_mb is not None:
+            # An impossible budget is refused now, not after the analysis (minutes to hours): the
+            # feasible range depends only on the layer costs and the candidate bits.  These
+            # bounds contain the allocator's exact range (the low end is exact; the high end
+            # assumes the widest activation choice), so they never refuse a feasible budget.
+            from .measure import budget_bounds
+
+            check_budget_range(args.budget_mb, *budget_bounds(costs, wc), wc,
+                               lower_bits_how=f" (--content-bits / --quality-bits, down to {min(WEIGHT_BITS)})")
+        sens = sensitivity(pipe, cal)
+    alloc = Allocator(sens, costs, weight_candidates=wc,
                       act_avg_bits=args.act_avg_bits or None, act_floor=args.act_floor,
                       decoupled=not args.single_metric)
     lo, hi = alloc.feasible_range_mb()
     if args.range:
         print(f"feasible budgets: {math.ceil(lo * 1000) / 1000:.3f} .. {math.floor(hi * 1000) / 1000:.3f} MB "
-              f"(float UNet {layer_costs(pipe.unet).float_mb():.3f} MB)")
+              f"(float UNet {costs.float_mb():.3f} MB)")
         return None
     ratios = args.ratio or list(DEFAULT_RATIOS)
     if args.pareto:

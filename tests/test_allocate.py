@@ -314,6 +314,59 @@ def test_cli_range_errors_and_plan(tiny_sdxl_dir, tmp_path, capsys, one_thread):
     plan.validate(mixdq.quantizable_layers(pipe.unet))
 
 
+def test_cli_refuses_an_impossible_budget_before_any_sensitivity_work(tiny_sdxl_dir, tmp_path, monkeypatch,
+                                                                       one_thread):
+    """No sensitivity cached (a fresh clone): a budget outside the feasible range is refused at
+    once, naming the range and the fix; the range is the one of the candidate bits given."""
+    import argparse
+    import importlib
+
+    import mixdq
+    from mixdq import measure
+    from mixdq.allocate import DEFAULT_WEIGHT_CANDIDATES, add_allocate_args, run_allocate
+
+    S = importlib.import_module("mixdq.sensitivity")  # the module (mixdq.sensitivity is also the verb)
+    cache = tmp_path / "empty-cache"
+    monkeypatch.setenv("MIXDQ_CACHE", str(cache))
+
+    class Started(Exception):
+        pass
+
+    def started(*a, **k):
+        raise Started
+
+    monkeypatch.setattr(S, "sensitivity", started)
+    costs = mixdq.layer_costs(mixdq.load_pipeline(tiny_sdxl_dir, device="cpu").unet)
+    lo, hi = measure.budget_bounds(costs)
+    parser = add_allocate_args(argparse.ArgumentParser())
+
+    def run(*extra):
+        return run_allocate(parser.parse_args(["--model", str(tiny_sdxl_dir), *extra]))
+
+    with pytest.raises(BudgetError) as e:
+        run("--budget-mb", "0.001")
+    msg = str(e.value)
+    assert f"feasible budgets: {math.ceil(lo * 1000) / 1000:.3f} .. {math.floor(hi * 1000) / 1000:.3f} MB" in msg
+    assert "raise the budget" in msg and "--quality-bits" in msg
+    with pytest.raises(BudgetError, match="use at most"):
+        run("--budget-mb", str(hi * 2))
+    with pytest.raises(PlanError, match="not supported"):      # a bad candidate costs nothing either
+        run("--budget-mb", str(lo), "--quality-bits", "9")
+    assert not (cache / "sensitivity").exists()
+    # lower quality candidates lower the floor: the same budget is now feasible, so the
+    # analysis is what runs next
+    low = {**DEFAULT_WEIGHT_CANDIDATES, QUALITY: (2, 4, 8, 16)}
+    lo2 = measure.budget_bounds(costs, low)[0]
+    assert lo2 < lo
+    between = str((lo + lo2) / 2)
+    with pytest.raises(BudgetError):
+        run("--budget-mb", between)
+    with pytest.raises(Started):
+        run("--budget-mb", between, "--quality-bits", "2,4,8,16")
+    with pytest.raises(Started):       # a feasible budget goes on to the analysis
+        run("--budget-mb", str((lo + hi) / 2))
+
+
 def test_selection_measures_plans_on_several_prompts(tiny_sdxl_pipe, one_thread):
     import mixdq
     from mixdq.allocate import PlanEvaluator

@@ -94,6 +94,22 @@ def test_bad_arguments_are_clear(tiny_sdxl_dir, tmp_path):
     assert p.returncode == 2 and "already exists" in p.stderr
 
 
+def test_allocate_on_a_fresh_clone_refuses_an_impossible_budget_at_once(tmp_path):
+    """No ~/.cache/mixdq yet: `allocate --budget-mb 0.001` names the feasible range and the fix
+    instead of starting the analysis (which makes its cache folder before anything else)."""
+    from mixdq.loading import EMBEDDED
+
+    if not (EMBEDDED / "model_index.json").is_file():
+        pytest.skip("the embedded model is not in assets/")
+    cache = tmp_path / "cache"
+    p = run("allocate", "--budget-mb", "0.001", check=False, MIXDQ_CACHE=str(cache))
+    assert p.returncode == 2, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no plan fits in 0.001 MB") and "feasible budgets: " in last
+    assert "raise the budget" in last and "--content-bits" in last
+    assert not (cache / "sensitivity").exists()
+
+
 def test_bench_verb_records_its_command_and_emulates(tmp_path):
     """`python -m mixdq bench ... --emulate avx2`: the re-run process gets the bench words."""
     run("bench", "--models", "tiny-sdxl", "--reps", "1", "--px", "64", "--out", str(tmp_path), "--threads", "1",
