@@ -538,6 +538,9 @@ def build_app(model=None, *, sensitivity=None, calibration=None, workdir=None, p
         outputs = [float_img, quant_img, overlay, diff_img, stats, chart, pareto_chart, raw, status, budget,
                    budget_info, header]
 
+        def preset_points():
+            return [(p.size_mb, session.predicted_loss(p.plan), p.name) for p in session.presets]
+
         def results(s, how, alloc, progress, budget_now):
             session.pareto_curve(progress)
             front = session.front_with(alloc)
@@ -546,7 +549,6 @@ def build_app(model=None, *, sensitivity=None, calibration=None, workdir=None, p
                 size = session.costs.total_mb(session.quant_plan) if session.quant_label != "imported" \
                     else s["unet_quant_mb"]
                 chosen = (size, alloc.predicted["total"] if alloc else session.predicted_loss(session.quant_plan))
-            preset_pts = [(p.size_mb, session.predicted_loss(p.plan), p.name) for p in session.presets]
             rows = measure.plan_chart_data(session.quant_plan, session.quant_pipe.unet)
             diff, gain = measure.difference_map(s["float_image"], s["quant_image"])
             raw_numbers = {k: v for k, v in s.items() if not k.endswith("_image")}
@@ -562,7 +564,7 @@ def build_app(model=None, *, sensitivity=None, calibration=None, workdir=None, p
                                    f"(white = largest difference, {255 / gain:.0f}/255)")
             return (f_big, q_big, (f_big, q_big), diff_shown, stats_markdown(s, session, how),
                     plan_chart_svg(rows, f"Bits per layer: {session.quant_plan.summary()}"),
-                    pareto_svg(front, getattr(session, "family_points", None), chosen, preset_pts),
+                    pareto_svg(front, getattr(session, "family_points", None), chosen, preset_points()),
                     raw_numbers, done, gr.update(**session.slider_spec()),
                     session.budget_info(budget_now) if budget_now is not None else gr.update(),
                     header_markdown(session))
@@ -631,6 +633,17 @@ def build_app(model=None, *, sensitivity=None, calibration=None, workdir=None, p
                 session.last = s
                 return results(s, how, None, progress, None)
 
+        @_friendly
+        def on_page_load():
+            # A known sensitivity (shipped or cached) draws the Pareto chart from the start.  It
+            # is solved here, once, after the page shows (about 3 s of ILPs on the embedded
+            # model), not while the app starts.
+            with session.lock:
+                front = session.pareto_curve(lambda *a, **k: None)
+                return pareto_svg(front, getattr(session, "family_points", None), None, preset_points())
+
+        demo.load(on_page_load, outputs=pareto_chart, api_name=False, concurrency_id="model",
+                  concurrency_limit=1, show_progress="hidden")
         budget.change(session.budget_info, inputs=budget, outputs=budget_info, show_progress="hidden",
                       queue=False)
         for btn, p in preset_buttons:

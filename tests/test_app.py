@@ -229,5 +229,11 @@ def test_presets_without_sensitivity(tmp_path, monkeypatch):
         assert "preset" in out[8] and out[7]["unet_quant_mb"] == pytest.approx(size)
         assert session.allocator is None                  # no analysis was started
         assert "sensitivity" in out[6]                    # the Pareto panel says what it needs
+        from gradio_client.exceptions import AppError
+
+        for outside in (lo / 2, hi * 2):                  # refused at once, still no analysis
+            with pytest.raises(AppError, match="(minimum|maximum) value"):
+                client.predict(outside, "a red circle", 1, 2, api_name="/generate")
+        assert session.allocator is None and not (tmp_path / "empty-cache" / "sensitivity").exists()
     finally:
         demo.close()

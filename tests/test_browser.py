@@ -3,11 +3,15 @@
 Moves the budget slider, clicks Quantize & generate, waits for both images, checks they are
 real results that differ from the empty placeholders, and saves a screenshot
 (to $MIXDQ_SCREENSHOT when set, e.g. assets/app-screenshot.png, else the test's tmp folder).
+Most tests run a tiny random SDXL with a synthetic sensitivity table; one runs the app as a
+fresh clone starts it: the embedded model, the shipped presets/sensitivity.json, no cache.
 Never downloads a browser: without /usr/bin/chromium or the playwright package it skips.
 """
+import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -154,3 +158,96 @@ def test_bad_input_shows_a_message_in_the_page(app_url):
             expect(page.get_by_text("steps must be a whole number from 1 to 50").first).to_be_visible(timeout=30_000)
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def embedded_app(tmp_path_factory):
+    """`python app.py` on a fresh clone: the embedded model and what ships in presets/, with an
+    empty MIXDQ_CACHE.  Any sensitivity analysis the app would start is recorded and refused
+    (it takes minutes; it must not be needed)."""
+    import app
+    from mixdq.loading import EMBEDDED
+    from test_app import free_port
+
+    if not (EMBEDDED / "model_index.json").is_file():
+        pytest.skip("the embedded model is not in assets/")
+    cache = tmp_path_factory.mktemp("fresh-cache")
+    analyses = []
+
+    def no_analysis(*args, **kwargs):
+        analyses.append(kwargs)
+        raise AssertionError("the app started the sensitivity analysis although a table ships for this model")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MIXDQ_CACHE", str(cache))
+        mp.setattr(app, "compute_sensitivity", no_analysis)
+        demo = app.build_app(None, workdir=tmp_path_factory.mktemp("embedded-app") / "work")
+        port = free_port()
+        app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+        try:
+            yield demo, f"http://127.0.0.1:{port}/", cache, analyses
+        finally:
+            demo.close()
+
+
+def test_fresh_clone_embedded_model_any_budget_without_analysis(embedded_app):
+    """Header says the sensitivity is known, the Pareto chart is there from the start, and a
+    budget no preset has is allocated, quantized and generated in seconds."""
+    import app as app_module
+    from playwright.sync_api import expect, sync_playwright
+
+    demo, url, cache, analyses = embedded_app
+    session = demo.mixdq_session
+    assert session.embedded and session.presets and session.allocator is not None
+    spec = session.slider_spec()
+    step = spec["step"]
+    decimals = max(0, -int(round(math.log10(step))))
+    target = next(v for v in (round(round((spec["minimum"] + f * (spec["maximum"] - spec["minimum"])) / step) * step,
+                                    decimals) for f in (0.3, 0.45, 0.6))
+                  if session.matching_preset(v) is None)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(url)
+            number = page.locator("#budget input[data-testid='number-input']")
+            expect(number).to_be_visible(timeout=60_000)
+            expect(page.locator("#mixdq-title")).to_contain_text("tiny-sdxl (embedded)")
+            expect(page.locator("#mixdq-title")).to_contain_text("sensitivity cached ✓")
+            # drawn at start from the shipped table: the front, and the presets on it
+            expect(page.locator("#pareto-chart svg")).to_be_visible(timeout=60_000)
+            expect(page.locator("#pareto-chart svg polyline")).to_have_count(1)
+            expect(page.locator("#pareto-chart svg title", has_text="preset")).to_have_count(len(session.presets))
+
+            info = page.locator("#budget-info")
+            page.locator("#budget input[data-testid='range-input']").fill(str(target))
+            expect(number).to_have_value(str(target), timeout=10_000)
+            expect(info).to_contain_text(app_module._fmt_mb(target), timeout=10_000)
+            assert "matches preset" not in info.inner_text() and "sensitivity analysis" not in info.inner_text()
+
+            t0 = time.perf_counter()
+            page.locator("#run-btn").click()
+            expect(page.locator("#status")).to_contain_text("Done", timeout=120_000)
+            seconds = time.perf_counter() - t0
+            for elem in ("#float-img img", "#quant-img img"):
+                page.wait_for_function(
+                    "sel => { const i = document.querySelector(sel); return i && i.complete && i.naturalWidth > 0 "
+                    "&& i.src.includes('/gradio_api/file='); }", arg=elem, timeout=60_000)
+            widths = page.evaluate("[...document.querySelectorAll('#float-img img, #quant-img img')]"
+                                   ".map(i => i.naturalWidth)")
+            assert widths == [256, 256]
+            expect(page.locator("#status")).to_contain_text("allocated for")      # the ILP, not a preset
+            stats = page.locator("#stats")
+            for needle in ("SSIM", "UNet weight memory", "UNet latency per step"):
+                expect(stats).to_contain_text(needle, timeout=30_000)
+            expect(page.locator("#pareto-chart svg")).to_contain_text("this plan")
+        finally:
+            browser.close()
+    assert session.quant_label.startswith("allocated for")
+    assert session.costs.total_mb(session.quant_plan) <= target + 1e-6
+    assert not analyses and not (cache / "sensitivity").exists()
+    # allocation + quantization (32 calibration prompts) + both generations: seconds; the
+    # analysis it replaces takes minutes on these CPUs
+    assert seconds < 60, f"quantize & generate took {seconds:.0f} s"
