@@ -259,10 +259,10 @@ def observe_ranges(unet, inputs) -> tuple[dict, float]:
 
 def build_variant(unet, plan, ranges, int8_safe: bool = True):
     """The quantized variant as `mixdq.quantize(int8_safe=...)` makes it (W8A8 layers
-    as W7A8 where this CPU's int8 kernels saturate on 8-bit codes), sharing the
-    float model's unquantized tensors."""
-    from mixdq import model_nbytes
-    from mixdq.quant import kernels, quantized_layers, replace_layers
+    as W7A8 where their int8 backend saturates on 8-bit codes; prepacked copies made
+    layer by layer), sharing the float model's unquantized tensors."""
+    from mixdq import model_nbytes, stored_nbytes
+    from mixdq.quant import kernels, prepack, quantized_layers, replace_layers
     from mixdq.quantize import int8_safe_plan
 
     trim()
@@ -270,26 +270,31 @@ def build_variant(unet, plan, ranges, int8_safe: bool = True):
     t = time.perf_counter()
     device = next(unet.parameters()).device
     chosen = kernels.select_kernel(device)
-    plan, wide = int8_safe_plan(plan, chosen, device, int8_safe)
+    plan, wide = int8_safe_plan(plan, chosen, unet, int8_safe)
     clone = shared_clone(unet)
     with torch.no_grad():
         originals = replace_layers(clone, plan, ranges=ranges)
     del originals
     for layer in quantized_layers(clone).values():
         layer.kernel = chosen
+    prepack(clone)
     # layers that run the integer kernels (8-bit activations, 2-8-bit weights)
     routed = sum(1 for layer in quantized_layers(clone).values() if layer._int_path())
+    backends = {}
+    for layer in quantized_layers(clone).values():
+        backends[layer.backend] = backends.get(layer.backend, 0) + 1
     dt = time.perf_counter() - t
     trim()
     rss1 = rss_bytes()
     # bytes this variant holds on its own: its quantized layers (the rest is
-    # shared with the float model, counted in its float bytes)
+    # shared with the float model, counted in its float bytes), prepacked copies
+    # included; stored_bytes: what the plan stores (= layer_costs, exports)
     total = model_nbytes(clone)
     return clone, {
         "plan": plan.summary(), "mean_weight_bits": plan.meta.get("mean_weight_bits"),
-        "quantize_s": dt, "weight_bytes": total,
+        "quantize_s": dt, "weight_bytes": total, "stored_bytes": stored_nbytes(clone),
         "rss_delta_bytes": None if rss0 is None else rss1 - rss0,
-        "kernel": chosen, "routed_int8_layers": routed,
+        "kernel": chosen, "routed_int8_layers": routed, "backends": backends,
         "w8a8_as_w7a8_layers": len(wide) if int8_safe else 0,
     }
 
@@ -486,20 +491,22 @@ def run(models=DEFAULT_MODELS, variants=DEFAULT_VARIANTS, reps: int = 3, px: int
         torch.set_num_threads(threads_before)
 
 
-# Emulating an older CPU on this one: every library that picks kernels by
-# instruction set is capped before it initialises (so: a fresh process).
-EMULATIONS = {
+# Capping an older CPU's instruction sets on this one: every library that picks
+# kernels by instruction set is capped before it initialises (so: a fresh process),
+# and mixdq decides for that kind (MIXDQ_CPU).  CI runs the kernel tests so too.
+CPU_CAPS = {
     "avx2": {
+        "MIXDQ_CPU": "avx2",                     # mixdq's own decisions
         "ATEN_CPU_CAPABILITY": "avx2",           # torch's own vectorised kernels
-        "ONEDNN_MAX_CPU_ISA": "AVX2",            # oneDNN (bf16/int8 matmul, convs)
+        "ONEDNN_MAX_CPU_ISA": "AVX2",            # oneDNN (bf16/int8 matmul, convs; torch._int_mm)
         "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",    # FBGEMM's int8 linear
         "MKL_ENABLE_INSTRUCTIONS": "AVX2",       # MKL (float32 GEMM)
-        # torch._int_mm does not follow these caps (here it stays fast; on real
-        # AVX2-only EPYCs it ran 30-100x slower than float32, world notes), so the
-        # integer layers take the backends the dispatch measures fastest there
-        "MIXDQ_INT8_BACKEND": "linear=fbgemm,conv=onednn",
     },
 }
+# torch._int_mm's speed does not follow these caps (here it stays fast; on a real
+# AVX2-only EPYC it ran 30-100x slower than float32, world notes), so an emulated
+# benchmark puts the integer layers on the backends the dispatch measures there
+EMULATIONS = {"avx2": CPU_CAPS["avx2"] | {"MIXDQ_INT8_BACKEND": "linear=fbgemm,conv=onednn"}}
 
 
 def run_emulated(isa: str, argv: list[str], out_dir: Path, log=print) -> dict:

@@ -13,7 +13,7 @@ The flow, one verb per step:
 from .calibrate import Calibration, float_ranges
 from .errors import BudgetError, ExportError, MixDQError, ModelNotFoundError, PlanError, SlowPathWarning
 from .loading import generation_defaults, load_pipeline
-from .memory import LayerCosts, layer_costs, model_nbytes
+from .memory import LayerCosts, layer_costs, model_nbytes, stored_nbytes
 from .plan import LayerBits, Plan
 from .quant import quantizable_layers
 from .quantize import QuantReport, bos_embedding, current_plan, quantize
@@ -21,7 +21,7 @@ from .quantize import QuantReport, bos_embedding, current_plan, quantize
 __all__ = [
     "load_pipeline", "generation_defaults", "Calibration", "float_ranges", "quantize",
     "QuantReport", "current_plan", "bos_embedding", "Plan", "LayerBits", "quantizable_layers",
-    "layer_costs", "LayerCosts", "model_nbytes", "MixDQError", "PlanError", "BudgetError",
+    "layer_costs", "LayerCosts", "model_nbytes", "stored_nbytes", "MixDQError", "PlanError", "BudgetError",
     "ModelNotFoundError", "ExportError", "SlowPathWarning",
 ]
 from .export import load_quantized, save_quantized  # noqa: E402

@@ -505,7 +505,7 @@ class PlanEvaluator:
 
     def __call__(self, plan: Plan, bos_aware: bool = True) -> dict[str, float]:
         from .measure import pair
-        from .memory import model_nbytes
+        from .memory import stored_nbytes
         from .metrics import psnr, ssim
         from .quantize import quantize
 
@@ -514,7 +514,7 @@ class PlanEvaluator:
         images = self._images(twin)
         out = {"ssim": float(ssim(images, self.float_images)),
                "psnr": float(psnr(images, self.float_images)),
-               "size_mb": model_nbytes(twin.unet) / MB}
+               "size_mb": stored_nbytes(twin.unet) / MB}
         if self.checker:
             out["alignment"] = self.checker(images)
         del twin

@@ -115,6 +115,7 @@ def cmd_quantize(args):
                       "ratio": report.ratio, "kernel": report.kernel, "plan": report.plan.summary(),
                       "seconds_quantize": report.seconds_quantize,
                       "seconds_calibrate": report.seconds_calibrate, "int8_layers": report.int8_layers,
+                      "held_mb": report.held_bytes / 1e6, "backends": report.backends,
                       "notes": report.notes}, indent=1))
 
 

@@ -30,7 +30,8 @@ import torch
 from .errors import ExportError, SlowPathWarning
 from .loading import DEFAULTS_FILE, default_device, generation_defaults
 from .plan import Plan
-from .quant import QuantConv2d, QuantLinear, is_bos_layer, kernels, quantizable_layers, quantized_layers, shortcut_splits
+from .quant import (QuantConv2d, QuantLinear, is_bos_layer, kernels, prepack, quantizable_layers, quantized_layers,
+                    shortcut_splits)
 from .quantize import SATURATION_REASON, current_plan, wide_int8_layers
 
 FORMAT = "mixdq-export/1"
@@ -138,9 +139,9 @@ def load_quantized(folder, device=None, kernel: str | None = None, verify: bool 
     """Rebuild a pipeline written by save_quantized, without any float UNet weights.
     The W8A8 path is this machine's (kernels.select_kernel), or `kernel`.
 
-    On a CPU whose int8 kernels saturate on 8-bit weight codes (no VNNI) the
-    export's W8A8 layers run the exact float path, no faster than float: a
-    warning says so.  int8_safe=True re-rounds them to 7-bit codes there
+    On a CPU whose int8 backend saturates on 8-bit weight codes (oneDNN / FBGEMM
+    without VNNI) the export's W8A8 layers there run the exact float path, no
+    faster than float: a warning says so.  int8_safe=True re-rounds them to 7-bit codes there
     (QuantLayer.requantize_weight), which the int8 kernels run exactly; the
     images then differ a little from the export's."""
     from diffusers import DiffusionPipeline
@@ -189,7 +190,7 @@ def load_quantized(folder, device=None, kernel: str | None = None, verify: bool 
         layer.kernel = chosen
     unet.mixdq_meta = {k: meta.get(k) for k in ("bos_aware", "kernel", "calibration")}
     unet.mixdq_meta["kernel"] = chosen
-    wide = wide_int8_layers(plan, chosen, device)
+    wide = wide_int8_layers(plan, chosen, unet)
     if wide and int8_safe:
         for name in wide:
             layers[name].requantize_weight(7)
@@ -201,5 +202,6 @@ def load_quantized(folder, device=None, kernel: str | None = None, verify: bool 
                       "from the float model on this machine stores W7A8 by itself.", SlowPathWarning, stacklevel=2)
     pipe = DiffusionPipeline.from_pretrained(folder, unet=unet, dtype=dtype)
     pipe.to(device)
+    prepack(pipe.unet)  # after .to(), which gives the layers their codes back
     pipe._mixdq_source = {"source": str(folder), "kind": "mixdq-export", "lora": None}
     return pipe

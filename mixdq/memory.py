@@ -1,10 +1,11 @@
 """Bytes a UNet holds, measured and predicted.
 
 `model_nbytes` measures: the sum of every parameter's and buffer's nbytes.  On
-CPUs without VNNI a layer's codes move into its int8 backend's prepacked copy
-after the first call (layers.QuantLayer._release_codes); such codes count at one
-byte per weight, the copy's codes (for 2-4-bit layers twice or four times
-their packed size; the copy's block padding is not counted).
+the prepacked int8 backends (oneDNN, FBGEMM: CPUs without VNNI) a layer's codes
+move into the backend's prepacked copy (layers.QuantLayer._release_codes); such
+codes count at one byte per weight, the copy's codes: for 2-4-bit layers twice
+or four times their packed size, since those backends have no low-bit kernels
+(`prepacked_extra_nbytes`; the copy's block padding is not counted).
 `layer_costs` predicts, per layer and weight bit-width, the bytes the layer
 will hold once quantized; `quantize` then makes the prediction true (tested).
 1 MB = 1e6 bytes throughout.
@@ -23,17 +24,28 @@ MB = 1_000_000
 
 
 def model_nbytes(module: nn.Module) -> int:
-    """Bytes held by all parameters and buffers (each tensor counted once)."""
+    """Bytes the module holds now: its tensors, and what prepacked int8 copies hold
+    beyond the codes they replace (prepacked_extra_nbytes)."""
+    return stored_nbytes(module) + prepacked_extra_nbytes(module)
+
+
+def stored_nbytes(module: nn.Module) -> int:
+    """Bytes of all parameters and buffers (each tensor counted once): what an export
+    stores, and what `layer_costs` predicts for a plan, on any machine."""
     seen = set()
     total = 0
     for t in list(module.parameters()) + list(module.buffers()):
         if id(t) not in seen:
             seen.add(id(t))
             total += t.nbytes
-    for m in module.modules():
-        if isinstance(m, QuantLayer) and m._held_prepacked is not None:
-            total += math.prod(m.weight_shape) - m.weight_packed.nbytes  # int8 copy, not packed codes
     return total
+
+
+def prepacked_extra_nbytes(module: nn.Module) -> int:
+    """Bytes the prepacked int8 copies hold beyond the packed codes they replace:
+    one byte per weight of 2-4-bit layers instead of their packed size (0 elsewhere)."""
+    return sum(math.prod(m.weight_shape) - m.weight_packed.nbytes for m in module.modules()
+               if isinstance(m, QuantLayer) and m._held_prepacked is not None)
 
 
 @dataclass

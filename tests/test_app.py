@@ -101,21 +101,22 @@ def test_export_gives_a_file_that_loads_back(served, tmp_path):
     assert "int8_safe" not in again[7]["quantization"]  # this CPU runs the export's W8A8 layers on int8 kernels
 
 
-def test_load_on_a_cpu_without_vnni_says_what_runs_slower(served, monkeypatch):
-    """An export with W8A8 layers loaded where they would saturate the int8 kernels (no VNNI,
-    mocked): the app says, next to the model, that they run the float path and what to do."""
-    from mixdq.quant import kernels
-
+def test_load_on_a_cpu_without_vnni_says_what_runs_slower(served, monkeypatch, tmp_path):
+    """An export with W8A8 layers loaded where they would saturate the int8 kernels (decided
+    for a CPU without VNNI, on oneDNN): the app says, next to the model, that they run the
+    float path and what to do."""
     demo, client = served
     session = demo.mixdq_session
     lo, hi = session.budget_range()
-    monkeypatch.setattr(kernels, "vnni", lambda: True)  # the export is made where W8A8 runs as such
-    monkeypatch.setattr(kernels, "select_kernel", lambda device, override=None: override or "int_mm")
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("MIXDQ_KERNEL", "dequant")  # the export is made where W8A8 is kept (e.g. a GPU)
     _generate(client, round(hi, 3) - 0.002, seed=4)  # near the largest budget: W8A8 layers in the plan
     n8 = sum(1 for b in session.quant_plan.values() if str(b) == "W8A8")
     assert n8 > 0
     path = client.predict(api_name="/export")
-    monkeypatch.setattr(kernels, "vnni", lambda: False)
+    monkeypatch.delenv("MIXDQ_KERNEL")
+    monkeypatch.setenv("MIXDQ_CPU", "avx2")
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", "onednn")
     monkeypatch.delenv("MIXDQ_INT8_SATURATE", raising=False)
     out = client.predict(handle_file(path), "a red circle", 4, 2, api_name="/load")
     assert f"{n8} W8A8 layers" in out[7]["quantization"] and "int8_safe=True" in out[7]["quantization"]

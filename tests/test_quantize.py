@@ -1,10 +1,13 @@
 """End to end on small random SDXL and SD1.5 pipelines: quantize, generate, measure."""
+import math
+
 import pytest
 import torch
 
 import mixdq
 from mixdq import Calibration, LayerBits, Plan, PlanError
-from mixdq.quant import quantized_layers, shortcut_splits
+from mixdq.quant import kernels, quantized_layers, shortcut_splits
+from mixdq.quantize import wide_int8_layers
 
 PROMPTS = ["a red circle", "a blue square", "two green triangles", "a cat"]
 
@@ -31,11 +34,15 @@ def test_quantize_and_generate(arch, request):
     out = _gen(pipe)
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert not torch.equal(out, ref)
-    # measured bytes: exactly the tensors held, exactly the prediction, smaller than float
-    held = sum(t.nbytes for t in pipe.unet.state_dict().values())
-    assert mixdq.model_nbytes(pipe.unet) == held == report.quantized_bytes
-    assert held == costs.total_bytes(plan)
-    assert held < report.float_bytes
+    # measured bytes: exactly the tensors stored, exactly the prediction, smaller than float;
+    # held at run time: plus what prepacked int8 copies of 2-4-bit layers hold (oneDNN / FBGEMM)
+    extra = sum(math.prod(q.weight_shape) - q.weight_packed.nbytes for q in quantized_layers(pipe.unet).values()
+                if q.backend in kernels.PREPACKED and q.weight_bits < 5)
+    assert mixdq.model_nbytes(pipe.unet) == report.held_bytes == report.quantized_bytes + extra
+    stored = sum(t.nbytes for t in pipe.unet.state_dict().values())
+    assert stored == report.quantized_bytes == costs.total_bytes(report.plan) == costs.total_bytes(plan)
+    assert stored < report.float_bytes
+    assert (extra > 0) == any("int8 copies" in n for n in report.notes)
     # every quantized layer got a calibrated range, and lost its float weight
     layers = quantized_layers(pipe.unet)
     assert len(layers) == len(plan.quantized())
@@ -45,7 +52,14 @@ def test_quantize_and_generate(arch, request):
             assert layer.act_scale.min() > 0
         if layer.weight_bits != 16:
             assert not hasattr(layer, "weight") or layer.weight is None
-    assert mixdq.current_plan(pipe.unet) == Plan(plan.quantized())
+    # the plan quantize reports is the plan the layers run (W8A8 stored as W7A8 where
+    # this machine's int8 backend saturates on 8-bit codes, same bytes)
+    assert mixdq.current_plan(pipe.unet) == Plan(report.plan.quantized())
+    changed = {n for n, b in plan.items() if b != report.plan[n]}
+    assert changed == set(wide_int8_layers(plan, report.kernel["kernel"], pipe.unet))
+    assert all(plan[n] == LayerBits(8, 8) and report.plan[n] == LayerBits(7, 8)
+               and kernels.saturates(layers[n].backend, "conv" if layers[n].op == "conv" else "linear")
+               for n in changed)
 
 
 def test_w8a8_close_and_bits_order(tiny_sdxl_dir):
@@ -89,43 +103,78 @@ def test_int_mm_and_dequant_kernels_agree(tiny_sdxl_dir):
     assert float(psnr(images["int_mm"], images["dequant"])) > 20
 
 
-def test_w8a8_layers_become_w7a8_where_int8_kernels_saturate(tiny_sdxl_dir, monkeypatch):
-    """No VNNI (mocked): quantize stores the plan's W8A8 layers as W7A8 (same bytes, every
-    layer on the integer kernels) and says so; int8_safe=False keeps them W8A8 on the
-    float path and says what that costs and what to use instead."""
-    from mixdq.quant import kernels
-
+@pytest.mark.parametrize("kind", kernels.CPU_KINDS)
+def test_w8a8_layers_become_w7a8_where_int8_kernels_saturate(tiny_sdxl_dir, monkeypatch, tmp_path, kind):
+    """On oneDNN, decided for each CPU kind (MIXDQ_CPU): where it saturates on 8-bit codes
+    (always without VNNI) quantize stores the plan's W8A8 layers as W7A8 (same bytes,
+    every layer on the integer kernels) and says so; int8_safe=False keeps them W8A8 on
+    the float path and says what that costs and what to use instead.  Where oneDNN is
+    exact (VNNI) the plan is stored as it is."""
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("MIXDQ_CPU", kind)
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", "onednn")
+    monkeypatch.delenv("MIXDQ_INT8_SATURATE", raising=False)
     cal = Calibration(PROMPTS[:2])
     pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
     names = list(mixdq.quantizable_layers(pipe.unet))
     plan = Plan({n: [(8, 8), (7, 8), (8, 16)][i % 3] for i, n in enumerate(names)})
     n8 = sum(1 for b in plan.values() if b == LayerBits(8, 8))
-    monkeypatch.setattr(kernels, "vnni", lambda: True)
-    report = mixdq.quantize(pipe, plan, cal, kernel="int_mm", progress=False)
-    assert report.plan == plan and report.notes == []
-    assert report.int8_layers == sum(1 for b in plan.values() if b.act == 8)
-    vnni_bytes = report.quantized_bytes
-
-    monkeypatch.setattr(kernels, "vnni", lambda: False)
-    monkeypatch.delenv("MIXDQ_INT8_SATURATE", raising=False)
-    pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
+    n_int = sum(1 for b in plan.values() if b.act == 8)
+    saturating = kernels.saturates("onednn") or kernels.saturates("onednn", "conv")
+    assert saturating == (kind == "avx2" or kernels.probe_saturates("onednn"))
     report = mixdq.quantize(pipe, plan, cal, kernel="int_mm", progress=False)
     assert mixdq.current_plan(pipe.unet) == report.plan
+    assert report.int8_layers == n_int and report.backends.get("onednn") == n_int
+    if not saturating:
+        assert report.plan == plan and report.notes == []
+        return
     assert {str(b) for b in report.plan.values()} == {"W7A8", "W8A16"}  # weight-only layers keep 8
-    assert report.int8_layers == sum(1 for b in plan.values() if b.act == 8)
-    assert report.quantized_bytes == vnni_bytes
+    assert report.quantized_bytes == mixdq.layer_costs(mixdq.load_pipeline(tiny_sdxl_dir).unet).total_bytes(plan)
     assert len(report.notes) == 1 and f"{n8} W8A8 layers were quantized as W7A8" in report.notes[0]
-    assert "--keep-w8" in str(report)
+    assert "--keep-w8" in str(report) and report.plan.meta["int8_safe"]["layers"] == n8
 
     pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
     report = mixdq.quantize(pipe, plan, cal, kernel="int_mm", int8_safe=False, progress=False)
     assert report.plan == plan
-    assert report.int8_layers == sum(1 for b in plan.values() if b.act == 8) - n8
+    assert report.int8_layers == n_int - n8 and report.backends["float"] == len(plan) - n_int + n8
     assert len(report.notes) == 1 and f"{n8} W8A8 layers run the exact float path" in report.notes[0]
-    # the GPU / dequant kernel never saturates: nothing changes there
+    # the dequant kernel (e.g. a GPU's choice) never saturates: nothing changes there
     pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
     report = mixdq.quantize(pipe, plan, cal, kernel="dequant", progress=False)
-    assert report.plan == plan and report.notes == []
+    assert report.plan == plan and report.notes == [] and report.backends == {"float": len(plan)}
+
+
+def test_each_layer_runs_the_backend_the_dispatch_chose(tiny_sdxl_dir, monkeypatch, tmp_path):
+    """One generation per backend that can be forced here: every quantized layer runs, and
+    only on the backend it resolved (recorded), which is the forced one for its type
+    wherever an int8 kernel applies (auto: the dispatch's choice); prepacked layers hold
+    only their copy from quantize on (no prepacking in the first step)."""
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    cal = Calibration(PROMPTS[:1])
+    forced = ["int_mm", "onednn"] + (["fbgemm"] if "fbgemm" in torch.backends.quantized.supported_engines else [])
+    for backend in forced + ["auto"]:
+        monkeypatch.setenv("MIXDQ_INT8_BACKEND", backend)
+        pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
+        report = mixdq.quantize(pipe, _mixed_plan(pipe.unet), cal, kernel="int_mm", progress=False)
+        layers = quantized_layers(pipe.unet)
+        with kernels.recording() as ran:
+            _gen(pipe)
+        by_layer = {}
+        for layer, be in ran:
+            by_layer.setdefault(id(layer), set()).add(be)
+        for name, layer in layers.items():
+            assert by_layer[id(layer)] == {layer.backend}, (backend, name)
+            op = "conv" if layer.op == "conv" else "linear"
+            if layer.act_bits != 8 or layer.weight_bits > 8:  # no int8 kernel for these
+                assert layer.backend == "float", name
+            elif backend != "auto" and not (op == "conv" and backend == "fbgemm"):
+                assert layer.backend == backend, (backend, name, layer.bits)
+            else:
+                assert layer.backend == kernels.layer_backend(layer.op, layer.weight_bits, 8, "cpu", "int_mm",
+                                                              layer.weight_shape, layer.groups), name
+            if layer.backend in kernels.PREPACKED:
+                assert layer._held_prepacked is not None, name
+        assert sum(report.backends.values()) == len(layers)
 
 
 def test_sequential_calibration_sees_quantized_upstream(tiny_sdxl_dir):

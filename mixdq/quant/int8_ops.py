@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .packing import unpack
+
 # torch.quantize_per_tensor warns that quantized dtypes are deprecated; the op
 # still runs and is the fastest quantizer on CPU.  Silence exactly that warning.
 warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated.*")
@@ -150,55 +152,88 @@ def clear_cache() -> None:
 
 # Prepacked copies hold the int8 codes themselves, in the backend's layout; each
 # reads back exactly (tested), which lets a layer keep only the prepacked copy.
+# A copy is cached under "<kind>" or, for one input slice of a split conv,
+# "<kind>/<part>" (the parts, read back and joined along K, are the whole weight).
 _READ_BACK = {
     "fbgemm_lin": lambda packed: torch.ops.quantized.linear_unpack(packed)[0].int_repr(),
     "onednn_lin": lambda packed: packed.to_dense().t(),
     "onednn_conv": lambda packed: packed.to_dense(),
 }
-_FRESH = WeakIdKeyDictionary()  # keys whose prepacked copy was just made
+_FRESH = WeakIdKeyDictionary()  # key -> names of the prepacked copies made since take_fresh_prepacked
+_HELD = WeakIdKeyDictionary()   # key -> [(name, packed)] where those copies alone hold the codes
 
 
-def note_prepacked(key: torch.Tensor) -> None:
-    """Mark key's prepacked copy as one its layer may keep alone (take_fresh_prepacked)."""
+def _cache_name(kind: str, part: int) -> str:
+    return kind if part < 0 else f"{kind}/{part}"
+
+
+def note_prepacked(key: torch.Tensor, name: str) -> None:
+    """Mark key's prepacked copy `name` as one its layer may keep alone (take_fresh_prepacked)."""
     try:
-        _FRESH[_owner(key)] = True
+        names = _FRESH.setdefault(_owner(key), [])
     except TypeError:  # inference tensors etc. that refuse weak references
-        pass
+        return
+    if name not in names:
+        names.append(name)
 
 
 def _prepacked(key, name, deps, make):
     """cached() for the backends' prepacked copies: also notes that a new copy was made."""
     def make_and_note():
         value = make()
-        note_prepacked(key)
+        note_prepacked(key, name)
         return value
 
     return cached(key, name, deps, make_and_note)
 
 
 def take_fresh_prepacked(key: torch.Tensor):
-    """(name, packed) if a prepacked copy of key's codes was made since the last
-    call, else None (one dictionary lookup: called after every integer-path call;
-    compiled graphs run no prepacked backend)."""
+    """[(name, packed), ...] for the prepacked copies of key's codes made since the
+    last call (one, or one per slice of a split conv), else None (one dictionary
+    lookup: called after every integer-path call; compiled graphs skip it)."""
     if torch.compiler.is_compiling() or not _FRESH:
         return None
     owner = _owner(key)
     try:
-        if _FRESH.pop(owner, None) is None:
-            return None
+        names = _FRESH.pop(owner, None)
     except TypeError:
         return None
+    if not names:
+        return None
     current, slot = _versions(key)[0], _CACHE.get(owner, {})
-    for name in _READ_BACK:
+    out = []
+    for name in sorted(names):
         hit = slot.get(name)
-        if hit is not None and hit[0][0] == current:  # deps start with _versions(key)
-            return name, hit[1]
-    return None
+        if hit is None or hit[0][0] != current:  # deps start with _versions(key)
+            return None
+        out.append((name, hit[1]))
+    parts = [n.partition("/")[2] for n, _ in out]
+    if parts != [""] and parts != [str(i) for i in range(len(out))]:
+        return None  # not one whole copy nor every slice's: keep the codes
+    return out
 
 
-def read_back(name: str, packed) -> torch.Tensor:
-    """The int8 codes a prepacked copy holds, weight-shaped as the backend got them."""
-    return _READ_BACK[name](packed)
+def read_back(held) -> torch.Tensor:
+    """The int8 codes prepacked copies hold, weight-shaped as the backend got them
+    (held: take_fresh_prepacked's list; slices joined along the input dimension)."""
+    codes = [_READ_BACK[name.partition("/")[0]](packed) for name, packed in held]
+    return codes[0] if len(codes) == 1 else torch.cat(codes, dim=1)
+
+
+def hold_codes(key: torch.Tensor, held) -> None:
+    """From now on only `held` (prepacked copies) holds key's codes; None: key again."""
+    if held is None:
+        _HELD.pop(_owner(key), None)
+    else:
+        _HELD[_owner(key)] = held
+
+
+def codes_of(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    """The int8 codes of a layer's packed buffer, read back where prepacked copies hold them."""
+    held = _HELD.get(_owner(packed))
+    if held is not None:
+        return read_back(held).reshape(shape)
+    return unpack(packed, bits, shape)
 
 
 def _scalar(t) -> float:
@@ -327,13 +362,14 @@ def _onednn_w_zp(n, device):
     return torch.zeros(n, dtype=torch.long, device=device)
 
 
-def linear_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None):
-    """onednn::qlinear_pointwise on a cached prepacked weight (an extra weight copy)."""
+def linear_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None, part=-1):
+    """onednn::qlinear_pointwise on a cached prepacked weight (an extra weight copy).
+    part >= 0: w_q is one input slice of a split conv's weight, cached apart."""
     shape = x.shape
     x2d = x.reshape(-1, shape[-1])
     key = w_q if key is None else key
     n = w_scale.shape[0]
-    packed = _prepacked(key, "onednn_lin", lambda: _versions(key),
+    packed = _prepacked(key, _cache_name("onednn_lin", part), lambda: _versions(key),
                         lambda: torch.ops.onednn.qlinear_prepack(_codes(w_q).contiguous(), None))
     wz = cached(key, "onednn_wz", (), lambda: _onednn_w_zp(n, w_scale.device))
     ws = w_scale.float().contiguous()
@@ -344,8 +380,9 @@ def linear_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None):
     return y.to(x.dtype).reshape(*shape[:-1], n)
 
 
-def linear_fbgemm(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None):
-    """quantized::linear_with_input_q_dq_qweight_dq_output_fp32 (FBGEMM; AVX2 path)."""
+def linear_fbgemm(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None, part=-1):
+    """quantized::linear_with_input_q_dq_qweight_dq_output_fp32 (FBGEMM; AVX2 path);
+    part as in linear_onednn."""
     shape = x.shape
     x2d = x.reshape(-1, shape[-1]).float().contiguous()
     key = w_q if key is None else key
@@ -358,7 +395,7 @@ def linear_fbgemm(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None):
         with _engine("fbgemm"):
             return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float())
 
-    packed = _prepacked(key, "fbgemm_lin", lambda: _versions(key, w_scale, bias), make)
+    packed = _prepacked(key, _cache_name("fbgemm_lin", part), lambda: _versions(key, w_scale, bias), make)
     with _engine("fbgemm"):
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             x2d, _scalar(x_scale), int(round(_scalar(x_zp))), packed)
@@ -385,7 +422,6 @@ LINEAR_BACKENDS = {
     "int_mm": linear_int_mm,
     "onednn": linear_onednn,
     "fbgemm": linear_fbgemm,
-    "reference": lambda x, xs, xz, w, ws, b=None, key=None: linear_reference(x, xs, xz, w, ws, b),
 }
 
 
@@ -482,8 +518,6 @@ def conv2d_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0
 CONV_BACKENDS = {
     "int_mm": conv2d_int_mm,
     "onednn": conv2d_onednn,
-    "reference": lambda x, xs, xz, w, ws, b=None, stride=1, padding=0, dilation=1, groups=1, key=None:
-        conv2d_reference(x, xs, xz, w, ws, b, stride, padding, dilation, groups),
 }
 
 
@@ -512,15 +546,44 @@ def split_conv1x1_int_mm(x, x_scales, x_zps, split: int, w_q, w_scale, bias=None
     return y.to(x.dtype).view(b, h, w, o).permute(0, 3, 1, 2)
 
 
-def macs_linear(m, k, n) -> int:
-    return m * k * n
+# ---------------------------------------------------------------------------
+# the prepacked backends as custom ops, for torch.compile: their prepack cannot
+# be traced, so a traced graph calls the whole eager kernel (prepacked copy
+# cached as in eager calls) through an op whose output shape is known
+# ---------------------------------------------------------------------------
+@torch.library.custom_op("mixdq::prepacked_linear", mutates_args=())
+def prepacked_linear(backend: str, x: torch.Tensor, packed: torch.Tensor, bits: int, shape: list[int],
+                     lo: int, hi: int, part: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                     x_scale: torch.Tensor, x_zp: torch.Tensor) -> torch.Tensor:
+    """LINEAR_BACKENDS[backend] on codes [:, lo:hi] of a layer's packed buffer."""
+    def codes():
+        return codes_of(packed, bits, shape).reshape(shape[0], -1)[:, lo:hi]
+
+    return LINEAR_BACKENDS[backend](x, x_scale, x_zp, codes, w_scale, bias, key=packed, part=part)
 
 
-def macs_conv(b, c, o, kh, kw, ho, wo) -> int:
-    return b * ho * wo * o * c * kh * kw
+@prepacked_linear.register_fake
+def _(backend, x, packed, bits, shape, lo, hi, part, w_scale, bias, x_scale, x_zp):
+    return x.new_empty(*x.shape[:-1], shape[0])
 
 
-__all__ = ["quantize_act", "note_prepacked", "take_fresh_prepacked", "read_back", "linear_reference",
-           "linear_int_mm", "linear_onednn", "linear_fbgemm", "conv2d_reference", "conv2d_int_mm",
-           "conv2d_onednn", "split_conv1x1_int_mm", "LINEAR_BACKENDS", "CONV_BACKENDS", "int_mm_ok",
-           "clear_cache", "cached"]
+@torch.library.custom_op("mixdq::onednn_conv2d", mutates_args=())
+def onednn_conv2d(x: torch.Tensor, packed: torch.Tensor, bits: int, shape: list[int], w_scale: torch.Tensor,
+                  bias: torch.Tensor | None, x_scale: torch.Tensor, x_zp: torch.Tensor, stride: list[int],
+                  padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+    """conv2d_onednn on a layer's packed buffer."""
+    return conv2d_onednn(x, x_scale, x_zp, lambda: codes_of(packed, bits, shape), w_scale, bias,
+                         stride, padding, dilation, groups, key=packed)
+
+
+@onednn_conv2d.register_fake
+def _(x, packed, bits, shape, w_scale, bias, x_scale, x_zp, stride, padding, dilation, groups):
+    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+    return x.new_empty(x.shape[0], shape[0], *size)
+
+
+__all__ = ["quantize_act", "note_prepacked", "take_fresh_prepacked", "read_back", "hold_codes", "codes_of",
+           "linear_reference", "linear_int_mm", "linear_onednn", "linear_fbgemm", "conv2d_reference",
+           "conv2d_int_mm", "conv2d_onednn", "split_conv1x1_int_mm", "LINEAR_BACKENDS", "CONV_BACKENDS",
+           "int_mm_ok", "clear_cache", "cached", "prepacked_linear", "onednn_conv2d"]

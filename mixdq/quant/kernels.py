@@ -1,35 +1,47 @@
-"""Which INT8 kernel runs W8A8 layers on this device: one small dispatch.
+"""Which implementation runs each quantized layer on this device: one dispatch,
+resolved once per layer (when it is quantized, loaded or moved), never per call.
 
 The machines differ (see README): on an EPYC with AVX-512 VNNI `torch._int_mm`
-is several times faster than float32 matmul, on an AVX2-only EPYC it is 30-100x
-slower while FBGEMM's prepacked int8 linear is about 2x faster than float32.
-So the choice is measured once per machine (a ~1 s micro-benchmark, cached on
-disk) instead of assumed.  Override with MIXDQ_KERNEL=int_mm|dequant or
-`select_kernel(device, override=...)`.
+is several times faster than float32 matmul; on an AVX2-only EPYC it is 30-100x
+slower, while oneDNN's and FBGEMM's prepacked int8 kernels are about 2x faster
+than float32.  So without VNNI the choice is measured once per machine (a ~1 s
+micro-benchmark, cached on disk) instead of assumed.
 
 Two levels:
-  layer kernel (`select_kernel`, what `layer.kernel` holds)
-    int_mm   activations quantized to 8 bits, an integer GEMM / conv against
-             the integer weight codes, epilogue s_a * s_w * (acc - z * sum(W)) + b.
-    dequant  weights dequantized on the fly, activations fake-quantized, float
-             matmul: the reference, and the path every non-8-bit layer takes.
-  int8 backend (`linear_backend` / `conv_backend`: which implementation of the
-  int_mm path runs, per layer type; see int8_ops.py for each)
-    int_mm   torch._int_mm (+ NHWC im2col for convs); no extra memory.
-    onednn   oneDNN qlinear / qconv on a prepacked weight copy.
-    fbgemm   FBGEMM's float-in/float-out int8 linear on a prepacked copy.
-  `consts`: (scale, effective bias) from int8_ops.epilogue_consts, held by
-  the caller (e.g. as layer buffers) so that a compiled graph reads them
-  instead of recomputing sum_k W per call (the cache is invisible to tracing).
-  `key`: the tensor that owns the codes (the layer's packed buffer), under
-  which per-weight constants are cached; defaults to weight_q's storage owner.
-  The prepacked backends hold a second copy of each 8-bit weight, so they are
-  chosen only where the copy-free int_mm is slower than float32 (AVX2-only
-  CPUs); MIXDQ_INT8_BACKEND=int_mm|onednn|fbgemm|reference forces one, or
-  one per layer type: MIXDQ_INT8_BACKEND=linear=fbgemm,conv=onednn.
-  CUDA: int_mm for linears (torch.compile fuses the activation quantization
-  and the epilogue into neighbouring kernels); convs keep cuDNN in the model
-  dtype on weights dequantized per call (no int8 conv in torch on CUDA).
+  kernel   (`select_kernel`, `layer.kernel`): whether a layer may use int8 kernels
+    int_mm   yes: activations quantized to 8 bits, an integer GEMM / conv against
+             the integer weight codes, epilogue s_a * s_w * (acc - z * sum(W)) + b
+    dequant  no: weights dequantized on the fly, activations fake-quantized,
+             float matmul (the reference)
+  backend  (`layer_backend`, `layer.backend`): what runs the layer
+    int_mm   torch._int_mm (+ NHWC im2col for convs); no extra memory
+    onednn   oneDNN qlinear / qconv on a prepacked weight copy
+    fbgemm   FBGEMM's float-in/float-out int8 linear on a prepacked copy
+    float    the dequant path: activations other than 8 bits, no int8 kernel
+             faster than float32 here, or codes a backend cannot run exactly
+
+The split up-block shortcut convs (1x1 over concat(hidden, skip), two activation
+ranges) are two GEMMs over pixels, i.e. two linears: they take the linear backend.
+
+Overrides, read when a layer's backend is resolved:
+  MIXDQ_KERNEL=int_mm|dequant            the kernel (`quantize(kernel=...)`)
+  MIXDQ_INT8_BACKEND=onednn              one backend for every layer type, or one per
+  MIXDQ_INT8_BACKEND=linear=fbgemm,conv=onednn   type (auto: the measured choice)
+  MIXDQ_INT8_SATURATE=allow              run 8-bit codes on saturating kernels anyway
+  MIXDQ_CPU=avx2|avx512_vnni             the CPU kind the library decides for, in place
+                                         of the detected one (tests and CI use it to
+                                         check one kind's decisions on the other)
+
+Saturation.  Without VNNI, x86 u8 x s8 int8 kernels (oneDNN, FBGEMM) add pairs of
+products in a saturating int16 (vpmaddubsw): 255 * (|w1| + |w2|) <= 32767 holds for
+every pair only while |w| <= 64.  Weight codes of <= 7 bits (|w| <= 63) are exact;
+8-bit codes (up to 127) are not.  `torch._int_mm` was exact on a real AVX2 EPYC
+(slow, but exact), and saturates where oneDNN is capped to AVX2 on a VNNI host.
+So `quantize` stores a plan's W8A8 layers that would run on a saturating backend
+as W7A8 (quantize.wide_int8_layers), and 8-bit codes that reach such a backend
+anyway (an export) run the float path.  What saturates is probed once per
+process on the host's own kernels (`probe_saturates`), except that without VNNI
+the prepacked backends are taken to saturate without asking.
 """
 from __future__ import annotations
 
@@ -48,9 +60,11 @@ from . import int8_ops
 from .quantizers import fake_quantize_act
 
 KERNELS = ("int_mm", "dequant")
-BACKENDS = ("int_mm", "onednn", "fbgemm", "reference")
+BACKENDS = ("int_mm", "onednn", "fbgemm", "float")
+PREPACKED = ("onednn", "fbgemm")  # backends that run on a prepacked int8 copy of the codes
+CPU_KINDS = ("avx2", "avx512_vnni")
 # bump when _measure_cpu measures something new, so cached choices are redone
-_MEASURE_VERSION = 3
+_MEASURE_VERSION = 4
 
 
 def cache_dir() -> Path:
@@ -68,12 +82,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_id() -> str:
-    return f"{cpu_name()}|{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}"
-
-
 @lru_cache(maxsize=None)
-def cpu_flags() -> frozenset[str]:
+def detected_cpu_flags() -> frozenset[str]:
+    """The flags /proc/cpuinfo lists: what the host really has."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -84,52 +95,104 @@ def cpu_flags() -> frozenset[str]:
 
 
 VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
-# Without VNNI, x86 int8 GEMMs (FBGEMM, oneDNN) multiply unsigned 8-bit activations
-# by signed 8-bit weights with vpmaddubsw, which adds adjacent products into a
-# *saturating* int16: 255 * (|w1| + |w2|) must stay <= 32767, true for every pair
-# only while |w| <= 64.  Weight codes of <= 7 bits (|w| <= 63) are always exact;
-# 8-bit codes (up to 127) are not (measured: 1 % relative error per layer, UNet
-# output error 0.14 vs 0.09 with VNNI).  PyTorch's answer is 7-bit activations
-# (reduce_range); ours is 7-bit weights: on such CPUs `quantize` stores a plan's
-# W8A8 layers as W7A8 (int8_safe), and 8-bit codes that reach them anyway (an
-# export, int8_safe=False) run the exact float path unless MIXDQ_INT8_SATURATE=allow
-# trades that error for the int8 speed.
-SATURATION_FREE_CODE = 64
+SATURATION_FREE_CODE = 64  # the largest |weight code| saturating u8 x s8 kernels run exactly
+
+
+def pinned_cpu_kind() -> str | None:
+    """MIXDQ_CPU, validated: the CPU kind to decide for instead of the detected one."""
+    kind = os.environ.get("MIXDQ_CPU", "").strip().lower()
+    if not kind:
+        return None
+    if kind not in CPU_KINDS:
+        raise ValueError(f"MIXDQ_CPU={kind!r} is not a CPU kind mixdq knows; set one of {CPU_KINDS} "
+                         "or unset it to use the detected CPU")
+    return kind
+
+
+def cpu_flags() -> frozenset[str]:
+    """The flags the library decides by: the detected ones, or MIXDQ_CPU's kind."""
+    flags, kind = detected_cpu_flags(), pinned_cpu_kind()
+    if kind == "avx2":
+        return frozenset(f for f in flags if f not in VNNI_FLAGS and not f.startswith(("avx512", "amx")))
+    if kind == "avx512_vnni":
+        return flags | {"avx2", "avx512f", "avx512_vnni"}
+    return flags
 
 
 def vnni() -> bool:
-    """Whether this CPU's int8 dot products accumulate straight into int32 (VNNI / AMX).
-    Honours an emulated older CPU: ONEDNN_MAX_CPU_ISA=AVX2 (or below) counts as none."""
-    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ("SSE41", "AVX", "AVX2"):
-        return False
+    """Whether this CPU's int8 dot products accumulate straight into int32 (VNNI / AMX)."""
     return bool(cpu_flags() & VNNI_FLAGS)
 
 
-_WIDE_CODES_OK: bool | None = None  # last decision, readable while torch.compile traces
+def cpu_kind() -> str:
+    """The CPU kind the library decides for (MIXDQ_CPU, else the detected one)."""
+    return pinned_cpu_kind() or ("avx512_vnni" if vnni() else "avx2")
 
 
-def int8_exact(weight_bits: int, device: torch.device) -> bool:
-    """Whether the integer kernels reproduce the fake-quant reference for weight
-    codes of `weight_bits` on `device` (see SATURATION_FREE_CODE); called per forward."""
-    global _WIDE_CODES_OK
-    if device.type != "cpu" or (1 << (weight_bits - 1)) - 1 <= SATURATION_FREE_CODE:
-        return True
-    if torch.compiler.is_compiling():
-        return True if _WIDE_CODES_OK is None else _WIDE_CODES_OK
-    _WIDE_CODES_OK = vnni() or os.environ.get("MIXDQ_INT8_SATURATE") == "allow"
-    return _WIDE_CODES_OK
+def _cpu_id() -> str:
+    """What a measured choice is valid for: the CPU, the kind decided for, and the
+    instruction-set caps of the kernel libraries (an emulated older CPU)."""
+    caps = ",".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS",
+                                                     "ATEN_CPU_CAPABILITY") if os.environ.get(k))
+    return (f"{cpu_name()}|{torch.backends.cpu.get_cpu_capability()}|{cpu_kind()}|{caps}"
+            f"|torch {torch.__version__}")
 
 
 def cpu_capability() -> dict:
     """What RESULTS.md records next to every CPU figure."""
-    flags = cpu_flags()
-    return {"cpu": _cpu_id().split("|")[0], "capability": torch.backends.cpu.get_cpu_capability(),
+    flags = detected_cpu_flags()
+    return {"cpu": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
             "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
             "avx512_bf16": "avx512_bf16" in flags, "amx_int8": "amx_int8" in flags,
             "avx2": "avx2" in flags, "threads": torch.get_num_threads(),
+            "decided_for": cpu_kind(), "pinned": pinned_cpu_kind(),
             "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
 
 
+# ---------------------------------------------------------------------------
+# saturation: which backends run 8-bit weight codes exactly here
+# ---------------------------------------------------------------------------
+def saturates(backend: str, op: str = "linear") -> bool:
+    """Whether `backend`'s int8 kernels lose precision on 8-bit weight codes here (see
+    the module doc): the prepacked ones wherever the CPU (or MIXDQ_CPU) has no VNNI;
+    any int8 backend whose one-off probe saturates (a capped oneDNN, which
+    `torch._int_mm` also runs on, does on any CPU); float never."""
+    if backend == "float":
+        return False
+    if backend in PREPACKED and not vnni():
+        return True
+    return probe_saturates(backend, op)
+
+
+@lru_cache(maxsize=None)
+def probe_saturates(backend: str, op: str = "linear") -> bool:
+    """What the host's kernels really do, whatever MIXDQ_CPU says: run the backend once
+    on codes that overflow a saturating int16 pair sum (255 * 127 * 2 > 32767) and
+    see whether it returns the exact sum."""
+    k = 64
+    w = torch.full((16, k), 127, dtype=torch.int8)
+    ws = torch.ones(16)
+    x = torch.full((16, k), 255.0)
+    try:
+        with torch.no_grad():
+            if op == "conv" and backend == "onednn":
+                y = int8_ops.conv2d_onednn(torch.full((1, k, 4, 4), 255.0), 1.0, 0, w.reshape(16, k, 1, 1), ws)
+            else:
+                y = int8_ops.LINEAR_BACKENDS[backend](x, 1.0, 0, w, ws)
+    except (RuntimeError, NotImplementedError):
+        return True  # missing in this build: never chosen anyway
+    finally:
+        int8_ops.clear_cache()
+    return not torch.allclose(y.double(), torch.full_like(y.double(), 255.0 * 127 * k), rtol=1e-6)
+
+
+def saturation_allowed() -> bool:
+    return os.environ.get("MIXDQ_INT8_SATURATE") == "allow"
+
+
+# ---------------------------------------------------------------------------
+# the measured choice per machine
+# ---------------------------------------------------------------------------
 def _time(fn, repeat=5) -> float:
     fn()
     best = float("inf")
@@ -146,13 +209,14 @@ def _measure_cpu() -> dict:
 
     Shapes are kept small enough for ~1 s in all; the backends' relative speed
     is what matters, and it is a property of the instruction set (VNNI or not),
-    not of the exact shape.
+    not of the exact shape.  The weight codes are 7-bit: what the saturating
+    backends would run.
     """
     torch.manual_seed(0)
     m, k, n = 1024, 640, 640
     x = torch.randn(m, k)
     w = torch.randn(n, k) / k ** 0.5
-    ws = w.abs().amax(1) / 127
+    ws = w.abs().amax(1) / 63
     wq = torch.round(w / ws[:, None]).to(torch.int8)
     b = torch.zeros(n)
     xs, xz = 8.0 / 255, 128
@@ -162,7 +226,7 @@ def _measure_cpu() -> dict:
     c, h = 320, 32
     xc = torch.randn(1, c, h, h)
     wc = torch.randn(c, c, 3, 3) / (9 * c) ** 0.5
-    wcs = wc.abs().amax((1, 2, 3)) / 127
+    wcs = wc.abs().amax((1, 2, 3)) / 63
     wcq = torch.round(wc / wcs[:, None, None, None]).to(torch.int8)
     conv = {"float32": lambda: F.conv2d(xc, wc, None, 1, 1)}
     for be in ("int_mm", "onednn"):
@@ -183,18 +247,15 @@ def _measure_cpu() -> dict:
 
     def pick(times):
         # copy-free int_mm whenever it beats float32; a prepacked backend only
-        # where int_mm loses and the prepacked one wins; else float (dequant)
+        # where int_mm loses and the prepacked one wins; else float
         if times["int_mm"] < times["float32"]:
             return "int_mm"
         rest = {k: v for k, v in times.items() if k not in ("float32", "int_mm")}
         best = min(rest, key=rest.get)
-        return best if rest[best] < times["float32"] else None
+        return best if rest[best] < times["float32"] else "float"
 
-    lb, cb = pick(t_lin), pick(t_conv)
-    return {"float32_s": t_lin["float32"], "int_mm_s": t_lin["int_mm"],
-            "linear_s": t_lin, "conv_s": t_conv,
-            "linear_backend": lb or "reference", "conv_backend": cb or "reference",
-            "kernel": "int_mm" if lb else "dequant", "version": _MEASURE_VERSION,
+    return {"linear_s": t_lin, "conv_s": t_conv, "linear_backend": pick(t_lin),
+            "conv_backend": pick(t_conv), "version": _MEASURE_VERSION,
             "reason": "measured: no VNNI, fastest of float32 / int_mm / prepacked backends"}
 
 
@@ -203,12 +264,13 @@ def _choose_cpu() -> dict:
 
     On these CPUs `_int_mm` was measured 2.8-3.7x faster than float32 per layer
     type, quantization and epilogue included (bench/RESULTS.md); a 1 s
-    micro-benchmark on a shared 2-core machine is noisier than that margin (it once ranked float32 first under load), so the
-    instruction set decides.  Elsewhere the micro-benchmark does.
+    micro-benchmark on a shared 2-core machine is noisier than that margin (it
+    once ranked float32 first under load), so the instruction set decides.
+    Elsewhere the micro-benchmark does.
     """
     if vnni():
-        return {"kernel": "int_mm", "linear_backend": "int_mm", "conv_backend": "int_mm",
-                "version": _MEASURE_VERSION, "reason": "VNNI: " + ", ".join(sorted(cpu_flags() & VNNI_FLAGS))}
+        return {"linear_backend": "int_mm", "conv_backend": "int_mm", "version": _MEASURE_VERSION,
+                "reason": "VNNI: " + ", ".join(sorted(cpu_flags() & VNNI_FLAGS))}
     return _measure_cpu()
 
 
@@ -231,9 +293,15 @@ def _cached_choice(key: str, choose) -> dict:
     return table[key]
 
 
-@lru_cache(maxsize=None)
+_CPU_CHOICES: dict[tuple, dict] = {}
+
+
 def _cpu_choice() -> dict:
-    return _cached_choice(_cpu_id(), _choose_cpu)
+    """This machine's measured (or VNNI) choice, once per process and machine key."""
+    key = (_cpu_id(), str(cache_dir()))
+    if key not in _CPU_CHOICES:
+        _CPU_CHOICES[key] = _cached_choice(key[0], _choose_cpu)
+    return _CPU_CHOICES[key]
 
 
 def _measure_cuda(index: int) -> dict:
@@ -292,7 +360,7 @@ def _cuda_choice(index: int) -> dict:
 
 
 def select_kernel(device: torch.device | str = "cpu", override: str | None = None) -> str:
-    """The W8A8 path for `device`: 'int_mm' or 'dequant'."""
+    """Whether layers on `device` use int8 kernels ('int_mm') or not ('dequant')."""
     choice = override or os.environ.get("MIXDQ_KERNEL")
     if choice:
         if choice not in KERNELS:
@@ -302,27 +370,14 @@ def select_kernel(device: torch.device | str = "cpu", override: str | None = Non
     if device.type == "cuda":
         return _cuda_choice(device.index if device.index is not None else torch.cuda.current_device())["kernel"]
     if device.type == "cpu":
-        return _cpu_choice()["kernel"]
+        choice = _cpu_choice()
+        return "dequant" if choice["linear_backend"] == choice["conv_backend"] == "float" else "int_mm"
     return "dequant"
 
 
-def kernel_report(device="cpu") -> dict:
-    """What the dispatch decided and why, for logs, the app and RESULTS.md."""
-    device = torch.device(device)
-    report = {"device": str(device), "kernel": select_kernel(device)}
-    if device.type == "cpu":
-        report["cpu"] = _cpu_id()
-        report.update({k: v for k, v in _cpu_choice().items() if k not in ("kernel", "version")})
-        report["linear_backend"] = linear_backend(device)
-        report["conv_backend"] = conv_backend(device)
-        report["cpu_flags"] = cpu_capability()
-    elif device.type == "cuda":
-        report["gpu"] = torch.cuda.get_device_name(device)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        report.update({k: v for k, v in _cuda_choice(index).items() if k not in ("kernel", "version")})
-    return report
-
-
+# ---------------------------------------------------------------------------
+# per-layer resolution
+# ---------------------------------------------------------------------------
 def _backend_override(layer_type: str) -> str | None:
     """MIXDQ_INT8_BACKEND: one backend for both layer types ('onednn'), or one per
     type ('linear=fbgemm,conv=onednn'); unset or 'auto': the measured choice."""
@@ -331,8 +386,7 @@ def _backend_override(layer_type: str) -> str | None:
 
 @lru_cache(maxsize=8)
 def _parse_backend_override(choice: str) -> dict:
-    """{layer type: forced backend} for one MIXDQ_INT8_BACKEND value (read on every
-    layer call, so parsed once per value)."""
+    """{layer type: forced backend} for one MIXDQ_INT8_BACKEND value."""
     if choice == "auto":
         return {}
     items = choice.split(",")
@@ -348,100 +402,136 @@ def _parse_backend_override(choice: str) -> dict:
     return {k: v for k, v in per_type.items() if v != "auto"}
 
 
-_CHOICE_SEEN: dict | None = None  # last CPU choice, readable while torch.compile traces
+def _wide(weight_bits: int) -> bool:
+    """Codes that saturating kernels cannot run exactly (8-bit: |w| up to 127)."""
+    return (1 << (weight_bits - 1)) - 1 > SATURATION_FREE_CODE
 
 
-def _cpu_choice_traceable() -> dict:
-    """_cpu_choice() outside tracing; inside, the choice already made (dynamo
-    cannot trace file reads), or int_mm's if none was made yet."""
-    global _CHOICE_SEEN
-    if torch.compiler.is_compiling():
-        return _CHOICE_SEEN or {"linear_backend": "int_mm", "conv_backend": "int_mm"}
-    _CHOICE_SEEN = _cpu_choice()
-    return _CHOICE_SEEN
-
-
-def linear_backend(device: torch.device | str = "cpu") -> str:
-    """Which int8 implementation runs an int_mm-kernel linear on `device`."""
-    if torch.device(device).type == "cuda":
-        # no environment lookups while torch.compile traces the layer
-        if torch.compiler.is_compiling():
-            return "int_mm"
-        return "reference" if _backend_override("linear") == "reference" else "int_mm"
-    forced = None if torch.compiler.is_compiling() else _backend_override("linear")
-    return forced or _cpu_choice_traceable().get("linear_backend", "int_mm")
-
-
-def conv_backend(device: torch.device | str = "cpu") -> str:
-    """Which int8 implementation runs an int_mm-kernel conv on `device`.
-
-    'reference' means: dequantized weights in the float dtype, fake-quantized
-    activations (no int8 conv that beats float here, or none at all: CUDA).
-    """
-    if torch.device(device).type == "cuda":
-        if torch.compiler.is_compiling():
-            return "reference"
-        return "int_mm" if _backend_override("conv") == "int_mm" else "reference"
-    forced = None if torch.compiler.is_compiling() else _backend_override("conv")
-    if forced in ("fbgemm",):  # FBGEMM has no float-output int8 conv
+def layer_backend(op: str, weight_bits: int, act_bits: int, device, kernel: str = "int_mm",
+                  weight_shape: tuple = (), groups: int = 1) -> str:
+    """What runs a layer of type `op` ('linear', 'conv', or 'split': the shortcut conv
+    with two activation ranges) with these bits on `device`: one of BACKENDS."""
+    if kernel != "int_mm" or act_bits != 8 or weight_bits > 8:
+        return "float"
+    device = torch.device(device)
+    if device.type == "cuda":
+        forced = _backend_override("conv" if op != "linear" else "linear")
+        if op == "linear":
+            return "float" if forced == "float" else "int_mm"
+        # no int8 conv in torch on CUDA: cuDNN on dequantized weights unless int_mm is forced
+        shape_ok = math.prod(weight_shape[1:]) % 8 == 0 and weight_shape[0] % 8 == 0
+        return "int_mm" if forced == "int_mm" and groups == 1 and shape_ok else "float"
+    if device.type != "cpu" or (op == "conv" and groups != 1):
+        return "float"
+    kind = "conv" if op == "conv" else "linear"  # a split 1x1 conv is two GEMMs over pixels
+    forced = _backend_override(kind)
+    if kind == "conv" and forced == "fbgemm":  # FBGEMM has no float-output int8 conv
         forced = None
-    return forced or _cpu_choice_traceable().get("conv_backend", "int_mm")
+    backend = forced or _cpu_choice()[f"{kind}_backend"]
+    if _wide(weight_bits) and saturates(backend, kind) and not saturation_allowed():
+        return "float"
+    return backend
 
 
-def int8_linear(x: torch.Tensor, act_scale: torch.Tensor, act_zero_point: torch.Tensor,
-                weight_q, weight_scale: torch.Tensor,
-                bias: torch.Tensor | None, key: torch.Tensor | None = None,
-                consts: tuple | None = None) -> torch.Tensor:
-    """y = s_a * s_w * (Xq - z) Wq^T + b on integer kernels (see int8_ops).
-
-    weight_q: (N, K) int8 codes of any bit width <= 8, or a zero-argument
-    callable returning them (called only by the backends that need them on
-    this call; the prepacked ones need them once).  Activation codes live
-    in [0, 255]; the int_mm backend shifts codes and zero point by 128 into
-    int8 without changing (Xq - z).  Per-weight constants (the zero-point
-    correction folded into the bias, prepacked copies) are cached by the tensor
-    owning the codes and recomputed when it or the activation range changes.
-    """
-    be = linear_backend(x.device)
-    if be == "int_mm" and not int8_ops.int_mm_ok(x.numel() // x.shape[-1], x.shape[-1], weight_scale.shape[0], x.device):
-        be = "reference"
-    if be == "reference":
-        return int8_ops.linear_reference(x, act_scale, act_zero_point, int8_ops._codes(weight_q), weight_scale, bias)
-    if be == "int_mm":
-        return int8_ops.linear_int_mm(x, act_scale, act_zero_point, int8_ops._codes(weight_q), weight_scale, bias,
-                                      key=key, consts=consts)
-    return int8_ops.LINEAR_BACKENDS[be](x, act_scale, act_zero_point, weight_q, weight_scale, bias, key=key)
+def kernel_report(device="cpu") -> dict:
+    """What the dispatch decided and why, for logs, the app and RESULTS.md."""
+    device = torch.device(device)
+    report = {"device": str(device), "kernel": select_kernel(device)}
+    if device.type == "cpu":
+        report["cpu"] = _cpu_id()
+        report.update({k: v for k, v in _cpu_choice().items() if k not in ("version",)})
+        report["linear_backend"] = layer_backend("linear", 7, 8, device)
+        report["conv_backend"] = layer_backend("conv", 7, 8, device)
+        report["saturating"] = [be for be in PREPACKED if saturates(be)]
+        report["cpu_flags"] = cpu_capability()
+    elif device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        report.update({k: v for k, v in _cuda_choice(index).items() if k not in ("kernel", "version")})
+    return report
 
 
-def conv_usable(x: torch.Tensor, weight_shape: tuple, groups: int = 1) -> bool:
-    """Whether int8_conv2d has an integer kernel for this call (else: dequant path)."""
-    if groups != 1 or conv_backend(x.device) == "reference":
-        return False
-    if x.device.type == "cuda":
-        k = math.prod(weight_shape[1:])
-        return k % 8 == 0 and weight_shape[0] % 8 == 0
-    return True
+# ---------------------------------------------------------------------------
+# running a layer on its backend
+# ---------------------------------------------------------------------------
+_RAN: list | None = None  # (layer, backend) per call while `recording()`
 
 
-def int8_conv2d(x: torch.Tensor, act_scale: torch.Tensor, act_zero_point: torch.Tensor,
-                weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                stride=1, padding=0, dilation=1, groups=1, split: int = 0,
-                key: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantized conv2d on integer kernels (weight_q: codes or a callable, as in
-    int8_linear).  split > 0: input channels [:split]
-    and [split:] carry their own activation scale / zero point (act_scale[0/1]);
-    only 1x1 stride-1 convs (the up-block shortcut) are split in these UNets."""
-    be = conv_backend(x.device)
-    if be != "onednn" or split or groups != 1:
-        weight_q = int8_ops._codes(weight_q)  # only oneDNN's prepacked copy can go without
-    if split:
-        k = tuple(weight_q.shape[2:])
-        if k != (1, 1) or int8_ops._pair(stride) != (1, 1) or int8_ops._pair(padding) != (0, 0):
-            raise ValueError("split activation ranges are supported for 1x1 stride-1 convs only")
-        return int8_ops.split_conv1x1_int_mm(x, act_scale, act_zero_point, split, weight_q, weight_scale, bias,
-                                             key=key)
-    if be == "reference" or groups != 1:
-        return int8_ops.conv2d_reference(x, act_scale[0], act_zero_point[0], weight_q, weight_scale, bias,
-                                         stride, padding, dilation, groups)
-    return int8_ops.CONV_BACKENDS[be](x, act_scale[0], act_zero_point[0], weight_q, weight_scale, bias,
-                                      stride, padding, dilation, groups, key=key)
+class recording:
+    """with kernels.recording() as ran: ... -- every quantized layer call appends
+    (layer, backend that ran it), for tests and debugging (eager calls only)."""
+
+    def __enter__(self):
+        global _RAN
+        self.outer, _RAN = _RAN, []
+        return _RAN
+
+    def __exit__(self, *exc):
+        global _RAN
+        _RAN = self.outer
+
+
+def note_ran(layer, backend: str) -> None:
+    if _RAN is not None and not torch.compiler.is_compiling():
+        _RAN.append((layer, backend))
+
+
+def run_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """y = s_a * s_w * (Xq - z) Wq^T + b for a QuantLinear on its (integer) backend."""
+    backend = layer.backend
+    note_ran(layer, backend)
+    if backend == "int_mm":
+        consts = (layer.epilogue_scale, layer.epilogue_bias) if layer.holds_epilogue else None
+        return int8_ops.linear_int_mm(x, layer.act_scale, layer.act_zero_point, layer.int_codes(),
+                                      layer.weight_scale, layer.bias, key=layer.weight_packed, consts=consts)
+    return _prepacked_linear(backend, layer, x, layer.bias, 0)
+
+
+def _prepacked_linear(backend, layer, x, bias, slot: int, lo: int = 0, hi: int | None = None,
+                      part: int = -1):
+    """The layer's codes [:, lo:hi] on a prepacked backend (part >= 0: one slice of a
+    split conv, with its own prepacked copy).  Traced graphs call it as one custom op
+    (the prepack is not traceable); eager calls pass the layer's codes or their
+    unpacking method, so a prepacked copy is unpacked only when it is made."""
+    hi = layer.weight_shape[1] if hi is None else hi
+    xs, xz = layer.act_scale[slot], layer.act_zero_point[slot]
+    if torch.compiler.is_compiling():
+        return torch.ops.mixdq.prepacked_linear(backend, x, layer.weight_packed, layer.weight_bits,
+                                                list(layer.weight_shape), lo, hi, part,
+                                                layer.weight_scale, bias, xs, xz)
+    codes = layer._codes_arg()
+    if part >= 0:
+        whole, rows = codes, layer.weight_shape[0]
+        codes = lambda: int8_ops._codes(whole).reshape(rows, -1)[:, lo:hi]  # noqa: E731
+    return int8_ops.LINEAR_BACKENDS[backend](x, xs, xz, codes, layer.weight_scale, bias,
+                                             key=layer.weight_packed, part=part)
+
+
+def run_conv2d(layer, x: torch.Tensor) -> torch.Tensor:
+    """A QuantConv2d on its (integer) backend; split shortcut convs as two GEMMs."""
+    backend = layer.backend
+    note_ran(layer, backend)
+    args = dict(stride=1, padding=0, dilation=1, groups=1) | layer.conv_args
+    if layer.split:
+        if backend == "int_mm":
+            return int8_ops.split_conv1x1_int_mm(x, layer.act_scale, layer.act_zero_point, layer.split,
+                                                 layer.int_codes(), layer.weight_scale, layer.bias,
+                                                 key=layer.weight_packed)
+        o, c = layer.weight_shape[:2]
+        y = None
+        for i, (lo, hi) in enumerate(((0, layer.split), (layer.split, c))):
+            xi = x[:, lo:hi].permute(0, 2, 3, 1)  # NHWC: a 1x1 conv is a linear over pixels
+            yi = _prepacked_linear(backend, layer, xi, layer.bias if i == 0 else None, i, lo, hi, part=i)
+            y = yi if y is None else y.add_(yi)
+        return y.permute(0, 3, 1, 2)
+    if backend == "int_mm":
+        return int8_ops.conv2d_int_mm(x, layer.act_scale[0], layer.act_zero_point[0], layer.int_codes(),
+                                      layer.weight_scale, layer.bias, key=layer.weight_packed, **args)
+    if torch.compiler.is_compiling():
+        return torch.ops.mixdq.onednn_conv2d(x, layer.weight_packed, layer.weight_bits, list(layer.weight_shape),
+                                             layer.weight_scale, layer.bias, layer.act_scale[0],
+                                             layer.act_zero_point[0], list(int8_ops._pair(args["stride"])),
+                                             list(int8_ops._pair(args["padding"])),
+                                             list(int8_ops._pair(args["dilation"])), args["groups"])
+    return int8_ops.conv2d_onednn(x, layer.act_scale[0], layer.act_zero_point[0], layer._codes_arg(),
+                                  layer.weight_scale, layer.bias, key=layer.weight_packed, **args)

@@ -14,11 +14,13 @@ change; 8 bytes per output channel, not counted by `quantized_nbytes`), so the
 compiled graph reads them instead of recomputing sum_k W on every call.  Eager
 calls get the same constants from int8_ops' cache at no memory cost.
 The float weight is gone; `weight_bits == 16` keeps it (float weight, quantized
-activations).  `quantized_nbytes` predicts these bytes exactly.  On the
-prepacked int8 backends (oneDNN, FBGEMM: CPUs without VNNI) a layer's codes
-live in the backend's prepacked int8 copy after the first call (see
-`_release_codes`): the same bytes for 5-8-bit codes, 2-4x the packed size for
-2-4-bit ones (those backends have no low-bit kernels).
+activations).  `quantized_nbytes` predicts these bytes exactly.
+`layer.kernel` says whether the layer may use int8 kernels; setting it (and
+moving the layer) resolves `layer.backend`, what runs it (kernels.layer_backend).
+On the prepacked int8 backends (oneDNN, FBGEMM: CPUs without VNNI) a layer's
+codes live in the backend's prepacked int8 copy from `prepack()` or the first
+call on (see `_release_codes`): the same bytes for 5-8-bit codes, 2-4x the
+packed size for 2-4-bit ones (those backends have no low-bit kernels).
 """
 from __future__ import annotations
 
@@ -98,8 +100,9 @@ def _restore_before_io(module: "QuantLayer", *_args) -> None:
 class QuantLayer(nn.Module):
     """State and arithmetic shared by QuantLinear and QuantConv2d."""
 
-    # (name, packed) while only a backend's prepacked copy holds the codes (_release_codes)
+    # [(name, packed), ...] while only a backend's prepacked copies hold the codes (_release_codes)
     _held_prepacked = None
+    backend = "float"  # what runs the layer (kernels.BACKENDS), resolved from `kernel`
 
     def __init__(self, weight_shape, has_bias: bool, bits: LayerBits, dtype, device=None,
                  split: int = 0, bos: bool = False):
@@ -109,7 +112,6 @@ class QuantLayer(nn.Module):
         self.act_bits = bits.act
         self.split = split  # >0: input channels [:split] and [split:] get their own act range
         self.bos_aware = bos
-        self.kernel = "dequant"
         out = self.weight_shape[0]
         parts = 2 if split else 1
         kw = dict(device=device)
@@ -137,6 +139,39 @@ class QuantLayer(nn.Module):
     def _refresh_derived(self) -> None:
         """Recompute buffers derived from weights and ranges (none by default)."""
 
+    # -- which implementation runs the layer ------------------------------------------
+    _kernel = "dequant"
+    op = "linear"  # the layer type kernels.layer_backend decides for
+    groups = 1
+
+    @property
+    def kernel(self) -> str:
+        """'int_mm': int8 kernels where this device has them; 'dequant': the float path."""
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, value: str) -> None:
+        self._kernel = value
+        self._resolve_backend()
+
+    def _resolve_backend(self) -> None:
+        self.backend = kernels.layer_backend(self.op, self.weight_bits, self.act_bits, self.device,
+                                             self._kernel, self.weight_shape, self.groups)
+
+    @property
+    def device(self) -> torch.device:
+        return self.act_scale.device
+
+    def prepack(self) -> None:
+        """Make the prepacked copy of the codes now (prepacked backends only) and keep
+        only it, one layer at a time: the first generation step then neither prepacks
+        nor holds two copies of every weight (ranges must be final: a conv's copy
+        depends on them)."""
+        if self.backend not in kernels.PREPACKED or self._held_prepacked is not None:
+            return
+        with torch.no_grad():
+            self(self._probe_input())
+
     # -- one copy of the codes on prepacked backends ------------------------------
     def _release_codes(self, fresh) -> None:
         """oneDNN and FBGEMM (the int8 backends of CPUs without VNNI) run on a prepacked
@@ -154,24 +189,29 @@ class QuantLayer(nn.Module):
         except RuntimeError:  # a storage that cannot shrink (e.g. mapped from a file)
             return
         self._held_prepacked = fresh
+        int8_ops.hold_codes(t, fresh)
 
     def _restore_codes(self) -> None:
         """Give the codes their own storage again, for code that reads the buffer."""
         if self._held_prepacked is None:
             return
-        t = self.weight_packed
-        codes = int8_ops.read_back(*self._held_prepacked)
+        t, held = self.weight_packed, self._held_prepacked
+        codes = int8_ops.read_back(held)
         # same contents as before the release: keep the version, so that the
         # backend's prepacked copy (keyed on it) stays valid...
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(t):
             t.untyped_storage().resize_(t.numel() * t.element_size())
             t.copy_(pack(codes, self.weight_bits))
         self._held_prepacked = None
-        int8_ops.note_prepacked(t)  # ...and drop ours again after the next integer call
+        int8_ops.hold_codes(t, None)
+        for name, _ in held:  # ...and drop ours again after the next integer call
+            int8_ops.note_prepacked(t, name)
 
     def _apply(self, fn, recurse=True):
         self._restore_codes()  # .to() / .half() / .cuda() copy the codes
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._resolve_backend()  # the device may have changed
+        return out
 
     def __getstate__(self):
         self._restore_codes()  # pickling and deepcopy copy the codes
@@ -209,6 +249,7 @@ class QuantLayer(nn.Module):
             self.weight_packed.copy_(pack(q, bits))  # a new version: backends' caches drop the old
             self.weight_scale.copy_(scale)
         self.weight_bits = bits
+        self._resolve_backend()
         self._refresh_derived()
 
     @property
@@ -225,7 +266,7 @@ class QuantLayer(nn.Module):
         """Integer weight codes (int8) in the weight's shape: a view for 5-8 bits,
         unpacked for 2/3/4 bits (a transient int8 tensor, never a float copy)."""
         if self._held_prepacked is not None:  # read back, transient like unpacked codes
-            return int8_ops.read_back(*self._held_prepacked).reshape(self.weight_shape)
+            return int8_ops.read_back(self._held_prepacked).reshape(self.weight_shape)
         return unpack(self.weight_packed, self.weight_bits, self.weight_shape)
 
     def _codes_arg(self):
@@ -242,10 +283,9 @@ class QuantLayer(nn.Module):
             self._release_codes(fresh)
 
     def _int_path(self) -> bool:
-        """8-bit activations and integer weights of any width run the integer kernels
-        (where they are exact for these codes: kernels.int8_exact)."""
-        return (self.kernel == "int_mm" and self.weight_bits <= 8 and self.act_bits == 8
-                and self.observing is None and kernels.int8_exact(self.weight_bits, self.weight_packed.device))
+        """Whether calls run the integer kernels: a backend resolved for them, and not
+        calibrating (which observes the float input)."""
+        return self.backend != "float" and self.observing is None
 
     def dequantized_weight(self, dtype, *, scratch: bool = False) -> torch.Tensor:
         """The float weight (W16: the held one).  scratch=True, for a forward's
@@ -312,7 +352,7 @@ class QuantLayer(nn.Module):
         self._refresh_derived()
 
     def extra_repr(self) -> str:
-        s = f"{tuple(self.weight_shape)}, W{self.weight_bits}A{self.act_bits}, kernel={self.kernel}"
+        s = f"{tuple(self.weight_shape)}, W{self.weight_bits}A{self.act_bits}, backend={self.backend}"
         if self.split:
             s += f", split={self.split}"
         if self.bos_aware:
@@ -350,14 +390,16 @@ class QuantLinear(QuantLayer):
         self.register_buffer("epilogue_scale", scale.clone(), persistent=False)
         self.register_buffer("epilogue_bias", bias.clone(), persistent=False)
 
+    def _probe_input(self) -> torch.Tensor:
+        return torch.zeros(1, self.weight_shape[1], dtype=self.dtype, device=self.device)
+
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        if self._int_path():
-            if int8_ops.int_mm_ok(x.numel() // x.shape[-1], x.shape[-1], self.weight_shape[0], x.device):
-                consts = (self.epilogue_scale, self.epilogue_bias) if self.holds_epilogue else None
-                y = kernels.int8_linear(x, self.act_scale, self.act_zero_point, self._codes_arg(),
-                                        self.weight_scale, self.bias, key=self.weight_packed, consts=consts)
-                self._after_int_call()
-                return y
+        if self._int_path() and int8_ops.int_mm_ok(x.numel() // x.shape[-1], x.shape[-1],
+                                                   self.weight_shape[0], x.device):
+            y = kernels.run_linear(self, x)
+            self._after_int_call()
+            return y
+        kernels.note_ran(self, "float")
         w = self.dequantized_weight(x.dtype, scratch=True)
         return F.linear(self._quantize_input(x, -1), w, self.bias)
 
@@ -387,7 +429,9 @@ class QuantLinear(QuantLayer):
 
 
 class QuantConv2d(QuantLayer):
-    in_channels = property(lambda self: self.weight_shape[1] * self.conv_args.get("groups", 1))
+    op = property(lambda self: "split" if self.split else "conv")
+    groups = property(lambda self: self.conv_args.get("groups", 1))
+    in_channels = property(lambda self: self.weight_shape[1] * self.groups)
     out_channels = property(lambda self: self.weight_shape[0])
     kernel_size = property(lambda self: tuple(self.weight_shape[2:]))
 
@@ -411,16 +455,42 @@ class QuantConv2d(QuantLayer):
         layer.kernel = kernels.select_kernel(conv.weight.device)
         return layer
 
+    def _probe_input(self) -> torch.Tensor:
+        _, c, kh, kw = self.weight_shape
+        dh, dw = int8_ops._pair(self.conv_args.get("dilation", 1))
+        return torch.zeros(1, c * self.groups, dh * (kh - 1) + 1, dw * (kw - 1) + 1,
+                           dtype=self.dtype, device=self.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._int_path():
-            if kernels.conv_usable(x, self.weight_shape, self.conv_args.get("groups", 1)):
-                y = kernels.int8_conv2d(x, self.act_scale, self.act_zero_point, self._codes_arg(),
-                                        self.weight_scale, self.bias, split=self.split,
-                                        key=self.weight_packed, **self.conv_args)
-                self._after_int_call()
-                return y
+            y = kernels.run_conv2d(self, x)
+            self._after_int_call()
+            return y
+        kernels.note_ran(self, "float")
         w = self.dequantized_weight(x.dtype, scratch=True)
         return F.conv2d(self._quantize_input(x, 1), w, self.bias, **self.conv_args)
+
+
+def prepack(model: nn.Module) -> int:
+    """Make every prepacked-backend layer's int8 copy now, layer by layer (see
+    QuantLayer.prepack), then return the freed code pages to the system.
+    Returns how many layers now hold only their prepacked copy."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
+    for layer in layers:
+        layer.prepack()
+    if any(layer._held_prepacked is not None for layer in layers):
+        _trim_heap()
+    return sum(layer._held_prepacked is not None for layer in layers)
+
+
+def _trim_heap() -> None:
+    """glibc keeps freed heap pages resident; hand them back (Linux only, best effort)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def hold_epilogue(model: nn.Module) -> int:
