@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from .openvino_variants import VARIANTS as OPENVINO_VARIANTS  # the tool a CPU user would pick instead
+
 HERE = Path(__file__).resolve().parent
 MB = 1_000_000
 MiB = 1 << 20
@@ -381,7 +383,7 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
     ranges, t_cal, ref_out = observe_ranges(unet, inputs)
     log(f"  calibration step (float32, hooks): {t_cal:.1f} s")
     layers = quantizable_layers(unet)
-    plans = make_plans(layers, variants)
+    plans = make_plans(layers, [v for v in variants if v not in OPENVINO_VARIANTS])
     built = {}
     info = {}
     for v, plan in plans.items():
@@ -389,6 +391,16 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
         built[v] = model
         info[v] = meta
         log(f"  {v}: {meta['plan']} -> {meta['weight_bytes'] / MiB:.0f} MiB, quantized in {meta['quantize_s']:.1f} s")
+    for v in (v for v in variants if v in OPENVINO_VARIANTS):
+        from . import openvino_variants
+
+        trim()
+        rss_before = rss_bytes()
+        built[v], info[v] = openvino_variants.build(unet, inputs, v, torch.get_num_threads())
+        trim()
+        # what converting and compiling added: OpenVINO holds its own copy of the weights
+        info[v]["weight_bytes"] = rss_bytes() - rss_before if rss_before is not None else 0
+        log(f"  {v}: converted in {info[v]['convert_s']:.1f} s, compiled in {info[v]['compile_s']:.1f} s")
 
     timing = interleaved({"float32": unet, **built}, inputs, device, reps, log=log)
     out = {"model": name, "params": n_params, "px": px, "batch": batch, "device": device,
@@ -467,7 +479,7 @@ def ratios(model_result: dict) -> dict:
 # ---------------------------------------------------------------------------
 DEFAULT_MODELS = ("sdxl-turbo", "sd-turbo", "sd15")
 DEFAULT_VARIANTS = ("W8A8", "W5A8", "W4A8", "W4A16")
-VARIANTS = DEFAULT_VARIANTS + ("W7A8",) + tuple(v + KEEP_W8 for v in ("W8A8", "W5A8", "W4A8"))
+VARIANTS = DEFAULT_VARIANTS + ("W7A8",) + tuple(v + KEEP_W8 for v in ("W8A8", "W5A8", "W4A8")) + OPENVINO_VARIANTS
 
 
 def run(models=DEFAULT_MODELS, variants=DEFAULT_VARIANTS, reps: int = 3, px: int = 512, batch: int = 1,

@@ -150,6 +150,23 @@ def test_cpu_bench_runs_on_small_configs(tmp_path):
         assert r["ms"]["float32"] > 0 and r["fastest_int8"] in r["ms"]
 
 
+def test_openvino_variants_timed_beside_ours(tmp_path):
+    """OpenVINO FP32 and NNCF INT8 of the same UNet, timed in the same interleaved rounds
+    on the same inputs: FP32 computes what torch float32 computes, INT8 close to it."""
+    pytest.importorskip("openvino")  # requirements-dev.txt installs it, and nncf
+    pytest.importorskip("nncf")
+    res = brun.main(["--models", "tiny-sdxl", "--reps", "1", "--px", "64", "--out", str(tmp_path),
+                     "--threads", "1", "--no-kernels-table", "--no-bfloat16-step",
+                     "--variants", "W8A8", "openvino-fp32", "openvino-int8"])
+    v = res["models"][0]["variants"]
+    for k in ("openvino-fp32", "openvino-int8"):
+        assert v[k]["step_s"] > 0 and v[k]["compile_s"] > 0 and v[k]["openvino"] and v[k]["nncf"]
+        assert res["models"][0]["ratios"][k]["speedup_vs_float32"] > 0
+    assert v["openvino-fp32"]["rel_err_vs_float32"] < 1e-4
+    assert v["openvino-int8"]["quantize_s"] > 0 and v["openvino-int8"]["rel_err_vs_float32"] < 0.5
+    assert "| openvino-int8 |" in (tmp_path / "RESULTS.md").read_text()
+
+
 def test_kernel_table_alone_with_torchao(tmp_path):
     """`--models` with no names runs the kernel table only; --torchao times torchao's W8A8
     recipe beside ours on the linear rows, from layers that compute what the float ones do."""

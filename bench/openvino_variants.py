@@ -1,0 +1,112 @@
+"""OpenVINO beside mixdq: the tool a CPU user would reach for instead.
+
+`python -m bench.run --variants W8A8 openvino-fp32 openvino-int8` converts the same
+random-weight UNet with `openvino.convert_model`, compiles it for the CPU with the
+benchmark's thread count, and times it in the same interleaved rounds as the mixdq
+variants, on the same inputs.  openvino-int8 is NNCF's default post-training
+quantization of that model, calibrated on the benchmark's own step inputs.
+Both run at float32 precision where not quantized: OpenVINO would pick bfloat16 on
+CPUs that have it, which no other variant uses.  requirements-dev.txt installs both.
+"""
+from __future__ import annotations
+
+import os
+import time
+from types import SimpleNamespace
+
+import torch
+
+VARIANTS = ("openvino-fp32", "openvino-int8")
+
+
+class _Positional(torch.nn.Module):
+    """The UNet step with positional tensor inputs and one tensor out, as OpenVINO converts it."""
+
+    def __init__(self, unet, keys):
+        super().__init__()
+        self.unet, self.keys = unet, keys
+
+    def forward(self, *args):
+        kw = dict(zip(self.keys, args))
+        added = {k: kw.pop(k) for k in ("text_embeds", "time_ids") if k in kw}
+        if added:
+            kw["added_cond_kwargs"] = added
+        return self.unet(**kw, return_dict=False)[0]
+
+
+def _flat(inputs: dict) -> dict:
+    """The step's inputs with SDXL's added_cond_kwargs flattened, in a fixed order."""
+    flat = {k: v for k, v in inputs.items() if k != "added_cond_kwargs"}
+    flat.update(inputs.get("added_cond_kwargs", {}))
+    return flat
+
+
+class CompiledStep:
+    """Called like a UNet (`model(**inputs).sample`) so the benchmark times it alike."""
+
+    def __init__(self, compiled, keys):
+        self.compiled, self.keys = compiled, keys
+        self.request = compiled.create_infer_request()
+
+    def __call__(self, **inputs):
+        flat = _flat(inputs)
+        out = self.request.infer([flat[k].numpy() for k in self.keys])
+        return SimpleNamespace(sample=torch.from_numpy(next(iter(out.values())).copy()))
+
+
+def available() -> bool:
+    try:
+        import nncf  # noqa: F401
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def versions() -> dict:
+    import nncf
+    import openvino
+
+    return {"openvino": openvino.__version__, "nncf": nncf.__version__}
+
+
+def _no_telemetry() -> None:
+    """OpenVINO's converter and NNCF send usage statistics unless the user decided
+    otherwise; a benchmark sends nothing anywhere.  Where no decision is recorded yet,
+    record the opt-out (what OpenVINO's `opt_in_out --opt_out` writes); a recorded
+    decision is the user's and stays."""
+    from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+
+    checker = OptInChecker()
+    if not os.path.exists(checker.consent_file()):
+        checker.update_result(ConsentCheckResult.DECLINED)
+        print(f"OpenVINO telemetry: no decision recorded; opted out in {checker.consent_file()}")
+
+
+def build(unet, inputs: dict, variant: str, threads: int) -> tuple[CompiledStep, dict]:
+    """(the compiled step, what building it took): conversion, NNCF quantization for
+    openvino-int8 (calibrated on `inputs`), compilation for the CPU."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown OpenVINO variant {variant!r}; choose one of {VARIANTS}")
+    if not available():
+        raise RuntimeError(f"{variant} needs OpenVINO and NNCF: pip install -r requirements-dev.txt")
+    _no_telemetry()
+    import nncf
+    import openvino as ov
+
+    flat = _flat(inputs)
+    keys = list(flat)
+    t = time.perf_counter()
+    with torch.no_grad():
+        model = ov.convert_model(_Positional(unet, keys), example_input=tuple(flat.values()))
+    meta = {"convert_s": time.perf_counter() - t, **versions()}
+    if variant == "openvino-int8":
+        t = time.perf_counter()
+        sample = [flat[k].numpy() for k in keys]
+        model = nncf.quantize(model, nncf.Dataset([sample]), subset_size=1)
+        meta["quantize_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                     "INFERENCE_PRECISION_HINT": "f32"})
+    meta["compile_s"] = time.perf_counter() - t
+    return CompiledStep(compiled, keys), meta
