@@ -91,6 +91,7 @@ def save_quantized(pipe, folder, overwrite: bool = False) -> Path:
         if isinstance(e, Exception):
             raise ExportError(f"could not write {folder}: {e}") from e
         raise
+    prepack(pipe.unet)  # state_dict gave prepacked layers their codes back: drop them again
     return folder
 
 

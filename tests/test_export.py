@@ -30,13 +30,15 @@ def test_roundtrip_bit_identical(quantized, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     loaded = mixdq.load_pipeline(out, device="cpu")  # load_pipeline recognises exports
     assert torch.equal(_gen(loaded), before)
+    # the same bytes stored, and held (prepacked copies included, where a backend makes them)
+    assert mixdq.stored_nbytes(loaded.unet) == mixdq.stored_nbytes(quantized.unet)
     assert mixdq.model_nbytes(loaded.unet) == mixdq.model_nbytes(quantized.unet)
     assert mixdq.current_plan(loaded.unet) == mixdq.current_plan(quantized.unet)
     meta = json.loads((out / "mixdq.json").read_text())
-    assert meta["bos_aware"] is True and meta["unet_bytes"] == mixdq.model_nbytes(quantized.unet)
+    assert meta["bos_aware"] is True and meta["unet_bytes"] == mixdq.stored_nbytes(quantized.unet)
     # no float UNet weights in the folder: the safetensors is the packed model
     size = (out / "unet" / "mixdq_unet.safetensors").stat().st_size
-    assert size < 1.1 * mixdq.model_nbytes(quantized.unet)
+    assert size < 1.1 * mixdq.stored_nbytes(quantized.unet)
 
 
 def test_failed_write_leaves_nothing(quantized, tmp_path, monkeypatch):
