@@ -75,8 +75,13 @@ class Session:
         self.embedded = measure.is_embedded(pipe)
         self.calibration = calibration or measure.default_calibration(pipe)
         self.presets = measure.presets(pipe.unet, presets_dir)
-        self.sens = sensitivity if sensitivity is not None else \
-            measure.cached_sensitivity(pipe, self.calibration, presets_dir=presets_dir)
+        # sens_source ("given", "shipped", "cached", "measured" or "none") lets the header say
+        # which, and sens_note why a shipped table of this model was not taken
+        if sensitivity is not None:
+            self.sens, self.sens_source, self.sens_note = sensitivity, "given", None
+        else:
+            found = measure.find_sensitivity(pipe, self.calibration, presets_dir=presets_dir)
+            self.sens, self.sens_source, self.sens_note = found.table, found.source, found.shipped_note
         self.allocator = Allocator(self.sens, self.costs) if self.sens is not None else None
         self.pareto_points = None      # [(size_mb, predicted loss)] of the family, once computed
         self.quant_pipe = None
@@ -154,6 +159,8 @@ class Session:
         elif self.allocator is None:
             parts.append("needs the one-time sensitivity analysis (minutes on a CPU, then cached; "
                          "`python -m mixdq sensitivity` does the same): pick a preset for an instant plan")
+            if self.sens_note:
+                parts.append(self.sens_note)
         if budget < lo - 5e-4 or budget > hi + 5e-4:
             parts.append(f"⚠ outside the feasible range {_fmt_mb(lo)} – {_fmt_mb(hi)}")
         return " · ".join(parts)
@@ -170,6 +177,7 @@ class Session:
                        "while on a CPU. Presets are instant.")
             progress(0.0, desc="sensitivity: measuring every layer once (cached for next time)")
             self.sens = compute_sensitivity(self.float_pipe, self.calibration, progress=True)
+            self.sens_source = "measured"
             self.allocator = Allocator(self.sens, self.costs)
         lo, hi = self.allocator.feasible_range_mb()
         note = ""
@@ -449,13 +457,20 @@ def preset_label(name: str) -> str:
     return f"W{m.group(1)}A{m.group(2)} size" if m else name
 
 
+SENSITIVITY_LABELS = {"shipped": "shipped ✓", "cached": "cached ✓", "measured": "measured ✓ (cached)",
+                      "given": "given ✓"}
+
+
 def header_markdown(session: Session) -> str:
     pipe = session.float_pipe
     name = "tiny-sdxl (embedded)" if session.embedded else html.escape(str(session.source))
+    sens = SENSITIVITY_LABELS.get(session.sens_source) if session.allocator else None
+    if sens is None:
+        sens = "not yet measured" + (" (the shipped table is another calibration's)" if session.sens_note else "")
     return (f"# {TITLE}\n"
             f"Model **{name}** · UNet {_fmt_mb(session.float_mb)} in {str(pipe.unet.dtype).replace('torch.', '')} · "
             f"{session.n_layers} quantizable layers · {len(session.presets)} preset(s) · "
-            f"sensitivity {'cached ✓' if session.allocator else 'not yet measured'} · "
+            f"sensitivity {sens} · "
             f"device {pipe.unet.device.type}")
 
 

@@ -592,7 +592,8 @@ def add_allocate_args(parser):
                         help="UNet memory budget in MB (1 MB = 1e6 bytes), as the quantized model stores it")
     parser.add_argument("--range", action="store_true", help="print the feasible budget range and exit")
     parser.add_argument("--sensitivity", default=None,
-                        help="sensitivity JSON (default: computed or read from the cache for --model)")
+                        help="sensitivity JSON (default: the table shipped for --model and this calibration, "
+                             "else the cached one, else measured and cached)")
     parser.add_argument("--ratio", type=_ratio_list, default=None, metavar="K[,K..]",
                         help="content/quality bits-per-weight ratio(s); 'joint' = one shared budget "
                              f"(default: sweep {','.join('joint' if r is None else str(r) for r in DEFAULT_RATIOS)})")
@@ -622,7 +623,7 @@ def run_allocate(args) -> Allocation | None:
     import sys
 
     from . import layer_costs, load_pipeline
-    from .sensitivity import Sensitivity, calibration_from_args, sensitivity
+    from .sensitivity import Sensitivity, calibration_from_args
 
     if args.budget_mb is None and not args.range and not args.pareto:
         raise PlanError("give --budget-mb MB (see the feasible range with --range)")
@@ -641,6 +642,7 @@ def run_allocate(args) -> Allocation | None:
     cal = calibration_from_args(pipe, args)
     if args.sensitivity:
         sens = Sensitivity.load(args.sensitivity)
+        print(f"sensitivity: read from {args.sensitivity}", file=sys.stderr)
     else:
         if args.budget_mb is not None:
             # An impossible budget is refused now, not after the analysis (minutes to hours): the
@@ -651,7 +653,9 @@ def run_allocate(args) -> Allocation | None:
 
             check_budget_range(args.budget_mb, *budget_bounds(costs, wc), wc,
                                lower_bits_how=f" (--content-bits / --quality-bits, down to {min(WEIGHT_BITS)})")
-        sens = sensitivity(pipe, cal)
+        from .measure import load_sensitivity
+
+        sens = load_sensitivity(pipe, cal)
     alloc = Allocator(sens, costs, weight_candidates=wc,
                       act_avg_bits=args.act_avg_bits or None, act_floor=args.act_floor,
                       decoupled=not args.single_metric)

@@ -11,7 +11,8 @@ SSIM and PSNR of the quantized image against the float one (`mixdq.metrics`), an
 of the embedded model's world whether each image shows what the caption says (`mixdq.zoo`).
 
 Also here, so the command line and the app share them: the default calibration and sensitivity
-the CLI would use (`default_calibration`, `cached_sensitivity`), the shipped presets
+the CLI would use (`default_calibration`; `find_sensitivity`: shipped for this model and
+calibration, else cached, and `load_sensitivity`, else measured), the shipped presets
 (`presets`), the bits-per-layer chart data (`plan_chart_data`), and a quantized model as one
 zip archive (`export_archive` / `import_archive`).
 """
@@ -316,7 +317,7 @@ def compare(float_pipe, quant_pipe, prompt: str, seed: int = 0, steps: int | Non
         "speedup": step_f / step_q if step_q > 0 else float("nan"),
         "generate_s": {"float": float_s, "quantized": quant_s},
         "ssim": ssim_v, "psnr": psnr_v, "checks": checks,
-        "kernel": (getattr(quant_pipe.unet, "mixdq_meta", None) or {}).get("kernel"),
+        "kernel": getattr(getattr(quant_pipe.unet, "mixdq_state", None), "kernel", None),
     }
 
 
@@ -350,39 +351,125 @@ def default_calibration(pipe):
     return calibration_from_args(pipe, parser.parse_args([]))
 
 
-def cached_sensitivity(pipe, calibration=None, presets_dir=None):
-    """The sensitivity table if it is already complete on disk (or shipped in presets/ for
-    this exact model), else None.  Never starts the (long) analysis itself."""
+@dataclass
+class SensitivityLookup:
+    """What `find_sensitivity` found: the table or None, where it came from ("shipped",
+    "cached" or "none"), and one line for the user saying so.  For "none": `shipped_note` says
+    why the shipped table measured for this model does not apply (if there is one),
+    `shipped_flags` the command-line flags that would select its calibration, and `todo` how
+    many evaluations the analysis still has to run."""
+    table: object | None          # mixdq.sensitivity.Sensitivity
+    source: str
+    message: str
+    shipped_note: str | None = None
+    shipped_flags: str | None = None
+    todo: int | None = None
+
+
+def _calibration_fields(prompts, seed, settings, dtype=None, device_type=None) -> dict:
+    out = {"prompts": prompts, "seed": seed, "steps": settings.get("num_inference_steps"),
+           "guidance": settings.get("guidance_scale"), "height": settings.get("height"),
+           "width": settings.get("width"), "dtype": dtype, "device": device_type}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+_CALIBRATION_FLAGS = {"prompts": "--prompts", "seed": "--seed", "steps": "--steps", "guidance": "--guidance",
+                      "height": "--resolution", "width": "--resolution", "device": "--device"}
+
+
+def _shipped_mismatch(meta: dict, key: str, inputs: dict, name: str) -> tuple[str, str | None]:
+    """Why a shipped table measured for this model does not fit this calibration (field by
+    field, as far as its meta records them), and the flags that would select its calibration."""
+    theirs = _calibration_fields(meta.get("prompts"), meta.get("seed"), meta.get("settings") or {},
+                                 meta.get("dtype"), meta.get("device_type"))
+    yours = _calibration_fields(len(inputs["prompts"]), inputs["seed"], inputs["settings"],
+                                inputs["dtype"], inputs["device_type"])
+    diff = [k for k in theirs if theirs[k] != yours.get(k)]
+    if diff:
+        how = "with " + ", ".join(f"{k} {theirs[k]} (yours {yours.get(k)})" for k in diff)
+        flags = dict.fromkeys(f"{_CALIBRATION_FLAGS[k]} {theirs[k]}" for k in diff if k in _CALIBRATION_FLAGS)
+        flags = " ".join(flags) or None
+    elif meta.get("key"):  # the key also covers the prompts' text and the sensitivity code's version
+        how = (f"with other calibration prompts or another version of the sensitivity code "
+               f"(cache key {meta['key']}, yours {key})")
+        flags = None
+    else:
+        how, flags = "with a calibration it does not record (no cache key in its meta)", None
+    return f"the shipped {name} was measured for this model {how}", flags
+
+
+def find_sensitivity(pipe, calibration=None, presets_dir=None) -> SensitivityLookup:
+    """The sensitivity table for this model and calibration, without measuring anything: the
+    shipped one in presets/ if it was measured for exactly these (the same cache key), else a
+    complete one in the on-disk cache, else none (`message` says why, and what is cached)."""
     S = importlib.import_module("mixdq.sensitivity")  # the module: mixdq.sensitivity is also the verb
     from .quant import quantizable_layers
 
-    fingerprint = None
+    calibration = calibration or default_calibration(pipe)
+    key, inputs = S.cache_key(pipe, calibration)
+    note = flags = None
     for path in sorted(Path(presets_dir or PRESETS_DIR).glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and data.get("format") == "mixdq-sensitivity/1":
-            fingerprint = fingerprint or S.model_fingerprint(pipe)
-            if str(data.get("meta", {}).get("model", "")) == fingerprint[:16]:
-                return S.Sensitivity.from_dict(data)
-    calibration = calibration or default_calibration(pipe)
+        if not (isinstance(data, dict) and data.get("format") == "mixdq-sensitivity/1"):
+            continue
+        meta = data.get("meta") or {}
+        if str(meta.get("model", "")) != inputs["model"][:16]:
+            continue   # another model's table says nothing about this one
+        try:
+            name = str(path.resolve().relative_to(PRESETS_DIR.parent))
+        except ValueError:
+            name = str(path)
+        # Scores measured on other prompts, seed, steps or size answer another question: only
+        # the exact cache key (model and calibration) counts.
+        if meta.get("key") == key:
+            return SensitivityLookup(S.Sensitivity.from_dict(data), "shipped",
+                                     f"shipped {name}, measured for this model and calibration")
+        note, flags = _shipped_mismatch(meta, key, inputs, name)
+    folder = S.cache_root() / key
+    prefix = f"{note}; " if note else ""
     try:
-        key, _ = S.cache_key(pipe, calibration)
-        folder = S.cache_root() / key
-        if not (folder / "model.json").is_file():
-            return None
-        done = S._read_results(folder)
         names = list(quantizable_layers(pipe.unet))
         groups = {n: S.layer_group(n) for n in names}
         wbits = S._candidates(None, S.DEFAULT_WEIGHT_BITS)
         abits = S._candidates(None, S.DEFAULT_ACT_BITS)
-        for job in S._jobs(names, groups, wbits, abits):
-            if not all(m in done.get(job, {}) for m in S.metrics_for(groups[job[0]])):
-                return None
+        jobs = list(S._jobs(names, groups, wbits, abits))
+        done = S._read_results(folder) if folder.is_dir() else {}
+        todo = sum(1 for job in jobs if not all(m in done.get(job, {}) for m in S.metrics_for(groups[job[0]])))
     except (AttributeError, OSError, ValueError, KeyError):  # cache layout changed: recompute
-        return None
-    return S.sensitivity(pipe, calibration, progress=False)
+        return SensitivityLookup(None, "none", f"{prefix}the cache in {folder} is unreadable", note, flags)
+    if todo or not (folder / "model.json").is_file():
+        have = "nothing" if todo == len(jobs) else f"{len(jobs) - todo} of {len(jobs)} evaluations"
+        return SensitivityLookup(None, "none", f"{prefix}{have} cached in {folder}", note, flags, todo)
+    return SensitivityLookup(S.sensitivity(pipe, calibration, progress=False), "cached",
+                             f"cached in {folder}")
+
+
+def cached_sensitivity(pipe, calibration=None, presets_dir=None):
+    """The sensitivity table if it is shipped in presets/ for this exact model and calibration
+    or already complete on disk, else None.  Never starts the (long) analysis itself."""
+    return find_sensitivity(pipe, calibration, presets_dir).table
+
+
+def load_sensitivity(pipe, calibration=None, presets_dir=None, log=None):
+    """`find_sensitivity`, else the analysis (resuming what is cached).  `log` (default: print
+    to stderr) gets one line saying which.  The command line takes its table from here, so it
+    finds what the app finds."""
+    import sys
+
+    S = importlib.import_module("mixdq.sensitivity")
+    log = log or (lambda text: print(text, file=sys.stderr))
+    calibration = calibration or default_calibration(pipe)
+    found = find_sensitivity(pipe, calibration, presets_dir)
+    if found.table is not None:
+        log(f"sensitivity: {found.message}")
+        return found.table
+    hint = f"; {found.shipped_flags} would use the shipped table instead" if found.shipped_flags else ""
+    log(f"sensitivity: {found.message}: measuring {found.todo or 'the missing'} evaluations, every layer at "
+        f"every candidate bit-width, once (resumable, then cached){hint}")
+    return S.sensitivity(pipe, calibration)
 
 
 @dataclass

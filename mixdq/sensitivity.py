@@ -531,7 +531,8 @@ def sensitivity(pipe, calibration=None, *, weight_bits=None, act_bits=None,
             scores[kind][n][b] = {k: v for k, v in m.items() if k in metrics_for(groups[n])}
     wall = time.perf_counter() - t_start
     meta = {"cache": str(folder), "key": key, "model": inputs["model"][:16],
-            "prompts": len(calibration.prompts), "settings": inputs["settings"],
+            "prompts": len(calibration.prompts), "seed": calibration.seed, "settings": inputs["settings"],
+            "dtype": inputs["dtype"], "device_type": inputs["device_type"],
             "weight_bits": {g: list(v) for g, v in wbits.items()},
             "act_bits": {g: list(v) for g, v in abits.items()},
             "computed": len(todo_all), "computed_here": computed,

@@ -369,6 +369,44 @@ def test_cli_refuses_an_impossible_budget_before_any_sensitivity_work(tiny_sdxl_
         run("--budget-mb", str((lo + hi) / 2))
 
 
+def test_cli_takes_the_shipped_sensitivity_only_for_its_calibration(tmp_path, monkeypatch, capsys, one_thread):
+    """The embedded model on a fresh clone: --pareto (like --range and --budget-mb) uses
+    presets/sensitivity.json and says so; a non-default calibration (--prompts 8 --seed 3) is
+    not handed that table: the analysis starts, and stderr says why and which flags would
+    have used the shipped one."""
+    import argparse
+    import importlib
+
+    from mixdq.allocate import add_allocate_args, run_allocate
+    from mixdq.loading import EMBEDDED
+
+    if not (EMBEDDED / "model_index.json").is_file():
+        pytest.skip("the embedded model is not in assets/")
+    S = importlib.import_module("mixdq.sensitivity")
+    cache = tmp_path / "empty-cache"
+    monkeypatch.setenv("MIXDQ_CACHE", str(cache))
+
+    class Started(Exception):
+        pass
+
+    def started(*a, **k):
+        raise Started
+
+    monkeypatch.setattr(S, "sensitivity", started)
+    parser = add_allocate_args(argparse.ArgumentParser())
+    run_allocate(parser.parse_args(["--pareto", "2", "--device", "cpu"]))
+    out, err = capsys.readouterr()
+    assert "sensitivity: shipped presets/sensitivity.json, measured for this model and calibration" in err
+    assert "size MB" in out and "content loss" in out
+    with pytest.raises(Started):
+        run_allocate(parser.parse_args(["--range", "--prompts", "8", "--seed", "3", "--device", "cpu"]))
+    err = capsys.readouterr().err
+    assert ("sensitivity: the shipped presets/sensitivity.json was measured for this model with prompts 32 "
+            "(yours 8), seed 0 (yours 3); nothing cached in ") in err
+    assert "measuring 882 evaluations" in err and "--prompts 32 --seed 0 would use the shipped table" in err
+    assert not (cache / "sensitivity").exists()
+
+
 def test_selection_measures_plans_on_several_prompts(tiny_sdxl_pipe, one_thread):
     import mixdq
     from mixdq.allocate import PlanEvaluator

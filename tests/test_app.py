@@ -11,7 +11,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 import mixdq  # noqa: E402
 from mixdq import measure  # noqa: E402
-from test_measure import SMALL_CAL, synthetic_sensitivity  # noqa: E402
+from test_measure import SMALL_CAL, shipped_like, synthetic_sensitivity  # noqa: E402
 
 
 def free_port() -> int:
@@ -76,7 +76,7 @@ def test_budget_gives_images_and_measured_stats(served):
     assert "<svg" in chart and "content" in chart and "up 0" in chart
     assert "<svg" in pareto_html and "this plan" in pareto_html
     assert status.startswith("**Done**")
-    assert "average bits" in info and "sensitivity cached" in header
+    assert "average bits" in info and "sensitivity given ✓" in header    # passed in, not found
     # a bigger budget: a plan at least as large, never above the budget
     top = session.slider_spec()["maximum"]          # the slider's own end is feasible
     out2 = _generate(client, top)
@@ -238,3 +238,44 @@ def test_presets_without_sensitivity(tmp_path, monkeypatch):
         assert session.allocator is None and not (tmp_path / "empty-cache" / "sensitivity").exists()
     finally:
         demo.close()
+
+
+def test_header_says_where_the_sensitivity_came_from(tiny_sdxl_pipe, tmp_path, monkeypatch):
+    """Shipped in presets/ for this model and calibration, complete in the on-disk cache, or
+    neither (and then why the shipped table of this model was not taken)."""
+    import dataclasses
+    import importlib
+    import json
+
+    import app
+
+    S = importlib.import_module("mixdq.sensitivity")
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path / "cache"))
+    pipe, cal = tiny_sdxl_pipe, mixdq.Calibration(SMALL_CAL, batch_size=2)
+    shipped_like(pipe, cal, tmp_path / "presets")
+
+    def header(calibration, presets_dir):
+        session = app.Session(pipe, calibration=calibration, workdir=tmp_path / "w", presets_dir=presets_dir)
+        return session, app.header_markdown(session)
+
+    session, text = header(cal, tmp_path / "presets")
+    assert "sensitivity shipped ✓" in text and "cached" not in text and session.sens_source == "shipped"
+    session, text = header(dataclasses.replace(cal, seed=5), tmp_path / "presets")
+    assert session.allocator is None
+    assert "sensitivity not yet measured (the shipped table is another calibration's)" in text
+    lo, hi = session.budget_range()
+    assert "was measured for this model with seed 0 (yours 5)" in session.budget_info(round((lo + hi) / 2, 3))
+
+    # a complete cache, as a finished analysis leaves it (its scores: any plausible ones)
+    key, _ = S.cache_key(pipe, cal)
+    folder = S.cache_root() / key
+    folder.mkdir(parents=True)
+    table = synthetic_sensitivity(pipe.unet)
+    (folder / "model.json").write_text(json.dumps({"act_numel": table.act_numel, "images": [2, 3, 16, 16]}))
+    (folder / "results.json").write_text(json.dumps(
+        [{"layer": n, "kind": kind, "bits": b, "metrics": m}
+         for kind, per in table.scores.items() for n, bits in per.items() for b, m in bits.items()]))
+    (tmp_path / "no-presets").mkdir()
+    session, text = header(cal, tmp_path / "no-presets")
+    assert "sensitivity cached ✓" in text and "shipped" not in text and session.sens_source == "cached"
+    assert session.sens.meta["computed"] == 0 and session.sens.meta["cache"] == str(folder)  # read back

@@ -215,7 +215,7 @@ def test_fresh_clone_embedded_model_any_budget_without_analysis(embedded_app):
             number = page.locator("#budget input[data-testid='number-input']")
             expect(number).to_be_visible(timeout=60_000)
             expect(page.locator("#mixdq-title")).to_contain_text("tiny-sdxl (embedded)")
-            expect(page.locator("#mixdq-title")).to_contain_text("sensitivity cached ✓")
+            expect(page.locator("#mixdq-title")).to_contain_text("sensitivity shipped ✓")
             # drawn at start from the shipped table: the front, and the presets on it
             expect(page.locator("#pareto-chart svg")).to_be_visible(timeout=60_000)
             expect(page.locator("#pareto-chart svg polyline")).to_have_count(1)

@@ -9,10 +9,10 @@ import pytest
 VERBS = ["calibrate", "sensitivity", "allocate", "quantize", "export", "generate", "bench"]
 
 
-def run(*args, check=True, **env_vars):
+def run(*args, check=True, timeout=600, **env_vars):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env_vars)
     proc = subprocess.run([sys.executable, "-m", "mixdq", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -111,6 +111,26 @@ def test_allocate_on_a_fresh_clone_refuses_an_impossible_budget_at_once(tmp_path
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no plan fits in 0.001 MB") and "feasible budgets: " in last
     assert "raise the budget" in last and "--content-bits" in last
+    assert not (cache / "sensitivity").exists()
+
+
+def test_allocate_on_a_fresh_clone_uses_the_shipped_sensitivity(tmp_path):
+    """No ~/.cache/mixdq yet: `allocate --budget-mb 4` takes presets/sensitivity.json (measured
+    for the embedded model and the default calibration), says so, and prints a plan in
+    seconds; the analysis (882 evaluations, minutes) does not start."""
+    from mixdq.loading import EMBEDDED
+    from mixdq.measure import PRESETS_DIR
+    from mixdq.plan import Plan
+
+    if not (EMBEDDED / "model_index.json").is_file():
+        pytest.skip("the embedded model is not in assets/")
+    cache = tmp_path / "cache"
+    # The analysis would run for minutes: the timeout turns that into a failure, not a wait.
+    p = run("allocate", "--budget-mb", "4", "--no-select", timeout=180, MIXDQ_CACHE=str(cache))
+    assert "sensitivity: shipped presets/sensitivity.json, measured for this model and calibration" in p.stderr
+    plan = Plan.from_dict(json.loads(p.stdout))
+    shipped = json.loads((PRESETS_DIR / "sensitivity.json").read_text())
+    assert len(plan) > 100 and plan.meta["size_mb"] <= 4 and plan.meta["model"] == shipped["meta"]["model"]
     assert not (cache / "sensitivity").exists()
 
 

@@ -198,16 +198,71 @@ def test_prompt_checker_runs_for_captions_of_the_embedded_world(quantized_pair, 
     assert measure.is_embedded(loaded)
 
 
-def test_shipped_sensitivity_is_used_only_for_its_own_model(tiny_sdxl_pipe, tmp_path, monkeypatch):
-    from mixdq.sensitivity import model_fingerprint
+def shipped_like(pipe, cal, folder, **meta):
+    """A table in `folder` as presets/sensitivity.json ships one: measured for `pipe` under
+    `cal` (its meta as `sensitivity` writes it), with `meta` overriding."""
+    from mixdq.sensitivity import cache_key
 
+    key, inputs = cache_key(pipe, cal)
+    sens = synthetic_sensitivity(pipe.unet)
+    sens.meta = {"key": key, "model": inputs["model"][:16], "prompts": len(cal.prompts), "seed": cal.seed,
+                 "settings": inputs["settings"], "dtype": inputs["dtype"],
+                 "device_type": inputs["device_type"], **meta}
+    folder.mkdir(parents=True, exist_ok=True)
+    sens.save(folder / "sensitivity.json")
+    return sens
+
+
+def test_shipped_sensitivity_is_used_only_for_its_own_model(tiny_sdxl_pipe, tmp_path, monkeypatch):
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path / "empty-cache"))
     cal = mixdq.Calibration(SMALL_CAL, batch_size=2)
-    sens = synthetic_sensitivity(tiny_sdxl_pipe.unet)
-    sens.meta["model"] = "0" * 16
-    sens.save(tmp_path / "sensitivity.json")
+    shipped_like(tiny_sdxl_pipe, cal, tmp_path, model="0" * 16)
     assert measure.cached_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path) is None   # another model's
-    sens.meta["model"] = model_fingerprint(tiny_sdxl_pipe)[:16]
-    sens.save(tmp_path / "sensitivity.json")
-    got = measure.cached_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path)
-    assert got is not None and got.layers == sens.layers and got.scores == sens.scores
+    assert measure.find_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path).shipped_note is None
+    sens = shipped_like(tiny_sdxl_pipe, cal, tmp_path)
+    found = measure.find_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path)
+    assert found.source == "shipped" and found.message.startswith(f"shipped {tmp_path / 'sensitivity.json'}")
+    assert found.table.layers == sens.layers and found.table.scores == sens.scores
+    assert not (tmp_path / "empty-cache" / "sensitivity").exists()
+
+
+def test_shipped_sensitivity_is_used_only_for_its_own_calibration(tiny_sdxl_pipe, tmp_path, monkeypatch):
+    """The same model measured on other prompts, seed, steps or size is another table: it is
+    not handed out, and the lookup says which settings differ and the flags that match them."""
+    import dataclasses
+    import importlib
+
+    S = importlib.import_module("mixdq.sensitivity")
+
+    def no_analysis(*a, **k):
+        raise AssertionError("find_sensitivity must never measure")
+
+    monkeypatch.setattr(S, "sensitivity", no_analysis)
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path / "empty-cache"))
+    cal = mixdq.Calibration(SMALL_CAL, batch_size=2)
+    shipped_like(tiny_sdxl_pipe, cal, tmp_path / "presets")
+    assert measure.cached_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path / "presets") is not None
+    # the batch size is not part of what is measured
+    assert measure.cached_sensitivity(tiny_sdxl_pipe, dataclasses.replace(cal, batch_size=1),
+                                      presets_dir=tmp_path / "presets") is not None
+    for other, diff, flags in [
+            (dataclasses.replace(cal, seed=5), "seed 0 (yours 5)", "--seed 0"),
+            (dataclasses.replace(cal, prompts=SMALL_CAL[:1]), "prompts 2 (yours 1)", "--prompts 2"),
+            (dataclasses.replace(cal, num_inference_steps=1, height=32, width=32),
+             "steps 2 (yours 1), height 16 (yours 32), width 16 (yours 32)", "--steps 2 --resolution 16")]:
+        assert measure.cached_sensitivity(tiny_sdxl_pipe, other, presets_dir=tmp_path / "presets") is None
+        found = measure.find_sensitivity(tiny_sdxl_pipe, other, presets_dir=tmp_path / "presets")
+        assert found.table is None and found.source == "none"
+        assert found.shipped_note == f"the shipped {tmp_path / 'presets' / 'sensitivity.json'} was measured " \
+                                     f"for this model with {diff}"
+        assert found.shipped_flags == flags and found.todo > 0
+        assert found.message.startswith(found.shipped_note) and "nothing cached in " in found.message
+    # same counts and settings, other prompt text: only the cache key tells them apart
+    found = measure.find_sensitivity(tiny_sdxl_pipe, dataclasses.replace(cal, prompts=["a cat", "a dog"]),
+                                     presets_dir=tmp_path / "presets")
+    assert found.table is None and "other calibration prompts" in found.shipped_note
+    assert found.shipped_flags is None
+    # a table that does not record its calibration is not trusted with any
+    shipped_like(tiny_sdxl_pipe, cal, tmp_path / "old", key=None)
+    found = measure.find_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path / "old")
+    assert found.table is None and "no cache key" in found.shipped_note

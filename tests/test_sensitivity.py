@@ -70,6 +70,10 @@ def test_scores_shape_and_sense(tiny_sdxl_pipe, tmp_path):
     shortcut = dict(tiny_sdxl_pipe.unet.named_modules())[SHORTCUT_L]
     assert s.act_numel[SHORTCUT_L] % shortcut.in_channels == 0  # concat(hidden, skip) channels
     assert s.meta["computed"] == sum(len(v) for k in s.scores for v in s.scores[k].values())
+    # the calibration it was measured with, as the shipped-table lookup compares it
+    key, inputs = S.cache_key(tiny_sdxl_pipe, _cal())
+    assert s.meta["key"] == key and s.meta["seed"] == inputs["seed"] == _cal().seed
+    assert (s.meta["dtype"], s.meta["device_type"]) == ("torch.float32", "cpu")
     # round trip through JSON
     path = tmp_path / "s.json"
     s.save(path)
@@ -283,7 +287,12 @@ def test_embedded_model_copied_elsewhere_finds_the_shipped_table(tmp_path, monke
     # the shipped identity is this model's and its default calibration's (a fingerprint that
     # depended on the machine or the folder would fail here on another one)
     assert shipped["meta"]["model"] == fp[:16]
-    assert shipped["meta"]["key"] == S.cache_key(there, cal)[0]
+    key, inputs = S.cache_key(there, cal)
+    assert shipped["meta"]["key"] == key
+    # what its meta says it was measured with is what the key hashes (the lookup's messages quote it)
+    meta = shipped["meta"]
+    assert (meta["prompts"], meta["seed"], meta["settings"], meta["dtype"], meta["device_type"]) == \
+        (len(inputs["prompts"]), inputs["seed"], inputs["settings"], inputs["dtype"], inputs["device_type"])
     for stats in (ROOT / "presets").glob("*.stats.json"):
         assert json.loads(stats.read_text())["model"] == fp[:16], stats.name
         plan = json.loads(stats.with_name(stats.name.replace(".stats.json", ".json")).read_text())
