@@ -127,11 +127,11 @@ def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=
         compile_mode=True, iters=20, log=_log, stages=("eager", "cudagraph", "compiled"),
         hold_epilogue=False, compile_variants=None, profile_config=None, inductor_mode=None,
         fuse_int_mm_mul=False, kernel="int_mm"):
-    from mixdq import Plan, model_nbytes
-    from mixdq.quant import hold_epilogue as hold, kernels, quantizable_layers, quantized_layers, replace_layers
+    from mixdq import Plan, model_nbytes, quantize_unet
+    from mixdq.quant import hold_epilogue as hold, kernels, quantizable_layers
 
     from .models import build_unet, unet_inputs
-    from .run import environment, make_plans, observe_ranges, shared_clone
+    from .run import bench_bos, environment, make_plans, observe_ranges, shared_clone
 
     t_start = time.perf_counter()
     device = torch.device(device)
@@ -170,16 +170,14 @@ def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=
     plans = {"W8A8": Plan({n: (8, 8) for n in layers}),
              "W8A8-linears": Plan({n: (8, 8) for n in linear_names}),
              "W4A8": make_plans(layers, ["W4A8"])["W4A8"]}
-    chosen = kernels.select_kernel(device, override=None if kernel == "auto" else kernel)
     variants = {}
     for name, plan in plans.items():
         a1 = alloc()
         t = time.perf_counter()
         clone = shared_clone(unet)
         with torch.no_grad():
-            replace_layers(clone, plan, ranges=ranges)
-        for layer in quantized_layers(clone).values():
-            layer.kernel = chosen
+            quantize_unet(clone, plan, ranges, bos=bench_bos(inputs[configs[0]]),
+                          kernel=None if kernel == "auto" else kernel)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()

@@ -228,76 +228,54 @@ def shared_clone(unet):
     return copy.deepcopy(unet, memo)
 
 
-def observe_ranges(unet, inputs) -> tuple[dict, float]:
-    """One float step with input hooks: each quantizable layer's activation range."""
-    from mixdq.quant import ActRange, quantizable_layers, shortcut_splits
+def observe_ranges(unet, inputs) -> tuple[dict, float, torch.Tensor]:
+    """One float step observed by the library (calibrate.observe_float_ranges): each
+    quantizable layer's activation ranges, the step's seconds and output.  Token 0
+    of the text input stands in for CLIP's BOS (bench_bos)."""
+    from mixdq.calibrate import observe_float_ranges
 
-    splits = shortcut_splits(unet)
-    ranges: dict = {}
-    hooks = []
+    step = {}
 
-    def hook_for(name):
-        def hook(_m, args):
-            x = args[0]
-            s = splits.get(name)
-            parts = [x] if not s else [x.narrow(1, 0, s), x.narrow(1, s, x.shape[1] - s)]
-            if name.endswith(("attn2.to_k", "attn2.to_v")) and x.dim() == 3:
-                parts = [x[:, 1:]]  # BOS-aware K/V: token 0 does not set the range
-            rs = ranges.setdefault(name, [ActRange() for _ in parts])
-            for r, p in zip(rs, parts):
-                r.update(p)
-        return hook
+    def run():
+        t = time.perf_counter()
+        with torch.inference_mode():
+            step["out"] = unet(**inputs).sample
+        step["s"] = time.perf_counter() - t
 
-    for name, m in quantizable_layers(unet).items():
-        hooks.append(m.register_forward_pre_hook(hook_for(name)))
-    t = time.perf_counter()
-    with torch.inference_mode():
-        out = unet(**inputs).sample
-    dt = time.perf_counter() - t
-    for h in hooks:
-        h.remove()
-    return ranges, dt, out
+    ranges = observe_float_ranges(unet, run, bos=bench_bos(inputs))
+    return ranges, step["s"], step["out"]
 
 
-def build_variant(unet, plan, ranges, int8_safe: bool = True):
-    """The quantized variant as `mixdq.quantize(int8_safe=...)` makes it (W8A8 layers
-    as W7A8 where their int8 backend saturates on 8-bit codes; prepacked copies made
-    layer by layer), sharing the float model's unquantized tensors."""
-    from mixdq import model_nbytes, stored_nbytes
-    from mixdq.quant import kernels, prepack, quantized_layers, replace_layers
-    from mixdq.quantize import int8_safe_plan
+def bench_bos(inputs) -> torch.Tensor:
+    """The BOS embedding BOS-aware K/V keep exact: token 0 of the step's text input
+    (random here; a pipeline's is its encoders' BOS state, the same for every prompt)."""
+    return inputs["encoder_hidden_states"][0, 0].detach().clone()
+
+
+def build_variant(unet, plan, ranges, int8_safe: bool = True, bos=None, kernel=None):
+    """The quantized variant as `mixdq.quantize` makes it (mixdq.quantize_unet: W8A8
+    layers as W7A8 where their int8 backend saturates on 8-bit codes, prepacked
+    copies made layer by layer), sharing the float model's unquantized tensors."""
+    from mixdq import model_nbytes, quantize_unet
 
     trim()
     rss0 = rss_bytes()
     t = time.perf_counter()
-    device = next(unet.parameters()).device
-    chosen = kernels.select_kernel(device)
-    plan, wide = int8_safe_plan(plan, chosen, unet, int8_safe)
     clone = shared_clone(unet)
     with torch.no_grad():
-        originals = replace_layers(clone, plan, ranges=ranges)
-    del originals
-    for layer in quantized_layers(clone).values():
-        layer.kernel = chosen
-    prepack(clone)
-    # layers that run the integer kernels (8-bit activations, 2-8-bit weights)
-    routed = sum(1 for layer in quantized_layers(clone).values() if layer._int_path())
-    backends = {}
-    for layer in quantized_layers(clone).values():
-        backends[layer.backend] = backends.get(layer.backend, 0) + 1
+        report = quantize_unet(clone, plan, ranges, bos=bos, kernel=kernel, int8_safe=int8_safe)
     dt = time.perf_counter() - t
     trim()
     rss1 = rss_bytes()
     # bytes this variant holds on its own: its quantized layers (the rest is
     # shared with the float model, counted in its float bytes), prepacked copies
     # included; stored_bytes: what the plan stores (= layer_costs, exports)
-    total = model_nbytes(clone)
     return clone, {
-        "plan": plan.summary(), "mean_weight_bits": plan.meta.get("mean_weight_bits"),
-        "quantize_s": dt, "weight_bytes": total, "stored_bytes": stored_nbytes(clone),
+        "plan": report.plan.summary(), "mean_weight_bits": plan.meta.get("mean_weight_bits"),
+        "quantize_s": dt, "weight_bytes": model_nbytes(clone), "stored_bytes": report.quantized_bytes,
         "rss_delta_bytes": None if rss0 is None else rss1 - rss0,
-        "kernel": chosen, "routed_int8_layers": routed, "backends": backends,
-        "w8a8_as_w7a8_layers": len(wide) if int8_safe else 0,
+        "kernel": report.kernel["kernel"], "routed_int8_layers": report.int8_layers, "backends": report.backends,
+        "w8a8_as_w7a8_layers": report.plan.meta.get("fitted", {}).get("layers", 0),
     }
 
 
@@ -387,7 +365,7 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
     built = {}
     info = {}
     for v, plan in plans.items():
-        model, meta = build_variant(unet, plan, ranges, int8_safe=not v.endswith(KEEP_W8))
+        model, meta = build_variant(unet, plan, ranges, int8_safe=not v.endswith(KEEP_W8), bos=bench_bos(inputs))
         built[v] = model
         info[v] = meta
         log(f"  {v}: {meta['plan']} -> {meta['weight_bytes'] / MiB:.0f} MiB, quantized in {meta['quantize_s']:.1f} s")

@@ -10,17 +10,17 @@ The flow, one verb per step:
     save_quantized(pipe, "out/")                            # export.py
     pipe = load_quantized("out/")
 """
-from .calibrate import Calibration, float_ranges
+from .calibrate import Calibration, bos_embedding, float_ranges
 from .errors import BudgetError, ExportError, MixDQError, ModelNotFoundError, PlanError, SlowPathWarning
 from .loading import generation_defaults, load_pipeline
 from .memory import LayerCosts, layer_costs, model_nbytes, stored_nbytes
 from .plan import LayerBits, Plan
 from .quant import quantizable_layers
-from .quantize import QuantReport, bos_embedding, current_plan, quantize
+from .quantize import QuantReport, QuantState, current_plan, quantize, quantize_unet
 
 __all__ = [
     "load_pipeline", "generation_defaults", "Calibration", "float_ranges", "quantize",
-    "QuantReport", "current_plan", "bos_embedding", "Plan", "LayerBits", "quantizable_layers",
+    "QuantReport", "QuantState", "quantize_unet", "current_plan", "bos_embedding", "Plan", "LayerBits", "quantizable_layers",
     "layer_costs", "LayerCosts", "model_nbytes", "stored_nbytes", "MixDQError", "PlanError", "BudgetError",
     "ModelNotFoundError", "ExportError", "SlowPathWarning",
 ]

@@ -9,7 +9,8 @@ Two ways to observe:
       (already quantized) upstream layers really produce.  `quantize` uses this.
   `float_ranges(pipe, calibration)`  ranges of the float model for every
       layer at once, through the same layer code (BOS token excluded, shortcut
-      slices apart).  Sensitivity analysis uses this.
+      slices apart).  Sensitivity analysis uses this; `observe_float_ranges`
+      does the same for a bare UNet and any way of running it (the benchmarks).
 """
 from __future__ import annotations
 
@@ -122,19 +123,37 @@ def observing(unet, mode: str = "quantize"):
             layer.stop_observing()
 
 
-def float_ranges(pipe, calibration: Calibration, bos_embedding=None, progress=True
-                 ) -> dict[str, list[ActRange]]:
-    """Activation ranges of the float model for every quantizable layer."""
-    unet = pipe.unet
-    names = [n for n, m in quantizable_layers(unet).items()]
+def bos_embedding(pipe) -> torch.Tensor:
+    """Token 0 of the text embedding the UNet sees: the same for every prompt.
+
+    CLIP is causal, so the BOS position attends only to itself; one encode of
+    any prompt gives it.  For SDXL it is both encoders' states concatenated.
+    """
+    with torch.no_grad():
+        out = pipe.encode_prompt(prompt="", device=pipe.unet.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)
+    return out[0][0, 0].detach().clone()
+
+
+def observe_float_ranges(unet, run, bos: torch.Tensor | None = None) -> dict[str, list[ActRange]]:
+    """Activation ranges of the float `unet` for every quantizable layer while `run()`
+    runs it, through the quantized layers' own code kept in float (so BOS-aware K/V,
+    given the BOS embedding, and the shortcut slices are observed as they will run)."""
+    names = list(quantizable_layers(unet))
     plan = Plan({n: LayerBits(16, 16) for n in names})
-    if bos_embedding is None:
-        from .quantize import bos_embedding as compute_bos
-        bos_embedding = compute_bos(pipe)
-    originals = replace_layers(unet, plan, bos_embedding=bos_embedding, include_float=True)
+    originals = replace_layers(unet, plan, bos_embedding=bos, include_float=True)
     try:
         with observing(unet, "float") as layers:
-            run_pipeline(pipe, calibration, progress=progress, desc="float ranges")
+            run()
             return {n: list(layer.ranges) for n, layer in layers.items()}
     finally:
         restore_layers(unet, originals)
+
+
+def float_ranges(pipe, calibration: Calibration, bos: torch.Tensor | None = None, progress=True
+                 ) -> dict[str, list[ActRange]]:
+    """Activation ranges of the float model for every quantizable layer (bos: the
+    pipeline's BOS embedding, computed when not given)."""
+    return observe_float_ranges(
+        pipe.unet, lambda: run_pipeline(pipe, calibration, progress=progress, desc="float ranges"),
+        bos if bos is not None else bos_embedding(pipe))

@@ -32,7 +32,7 @@ from .loading import DEFAULTS_FILE, default_device, generation_defaults
 from .plan import Plan
 from .quant import (QuantConv2d, QuantLinear, is_bos_layer, kernels, prepack, quantizable_layers, quantized_layers,
                     shortcut_splits)
-from .quantize import SATURATION_REASON, current_plan, wide_int8_layers
+from .quantize import QuantState, current_plan, fit_plan_to_device
 
 FORMAT = "mixdq-export/1"
 UNET_FILE = "unet/mixdq_unet.safetensors"
@@ -71,7 +71,8 @@ def save_quantized(pipe, folder, overwrite: bool = False) -> Path:
         plan = current_plan(pipe.unet)
         plan.save(tmp / "plan.json")
         (tmp / DEFAULTS_FILE).write_text(json.dumps(generation_defaults(pipe), indent=1))
-        meta = dict(getattr(pipe.unet, "mixdq_meta", {}) or {})
+        quant_state = getattr(pipe.unet, "mixdq_state", None)
+        meta = quant_state.to_dict() if quant_state is not None else {}
         meta.update(format=FORMAT, pipeline_class=type(pipe).__name__,
                     dtype=str(pipe.unet.dtype).replace("torch.", ""),
                     unet_sha256=_sha256(tmp / UNET_FILE),
@@ -189,18 +190,16 @@ def load_quantized(folder, device=None, kernel: str | None = None, verify: bool 
     layers = quantized_layers(unet)
     for layer in layers.values():
         layer.kernel = chosen
-    unet.mixdq_meta = {k: meta.get(k) for k in ("bos_aware", "kernel", "calibration")}
-    unet.mixdq_meta["kernel"] = chosen
-    wide = wide_int8_layers(plan, chosen, unet)
-    if wide and int8_safe:
-        for name in wide:
-            layers[name].requantize_weight(7)
-        unet.mixdq_meta["requantized"] = {"layers": len(wide), "from": "W8A8", "to": "W7A8"}
-    elif wide:
-        warnings.warn(f"{len(wide)} W8A8 layers of {folder} run the exact float path, no faster than "
-                      f"float: {SATURATION_REASON} load_quantized(folder, int8_safe=True) re-rounds them "
-                      "to 7-bit codes, exact on the int8 kernels (images differ a little); quantizing "
-                      "from the float model on this machine stores W7A8 by itself.", SlowPathWarning, stacklevel=2)
+    fitted, notes = fit_plan_to_device(plan, unet, chosen, int8_safe)
+    for name, bits in fitted.items():
+        if bits != plan[name]:  # no float weights here: re-round the export's codes
+            layers[name].requantize_weight(bits.weight)
+    state = QuantState.from_dict(meta)
+    state.kernel, state.fitted = chosen, dict(fitted.meta.get("fitted", {}))
+    unet.mixdq_state = state
+    if not int8_safe:
+        for note in notes:
+            warnings.warn(f"{folder}: {note}", SlowPathWarning, stacklevel=2)
     pipe = DiffusionPipeline.from_pretrained(folder, unet=unet, dtype=dtype)
     pipe.to(device)
     prepack(pipe.unet)  # after .to(), which gives the layers their codes back

@@ -4,26 +4,61 @@
     mixdq.quantize(pipe, plan, calibration=mixdq.Calibration.default(pipe))
     image = pipe("a red circle").images[0]
 
-Steps: validate the plan, compute the BOS embedding from the pipeline's own
-text encoders, swap each planned layer for a packed quantized one (the float
-weight is dropped), then calibrate activation ranges sequentially.
+The core is `quantize_unet(unet, plan, ranges, bos=...)`, which works on a bare
+UNet (the benchmarks use it); `quantize(pipe, ...)` adds what a pipeline knows:
+the BOS embedding from its own text encoders and a calibration run.
+
+Steps: fit the plan to the device (`fit_plan_to_device`), swap each planned layer
+for a packed quantized one (the float weight is dropped), calibrate activation
+ranges sequentially (or take given ones), make the prepacked int8 copies where a
+backend runs on them.  What was done is kept in `unet.mixdq_state` (QuantState),
+which an export saves.
 """
 from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from .calibrate import Calibration, observing, run_pipeline
+from .calibrate import Calibration, bos_embedding, observing, run_pipeline
 from .errors import PlanError
 from .memory import MB, model_nbytes, prepacked_extra_nbytes, stored_nbytes
 from .plan import FLOAT_BITS, LayerBits, Plan
 from .quant import (QuantLayer, kernels, layer_spec, prepack, quantizable_layers, quantized_layers, replace_layers,
                     shortcut_splits)
 from .quant.quantizers import ActRange
+
+__all__ = ["QuantReport", "QuantState", "quantize", "quantize_unet", "fit_plan_to_device", "current_plan",
+           "bos_embedding"]
+
+
+@dataclass
+class QuantState:
+    """What quantization did to a UNet beyond the plan its layers hold (`unet.mixdq_state`).
+
+    bos_aware    cross-attention K/V keep token 0 (CLIP's BOS) exact
+    kernel       'int_mm' | 'dequant': what the layers' backends were resolved under
+                 (an export's is the exporter's; loading resolves its own)
+    calibration  the Calibration the ranges came from (None: ranges given)
+    fitted       the plan's layers changed for this device by fit_plan_to_device
+                 ({"layers": n, "from": "W8A8", "to": "W7A8"}), or {}
+    """
+    bos_aware: bool
+    kernel: str
+    calibration: dict | None = None
+    fitted: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantState":
+        return cls(bos_aware=bool(d.get("bos_aware", True)), kernel=d.get("kernel") or "dequant",
+                   calibration=d.get("calibration"), fitted=dict(d.get("fitted") or {}))
 
 
 @dataclass
@@ -38,9 +73,9 @@ class QuantReport:
     calibration: dict | None = None
     counts: dict = field(default_factory=dict)
     int8_layers: int = 0                              # layers running the integer kernels
+    notes: list[str] = field(default_factory=list)    # what the user should know about speed
     backends: dict = field(default_factory=dict)      # backend -> how many layers it runs
     held_bytes: int = 0                               # what the UNet holds: + prepacked int8 copies
-    notes: list[str] = field(default_factory=list)    # what the user should know about speed
 
     @property
     def ratio(self) -> float:
@@ -58,46 +93,55 @@ class QuantReport:
                 + "".join(f"\nnote: {n}" for n in self.notes))
 
 
-def bos_embedding(pipe) -> torch.Tensor:
-    """Token 0 of the text embedding the UNet sees: the same for every prompt.
-
-    CLIP is causal, so the BOS position attends only to itself; one encode of
-    any prompt gives it.  For SDXL it is both encoders' states concatenated.
-    """
-    with torch.no_grad():
-        out = pipe.encode_prompt(prompt="", device=pipe.unet.device, num_images_per_prompt=1,
-                                 do_classifier_free_guidance=False)
-    return out[0][0, 0].detach().clone()
-
-
 def quantize(pipe, plan: Plan, calibration: Calibration | None = None,
              ranges: dict[str, list[ActRange]] | None = None, *, bos_aware: bool = True,
              kernel: str | None = None, int8_safe: bool = True, progress: bool = True,
              callback=None) -> QuantReport:
-    """Quantize pipe.unet per `plan`, in place.
+    """Quantize pipe.unet per `plan`, in place (see quantize_unet).
 
     Activation ranges come from `ranges` when given, else from running
     `calibration` (needed whenever the plan quantizes an activation).
-    `kernel` overrides the W8A8 path ('int_mm' or 'dequant').
-    `int8_safe`: where a W8A8 layer's int8 backend would saturate on 8-bit weight
-    codes (oneDNN / FBGEMM on CPUs without VNNI, see `wide_int8_layers`), the layer is
-    quantized as W7A8 (same bytes, exact int8 kernels) and the report says so; False
-    keeps it W8A8, on the exact float path, no faster than float there.
-    Prepacked backends get their int8 copies here, layer by layer (quant.prepack).
+    bos_aware: token 0 of the cross-attention K/V from the pipeline's own text
+    encoders, exact.
     """
-    unet = pipe.unet
-    if quantized_layers(unet):
+    if quantized_layers(pipe.unet):  # before encoding a prompt with it
         raise PlanError("this UNet is already quantized; load the float model again to re-quantize")
-    plan.validate(quantizable_layers(unet))
     needs_acts = any(b.act != FLOAT_BITS for b in plan.values())
     if needs_acts and calibration is None and ranges is None:
         raise PlanError("the plan quantizes activations: pass calibration=mixdq.Calibration.default(pipe) "
                         "or precomputed ranges=")
-    chosen = kernels.select_kernel(unet.device, override=kernel)
-    plan, wide = int8_safe_plan(plan, chosen, unet, int8_safe)
+    run = None
+    if needs_acts and ranges is None:
+        def run():
+            run_pipeline(pipe, calibration, progress=progress, callback=callback)
+    return quantize_unet(pipe.unet, plan, ranges, bos=bos_embedding(pipe) if bos_aware else None,
+                         kernel=kernel, int8_safe=int8_safe, run=run,
+                         calibration=calibration.to_dict() if calibration is not None else None)
+
+
+def quantize_unet(unet: nn.Module, plan: Plan, ranges: dict[str, list[ActRange]] | None = None, *,
+                  bos: torch.Tensor | None = None, kernel: str | None = None, int8_safe: bool = True,
+                  run: Callable[[], object] | None = None, calibration: dict | None = None) -> QuantReport:
+    """Quantize a bare UNet per `plan`, in place: the core of `quantize`.
+
+    ranges: activation ranges per layer (e.g. calibrate.observe_float_ranges), or
+    None with `run`, a callable that runs the UNet on calibration inputs: layers
+    are then calibrated sequentially, each on its quantized upstream's output.
+    bos: the BOS embedding that BOS-aware K/V keep exact (None: not BOS-aware).
+    kernel overrides the int8 choice ('int_mm' or 'dequant'); int8_safe as in
+    fit_plan_to_device.  calibration: recorded in the state, nothing more.
+    """
+    if quantized_layers(unet):
+        raise PlanError("this UNet is already quantized; load the float model again to re-quantize")
+    plan.validate(quantizable_layers(unet))
+    needs_acts = any(b.act != FLOAT_BITS for b in plan.values())
+    if needs_acts and ranges is None and run is None:
+        raise PlanError("the plan quantizes activations: pass ranges= or a calibration run=")
+    device = _device_of(unet)
+    chosen = kernels.select_kernel(device, override=kernel)
+    plan, notes = fit_plan_to_device(plan, unet, chosen, int8_safe)
     float_bytes = model_nbytes(unet)
     t0 = time.perf_counter()
-    bos = bos_embedding(pipe) if bos_aware else None
     originals = replace_layers(unet, plan, ranges=ranges, bos_embedding=bos)
     del originals  # the float weights go here
     gc.collect()
@@ -108,29 +152,15 @@ def quantize(pipe, plan: Plan, calibration: Calibration | None = None,
     t1 = time.perf_counter()
     if needs_acts and ranges is None:
         with observing(unet, "quantize"):
-            run_pipeline(pipe, calibration, progress=progress, callback=callback)
+            run()
     prepack(unet)
     t2 = time.perf_counter()
-    unet.mixdq_meta = {
-        "bos_aware": bos_aware,
-        "kernel": chosen,
-        "calibration": calibration.to_dict() if calibration is not None else None,
-    }
+    unet.mixdq_state = QuantState(bos_aware=bos is not None, kernel=chosen, calibration=calibration,
+                                  fitted=dict(plan.meta.get("fitted", {})))
     counts, backends = {}, {}
     for layer in layers.values():
         counts[str(layer.bits)] = counts.get(str(layer.bits), 0) + 1
         backends[layer.backend] = backends.get(layer.backend, 0) + 1
-    on_int = [name for name, layer in layers.items() if layer._int_path()]
-    notes = []
-    if wide and int8_safe:
-        notes.append(f"{len(wide)} W8A8 layers were quantized as W7A8 (same bytes, exact on the int8 "
-                     f"kernels): {SATURATION_REASON} int8_safe=False (`--keep-w8`) keeps them W8A8, on "
-                     "the float path, no faster than float.")
-    elif wide:
-        notes.append(f"{len(wide)} W8A8 layers run the exact float path, no faster than float: "
-                     f"{SATURATION_REASON} int8_safe=True (the default: drop `--keep-w8`) quantizes them "
-                     "as W7A8, exact on the int8 kernels; MIXDQ_INT8_SATURATE=allow runs W8 there at a "
-                     "small error.")
     extra = prepacked_extra_nbytes(unet)
     if extra:
         low = sum(1 for layer in layers.values() if layer.backend in kernels.PREPACKED and layer.weight_bits < 5)
@@ -139,13 +169,26 @@ def quantize(pipe, plan: Plan, calibration: Calibration | None = None,
                      "the plan's packed codes (exports stay packed).")
     return QuantReport(plan=plan, float_bytes=float_bytes, quantized_bytes=stored_nbytes(unet),
                        held_bytes=model_nbytes(unet),
-                       kernel=kernels.kernel_report(unet.device) | {"kernel": chosen},
-                       seconds_quantize=t1 - t0, seconds_calibrate=t2 - t1, bos_aware=bos_aware,
-                       calibration=unet.mixdq_meta["calibration"], counts=counts,
-                       int8_layers=len(on_int), backends=backends, notes=notes)
+                       kernel=kernels.kernel_report(device) | {"kernel": chosen},
+                       seconds_quantize=t1 - t0, seconds_calibrate=t2 - t1, bos_aware=bos is not None,
+                       calibration=calibration, counts=counts,
+                       int8_layers=sum(1 for layer in layers.values() if layer._int_path()),
+                       backends=backends, notes=notes)
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------
+# this plan on this device
+# ---------------------------------------------------------------------------
 WIDE_INT8 = LayerBits(8, 8)
+SAFE_INT8 = LayerBits(7, 8)
 SATURATION_REASON = ("the int8 backend chosen on this CPU (no VNNI) saturates on 8-bit weight "
                      "codes (7-bit ones cannot overflow it: kernels.SATURATION_FREE_CODE).")
 
@@ -163,8 +206,7 @@ def wide_int8_layers(plan: Plan, kernel: str, unet: nn.Module) -> list[str]:
     W7A8 codes would run that backend exactly."""
     if kernel != "int_mm":
         return []
-    layers, splits = quantizable_layers(unet), shortcut_splits(unet)
-    device = next(iter(unet.parameters()), next(iter(unet.buffers()), torch.empty(0))).device
+    layers, splits, device = quantizable_layers(unet), shortcut_splits(unet), _device_of(unet)
     wide = []
     for name, bits in plan.items():
         if bits != WIDE_INT8:
@@ -177,14 +219,28 @@ def wide_int8_layers(plan: Plan, kernel: str, unet: nn.Module) -> list[str]:
     return wide
 
 
-def int8_safe_plan(plan: Plan, kernel: str, unet: nn.Module, int8_safe: bool = True) -> tuple[Plan, list[str]]:
-    """(the plan quantize builds, the plan's wide_int8_layers): with int8_safe those
-    layers become W7A8, which their int8 backend runs exactly in the same bytes."""
+def fit_plan_to_device(plan: Plan, unet: nn.Module, kernel: str, int8_safe: bool = True) -> tuple[Plan, list[str]]:
+    """(the plan as `unet`'s device runs it, what the user should know about that).
+
+    The one adjustment today: a W8A8 layer whose int8 backend saturates on 8-bit
+    codes (oneDNN / FBGEMM without VNNI) becomes W7A8 with int8_safe (same bytes,
+    exact on those kernels, about one bit of weight precision less: what oneDNN
+    asks for on such CPUs); without, it stays W8A8 on the exact float path.
+    Quantizing and loading both call it (`unet`: float or quantized layers).
+    """
     wide = wide_int8_layers(plan, kernel, unet)
-    if wide and int8_safe:
-        plan = Plan({**plan, **{name: LayerBits(7, 8) for name in wide}},
-                    meta=plan.meta | {"int8_safe": {"layers": len(wide), "from": "W8A8", "to": "W7A8"}})
-    return plan, wide
+    if not wide:
+        return plan, []
+    if not int8_safe:
+        return plan, [f"{len(wide)} W8A8 layers run the exact float path, no faster than float: "
+                      f"{SATURATION_REASON} int8_safe=True makes them W7A8, exact on the int8 kernels (an "
+                      "export's codes are then re-rounded: images differ a little); MIXDQ_INT8_SATURATE=allow "
+                      "runs W8 there at a small error."]
+    fitted = {"layers": len(wide), "from": str(WIDE_INT8), "to": str(SAFE_INT8)}
+    plan = Plan({**plan, **{name: SAFE_INT8 for name in wide}}, meta=plan.meta | {"fitted": fitted})
+    return plan, [f"{len(wide)} W8A8 layers were quantized as W7A8 (same bytes, exact on the int8 kernels): "
+                  f"{SATURATION_REASON} int8_safe=False (`--keep-w8`) keeps them W8A8, on the float path, "
+                  "no faster than float."]
 
 
 def _rehome_tensors(unet) -> None:

@@ -414,11 +414,10 @@ def sensitivity(pipe, calibration=None, *, weight_bits=None, act_bits=None,
         models there (1.75x faster than batches of 8 on the tiny test model).  Batching does not
         change which noise a prompt gets (seed + i per prompt), so it is not part of the key.
     """
-    from .calibrate import Calibration, float_ranges
+    from .calibrate import Calibration, bos_embedding, float_ranges
     from .errors import PlanError
     from .plan import Plan
     from .quant import quantizable_layers, quantized_layers, replace_layers, restore_layers
-    from .quantize import bos_embedding
 
     t_start = time.perf_counter()
     unet = pipe.unet

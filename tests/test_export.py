@@ -159,7 +159,7 @@ def test_loading_w8_codes_where_int8_kernels_saturate(tiny_sdxl_pipe, tmp_path, 
     assert all(layer.backend == "onednn" for layer in quantized_layers(safe.unet).values()
                if layer.act_bits == 8 and layer.weight_bits <= 8)
     assert mixdq.model_nbytes(safe.unet) == mixdq.model_nbytes(exact.unet)
-    assert safe.unet.mixdq_meta["requantized"] == {"layers": n8, "from": "W8A8", "to": "W7A8"}
+    assert safe.unet.mixdq_state.fitted == {"layers": n8, "from": "W8A8", "to": "W7A8"}
     from mixdq.metrics import psnr
 
     assert 30 < float(psnr(_gen(safe), before)) < float("inf")
@@ -198,6 +198,6 @@ def test_load_picks_this_machines_kernel(tiny_sdxl_pipe, tmp_path):
     here = kernels.select_kernel("cpu")
     loaded = mixdq.load_quantized(out, device="cpu")
     assert {layer.kernel for layer in quantized_layers(loaded.unet).values()} == {here}
-    assert loaded.unet.mixdq_meta["kernel"] == here
+    assert loaded.unet.mixdq_state.kernel == here
     told = mixdq.load_quantized(out, device="cpu", kernel="dequant")
     assert {layer.kernel for layer in quantized_layers(told.unet).values()} == {"dequant"}

@@ -131,7 +131,8 @@ def test_w8a8_layers_become_w7a8_where_int8_kernels_saturate(tiny_sdxl_dir, monk
     assert {str(b) for b in report.plan.values()} == {"W7A8", "W8A16"}  # weight-only layers keep 8
     assert report.quantized_bytes == mixdq.layer_costs(mixdq.load_pipeline(tiny_sdxl_dir).unet).total_bytes(plan)
     assert len(report.notes) == 1 and f"{n8} W8A8 layers were quantized as W7A8" in report.notes[0]
-    assert "--keep-w8" in str(report) and report.plan.meta["int8_safe"]["layers"] == n8
+    assert "--keep-w8" in str(report) and report.plan.meta["fitted"]["layers"] == n8
+    assert pipe.unet.mixdq_state.fitted == {"layers": n8, "from": "W8A8", "to": "W7A8"}
 
     pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
     report = mixdq.quantize(pipe, plan, cal, kernel="int_mm", int8_safe=False, progress=False)
