@@ -71,8 +71,9 @@ def _add_plan_args(p, required: bool = True):
     p.add_argument("--weight-bits-map", type=_weight_bits_map, default=None, metavar="OLD=NEW",
                    help="replace weight widths throughout the plan, e.g. 8=7 (weight-only layers too)")
     p.add_argument("--keep-w8", action="store_true",
-                   help="keep W8A8 layers 8-bit on CPUs without VNNI (exact float path, no faster than "
-                        "float there) instead of storing them as W7A8")
+                   help="keep W8A8 layers 8-bit where this CPU's int8 backend saturates on them (no VNNI: "
+                        "exact float path, no faster than float there) instead of making them W7A8 "
+                        "(quantizing, or re-rounding an exported --model's codes)")
     p.add_argument("--no-bos", action="store_true", help="turn BOS-aware K/V quantization off (ablation)")
     p.add_argument("--kernel", choices=["int_mm", "dequant"], default=None,
                    help="override the W8A8 kernel choice (default: measured per machine)")
@@ -133,12 +134,9 @@ def cmd_generate(args):
     from . import generation_defaults, load_pipeline
 
     if args.plan is not None:
-        if args.int8_safe:
-            raise MixDQError("--int8-safe is for an exported --model; with --plan, quantize stores W8A8 "
-                             "layers as W7A8 by itself where needed (--keep-w8 keeps them 8-bit)")
         pipe, _ = _quantized_pipe(args)
     else:
-        pipe = load_pipeline(args.model, device=args.device, kernel=args.kernel, int8_safe=args.int8_safe)
+        pipe = load_pipeline(args.model, device=args.device, kernel=args.kernel, int8_safe=not args.keep_w8)
     settings = generation_defaults(pipe)
     if args.steps is not None:
         settings["num_inference_steps"] = args.steps
@@ -189,9 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_args(p, required=False)
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", default="out.png", help="output PNG (default out.png)")
-    p.add_argument("--int8-safe", action="store_true",
-                   help="an exported --model on a CPU without VNNI: re-round its W8A8 layers to 7 bits, "
-                        "which the int8 kernels run exactly (else they run the float path)")
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("bench", help="memory and latency benchmarks (bench/)")

@@ -137,15 +137,17 @@ def _empty_quantized_unet(folder: Path, plan: Plan, dtype, bos_aware: bool):
 
 
 def load_quantized(folder, device=None, kernel: str | None = None, verify: bool = True,
-                   int8_safe: bool = False):
+                   int8_safe: bool = True):
     """Rebuild a pipeline written by save_quantized, without any float UNet weights.
-    The W8A8 path is this machine's (kernels.select_kernel), or `kernel`.
+    The W8A8 path is this machine's (kernels.select_kernel), or `kernel`, and the
+    plan is fitted to it as quantize fits it (quantize.fit_plan_to_device).
 
-    On a CPU whose int8 backend saturates on 8-bit weight codes (oneDNN / FBGEMM
-    without VNNI) the export's W8A8 layers there run the exact float path, no
-    faster than float: a warning says so.  int8_safe=True re-rounds them to 7-bit codes there
-    (QuantLayer.requantize_weight), which the int8 kernels run exactly; the
-    images then differ a little from the export's."""
+    Where a W8A8 layer's int8 backend saturates on 8-bit weight codes (oneDNN /
+    FBGEMM without VNNI), int8_safe (the default, as for quantize) re-rounds its
+    codes to 7 bits (QuantLayer.requantize_weight), which those kernels run
+    exactly; the images then differ a little from the export's, and
+    `unet.mixdq_state.fitted` says how many layers.  int8_safe=False keeps them,
+    on the exact float path, no faster than float: a warning says so."""
     from diffusers import DiffusionPipeline
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MixDQError, ModelNotFoundError
+from .errors import ModelNotFoundError
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "assets" / "tiny-sdxl"
@@ -45,9 +45,10 @@ def default_dtype(device) -> torch.dtype:
 
 def load_pipeline(source: str | os.PathLike | None = None, *, lora: str | None = None,
                   device=None, dtype: torch.dtype | None = None, kernel: str | None = None,
-                  int8_safe: bool = False):
+                  int8_safe: bool = True):
     """Load a text-to-image pipeline, ready to quantize, or a mixdq export
-    (`kernel`, `int8_safe`: as in load_quantized, for exports)."""
+    (`kernel`, `int8_safe`: as in load_quantized, for exports; a float model is
+    fitted to the device when it is quantized)."""
     from diffusers import DiffusionPipeline
 
     device = torch.device(device) if device is not None else default_device()
@@ -62,10 +63,6 @@ def load_pipeline(source: str | os.PathLike | None = None, *, lora: str | None =
     if (path / "mixdq.json").is_file():
         from .export import load_quantized
         return load_quantized(path, device=device, kernel=kernel, int8_safe=int8_safe)
-    if int8_safe:
-        raise MixDQError(f"int8_safe re-rounds the W8A8 layers of a mixdq export, and {str(source)!r} is "
-                         "not one: quantize it instead (where needed, quantize stores W8A8 layers as "
-                         "W7A8 by itself)")
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelNotFoundError(

@@ -125,9 +125,10 @@ def test_roundtrip_with_a_prepacked_backend(tiny_sdxl_pipe, tmp_path, monkeypatc
 
 def test_loading_w8_codes_where_int8_kernels_saturate(tiny_sdxl_pipe, tmp_path, monkeypatch):
     """An export with W8A8 layers (made on the float path, exact on every CPU, as a GPU
-    would make it) loaded where its backend saturates on them (pinned: no VNNI, oneDNN): by default the codes load as
-    written, on the exact float path, with a warning that names the way out;
-    int8_safe=True re-rounds them to 7 bits, which oneDNN runs exactly."""
+    would make it) loaded where its backend saturates on them (pinned: no VNNI, oneDNN): by
+    default (int8_safe, as quantize) re-rounded to 7 bits, which oneDNN runs exactly;
+    int8_safe=False loads the codes as written, on the exact float path, with a warning
+    that names the way out."""
     from mixdq.quant import quantized_layers
 
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path / "cache"))
@@ -145,14 +146,14 @@ def test_loading_w8_codes_where_int8_kernels_saturate(tiny_sdxl_pipe, tmp_path, 
     monkeypatch.setenv("MIXDQ_CPU", "avx2")
     monkeypatch.setenv("MIXDQ_INT8_BACKEND", "onednn")
     with pytest.warns(mixdq.SlowPathWarning, match=f"{n8} W8A8 layers .* int8_safe=True"):
-        exact = mixdq.load_quantized(out, device="cpu", kernel="int_mm")
+        exact = mixdq.load_quantized(out, device="cpu", kernel="int_mm", int8_safe=False)
     # the same codes, the W8A8 ones on the exact float path: the image up to float rounding
     assert mixdq.current_plan(exact.unet) == plan
     backends = {str(layer.bits): layer.backend for layer in quantized_layers(exact.unet).values()}
     assert backends["W8A8"] == "float" and backends["W4A8"] == "onednn"
     torch.testing.assert_close(_gen(exact), before, rtol=0, atol=2e-3)
 
-    safe = mixdq.load_quantized(out, device="cpu", kernel="int_mm", int8_safe=True)
+    safe = mixdq.load_quantized(out, device="cpu", kernel="int_mm")
     safe_plan = mixdq.current_plan(safe.unet)
     assert {n for n, b in safe_plan.items() if str(b) == "W7A8"} == {
         n for n, b in plan.items() if str(b) == "W8A8"}
