@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 from .errors import MixDQError
+from .resources import shipped
 
-PRESETS = Path(__file__).resolve().parent.parent / "presets"
+PRESETS = shipped("presets")
 
 
 def _plan_arg(text: str):

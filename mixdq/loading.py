@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from .errors import ModelNotFoundError
+from .resources import shipped
 
-ROOT = Path(__file__).resolve().parent.parent
-EMBEDDED = ROOT / "assets" / "tiny-sdxl"
-GENERIC_PROMPTS = ROOT / "assets" / "calibration_prompts.txt"
+EMBEDDED = shipped("assets", "tiny-sdxl")
+GENERIC_PROMPTS = shipped("assets", "calibration_prompts.txt")
 DEFAULTS_FILE = "mixdq_defaults.json"
 
 # Few-step settings of the models people quantize with MixDQ.

@@ -37,10 +37,11 @@ import torch
 
 from .errors import ExportError, MixDQError
 from .memory import MB, model_nbytes
+from .resources import shipped
 
 MAX_STEPS = 50          # few-step models: more than this is a typo, and minutes of CPU
 MAX_SEED = 2**63 - 1    # torch.Generator.manual_seed takes any int64 >= 0
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESETS_DIR = shipped("presets")
 # An archive is a few files; refuse obviously hostile ones before extracting anything.
 MAX_ARCHIVE_MEMBERS = 10_000
 

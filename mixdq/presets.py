@@ -31,8 +31,9 @@ from .allocate import (DEFAULT_RATIOS, TOTAL, Allocator, PlanEvaluator, default_
 from .errors import BudgetError
 from .plan import Plan
 from .quant.kernels import cpu_name
+from .resources import shipped
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESETS_DIR = shipped("presets")
 PRESET_BITS = (8, 5, 4, 3)
 EVAL_SEED = 1000
 SELECT_SEED = 5000

@@ -4,12 +4,11 @@ shows real generation offline.  See ``docs/zoo.md``.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
+from ..resources import shipped
 from .world import Attributes, heldout_prompts, parse_caption, train_prompts
 from .checker import alignment, check
 
-ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny-sdxl"
+ASSET_DIR = shipped("assets", "tiny-sdxl")
 
 __all__ = [
     "ASSET_DIR",

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from ..resources import shipped
 from . import checker, world
 
-ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny-sdxl"
+ASSET_DIR = shipped("assets", "tiny-sdxl")
 BAR_PER_ATTRIBUTE = 0.90
 BAR_ALL = 0.75
 

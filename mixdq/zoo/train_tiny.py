@@ -37,11 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..resources import shipped
 from . import build, checker, world
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_RUN = REPO / "runs" / "tiny-sdxl"
-DEFAULT_OUT = REPO / "assets" / "tiny-sdxl"
+DEFAULT_RUN = Path("runs") / "tiny-sdxl"  # checkpoints: a working folder, not shipped data
+DEFAULT_OUT = shipped("assets", "tiny-sdxl")
 FEW_STEP_T = (999, 749, 666, 499, 332, 249)  # trailing Euler timesteps for 1..4 steps
 
 
