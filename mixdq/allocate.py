@@ -396,13 +396,7 @@ class Allocator:
         sol = solve_choice(self.wvalues, self.wcosts, caps, self.groups, time_limit=time_limit)
         plan_layers = {n: LayerBits(sol.assign[n], self.act_bits[n]) for n in self.layers}
         plan_layers = {n: b for n, b in plan_layers.items() if not b.is_float}
-        predicted = {g: 0.0 for g in GROUPS}
-        for n in self.layers:
-            predicted[self.groups[n]] += -self.wvalues[n][sol.assign[n]] if self.decoupled else 0.0
-        if not self.decoupled:
-            predicted = {TOTAL: -sol.objective}
-        else:
-            predicted[TOTAL] = sum(predicted.values())
+        predicted = self._predicted(sol.assign)
         size_mb = (self.fixed_bytes + sum(self.wcosts[n][sol.assign[n]] for n in self.layers)) / MB
         plan = Plan(plan_layers, meta={
             "budget_mb": budget_mb, "size_mb": round(size_mb, 6), "ratio": ratio,
@@ -415,19 +409,50 @@ class Allocator:
                                f"layer_costs reports {reported:.6f} MB for budget {budget_mb} MB")
         return Allocation(plan, budget_mb, size_mb, ratio, predicted, sol.solve_s + self.act_solve_s)
 
+    def _predicted(self, weight_bits: Mapping[str, int]) -> dict[str, float]:
+        """Predicted loss per group and "total" of one weight width per scored layer."""
+        per = {g: 0.0 for g in GROUPS}
+        for n in self.layers:
+            per[self.groups[n]] += -self.wvalues[n][weight_bits[n]]
+        # without decoupling one normalisation spans every layer, so only the total means anything
+        return {**per, TOTAL: sum(per.values())} if self.decoupled else {TOTAL: sum(per.values())}
+
+    def predicted_loss(self, plan: Mapping[str, LayerBits]) -> dict[str, float]:
+        """The weight program's predicted loss for any plan of this model (a preset, an
+        imported or hand-made plan), on the scale `solve` reports as `Allocation.predicted`:
+        the group-normalised loss per group and "total" ("total" alone without decoupling).
+        Layers the plan leaves out are float (loss 0).
+
+        Raises PlanError for a plan the program has no prediction for: a weight width that is
+        not a candidate of the layer's group (e.g. W7A8, which fit_plan_to_device makes), or
+        a quantized layer the sensitivity did not score."""
+        unscored = [n for n, bits in plan.items() if n not in self.wvalues and bits.weight != FLOAT_BITS]
+        if unscored:
+            raise PlanError(f"no predicted loss: layer {unscored[0]!r} is quantized in the plan but "
+                            "the sensitivity did not score it")
+        widths = {n: plan[n].weight if n in plan else FLOAT_BITS for n in self.layers}
+        for n, w in widths.items():
+            if w not in self.wvalues[n]:
+                raise PlanError(f"no predicted loss: layer {n!r} has weight bits {w}, not a candidate of "
+                                f"its {self.groups[n]} group {self.weight_candidates[self.groups[n]]}")
+        return self._predicted(widths)
+
     def family(self, budgets_mb: Iterable[float], ratios: Sequence[float | None] = DEFAULT_RATIOS,
-               progress: bool = False) -> list[Allocation]:
-        """Every (budget, ratio) plan; duplicates (same plan) are kept once."""
+               progress: bool = False, callback: Callable[[int, int], None] | None = None) -> list[Allocation]:
+        """Every (budget, ratio) plan, budget by budget; duplicates (same plan) are kept once.
+        callback(done, total) is called after each solve (an app's progress bar)."""
         from tqdm.auto import tqdm
 
         out, seen = [], set()
         jobs = list(itertools.product(budgets_mb, ratios))
-        for b, k in tqdm(jobs, desc="allocate", disable=not progress):
+        for i, (b, k) in enumerate(tqdm(jobs, desc="allocate", disable=not progress)):
             a = self.solve(b, k)
             key = tuple(sorted((n, bits.weight, bits.act) for n, bits in a.plan.items()))
             if key not in seen:
                 seen.add(key)
                 out.append(a)
+            if callback is not None:
+                callback(i + 1, len(jobs))
         return out
 
 

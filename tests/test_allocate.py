@@ -230,6 +230,54 @@ def test_family_pareto_and_selection():
         select([], lambda p: {})
 
 
+def test_family_reports_progress_per_solve():
+    sens, costs = _random_instance(random.Random(5), n_layers=6)
+    alloc = Allocator(sens, costs)
+    lo, hi = alloc.feasible_range_mb()
+    calls = []
+    fam = alloc.family([lo, hi], ratios=(0.5, None), callback=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]   # every solve, duplicates included
+    assert len(fam) < 4                               # at hi every ratio keeps everything float
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_predicted_loss_of_any_plan_matches_what_solve_predicts(decoupled):
+    sens, costs = _random_instance(random.Random(7), n_layers=6)
+    alloc = Allocator(sens, costs, decoupled=decoupled)
+    lo, hi = alloc.feasible_range_mb()
+    for t, ratio in ((0.0, None), (0.3, 0.6), (0.7, 1.25), (1.0, None)):
+        a = alloc.solve(lo + (hi - lo) * t, ratio)
+        got = alloc.predicted_loss(a.plan)
+        assert got.keys() == a.predicted.keys() == ({CONTENT, QUALITY, TOTAL} if decoupled else {TOTAL})
+        assert got == {k: pytest.approx(v, abs=1e-12) for k, v in a.predicted.items()}
+    # a plan solve did not make: one layer raised to float loses less, never more
+    low = alloc.solve(lo).plan
+    raised = Plan({n: b for n, b in low.items() if n != sens.layers[0]})
+    assert alloc.predicted_loss(raised)[TOTAL] < alloc.predicted_loss(low)[TOTAL]
+    assert alloc.predicted_loss(Plan({})) == dict.fromkeys(alloc.predicted_loss(low), 0.0)   # float
+
+
+def test_predicted_loss_is_on_the_normalised_scale_and_refuses_what_it_cannot_predict():
+    # monotone scores: each group's lowest candidate bits carry the group's whole loss, 1
+    names = ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q", "up_blocks.0.resnets.0.conv1",
+             "up_blocks.0.resnets.0.conv2"]
+    scores = {"weight": {n: {b: {"ssim": 1 - 0.1 / b, "sqnr": 6.0 * b} for b in (2, 4, 8)} for n in names},
+              "act": {n: {b: {"ssim": 1 - 0.1 / b, "sqnr": 6.0 * b} for b in (4, 8)} for n in names}}
+    sens = Sensitivity(names, {n: layer_group(n) for n in names}, scores, {n: 100 for n in names})
+    alloc = Allocator(sens, _costs({n: 1024 for n in names}))
+    content, q1, q2 = names
+    got = alloc.predicted_loss(Plan({content: (2, 8), q1: (4, 8), q2: (4, 8)}))
+    assert got == {CONTENT: pytest.approx(1.0), QUALITY: pytest.approx(1.0), TOTAL: pytest.approx(2.0)}
+    half = alloc.predicted_loss(Plan({q1: (4, 8)}))         # the other quality layer, equal scores, float
+    assert half == {CONTENT: 0.0, QUALITY: pytest.approx(0.5), TOTAL: pytest.approx(0.5)}
+    with pytest.raises(PlanError, match="weight bits 7, not a candidate"):
+        alloc.predicted_loss(Plan({q1: (7, 8)}))           # what fit_plan_to_device makes of W8A8
+    with pytest.raises(PlanError, match="weight bits 2, not a candidate"):
+        alloc.predicted_loss(Plan({q1: (2, 8)}))           # 2 bits are a content candidate only
+    with pytest.raises(PlanError, match="did not score"):
+        alloc.predicted_loss(Plan({"mid_block.resnets.0.conv1": (4, 8)}))
+
+
 def test_sensitivity_from_another_model_is_refused():
     sens, costs = _random_instance(random.Random(2))
     other = _costs({"conv_in": 100})
