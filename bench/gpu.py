@@ -19,7 +19,7 @@ was measured), and `--budget-s` skips stages that would not fit:
 
 W8A8 here: every Linear in int8 (activations static per-tensor asymmetric,
 weights per-channel symmetric) through the library's QuantLinear and
-kernels.int8_linear; convs hold int8 weights and run cuDNN in float16 on
+its int_mm backend (mixdq/quant/backends/int_mm.py); convs hold int8 weights and run cuDNN in float16 on
 weights dequantized per call (torch has no CUDA int8 conv).
 """
 from __future__ import annotations

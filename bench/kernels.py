@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mixdq.quant import int8_ops as K
+from mixdq.quant.backends import CONV_KERNELS, LINEAR_KERNELS
 
 # (label, M, K, N): tokens x in x out
 LINEAR_SHAPES = [
@@ -130,7 +130,7 @@ def compare(small: bool = False, reps: int = 7, budget_s: float = 6.0, backends=
             xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
             fns = {"float32": lambda: F.linear(x, w, b), "bfloat16": lambda: F.linear(xb, wb, bb)}
             for be in backends:
-                f = K.LINEAR_BACKENDS[be]
+                f = LINEAR_KERNELS[be]
                 fns[be] = (lambda f=f: f(x, s, z, wq, ws, b))
             if torchao:
                 for name, layer in _torchao_linears(w, b).items():
@@ -149,8 +149,8 @@ def compare(small: bool = False, reps: int = 7, budget_s: float = 6.0, backends=
             fns = {"float32": lambda: F.conv2d(x, w, b, st, pad),
                    "bfloat16": lambda: F.conv2d(xb, wb, bb, st, pad)}
             for be in backends:
-                if be in K.CONV_BACKENDS:
-                    f = K.CONV_BACKENDS[be]
+                if be in CONV_KERNELS:
+                    f = CONV_KERNELS[be]
                     fns[be] = (lambda f=f: f(x, s, z, wq, ws, b, st, pad))
             ms = _interleaved(fns, reps, budget_s)
             rows.append({"type": "conv", "label": label, "shape": [c, o, h, kk, st], "ms": ms})

@@ -108,7 +108,7 @@ def trim():
 # environment record
 # ---------------------------------------------------------------------------
 def environment(device: str, argv=None, prog: str = "python -m bench.run") -> dict:
-    from mixdq.quant import kernels
+    from mixdq.quant import kernels, machine
 
     env = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
@@ -118,7 +118,7 @@ def environment(device: str, argv=None, prog: str = "python -m bench.run") -> di
         "platform": platform.platform(),
         "device": device,
         "threads": torch.get_num_threads(),
-        "cpu": kernels.cpu_capability(),
+        "cpu": machine.cpu_capability(),
     }
     for mod in ("diffusers", "transformers", "numpy"):
         try:

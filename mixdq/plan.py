@@ -84,7 +84,7 @@ class Plan(Mapping[str, LayerBits]):
     def with_weight_bits(self, mapping: Mapping[int, int], act: int | None = None) -> "Plan":
         """The same plan with weight widths replaced per `mapping`, e.g. {8: 7}: on CPUs
         without VNNI 8-bit codes cannot run the int8 kernels exactly, 7-bit ones
-        can (kernels.saturates; what ONNX Runtime's reduce_range does to weights).
+        can (quant.machine.saturates; what ONNX Runtime's reduce_range does to weights).
         `act` limits the change to layers with that activation width (8: only the
         layers the int8 kernels run)."""
         for old, new in mapping.items():

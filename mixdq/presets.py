@@ -30,7 +30,7 @@ from .allocate import (DEFAULT_RATIOS, TOTAL, Allocator, PlanEvaluator, default_
                        select, selection_score)
 from .errors import BudgetError
 from .plan import Plan
-from .quant.kernels import cpu_name
+from .quant.machine import cpu_name
 from .resources import shipped
 
 PRESETS_DIR = shipped("presets")

@@ -30,6 +30,7 @@ from .memory import MB, model_nbytes, prepacked_extra_nbytes, stored_nbytes
 from .plan import FLOAT_BITS, LayerBits, Plan
 from .quant import (QuantLayer, kernels, layer_spec, prepack, quantizable_layers, quantized_layers, replace_layers,
                     shortcut_splits)
+from .quant.backends import PREPACKED
 from .quant.quantizers import ActRange
 
 __all__ = ["QuantReport", "QuantState", "quantize", "quantize_unet", "fit_plan_to_device", "current_plan",
@@ -110,10 +111,8 @@ def quantize(pipe, plan: Plan, calibration: Calibration | None = None,
     if needs_acts and calibration is None and ranges is None:
         raise PlanError("the plan quantizes activations: pass calibration=mixdq.Calibration.default(pipe) "
                         "or precomputed ranges=")
-    run = None
-    if needs_acts and ranges is None:
-        def run():
-            run_pipeline(pipe, calibration, progress=progress, callback=callback)
+    run = None if not needs_acts or ranges is not None else (
+        lambda: run_pipeline(pipe, calibration, progress=progress, callback=callback))
     return quantize_unet(pipe.unet, plan, ranges, bos=bos_embedding(pipe) if bos_aware else None,
                          kernel=kernel, int8_safe=int8_safe, run=run,
                          calibration=calibration.to_dict() if calibration is not None else None)
@@ -163,8 +162,8 @@ def quantize_unet(unet: nn.Module, plan: Plan, ranges: dict[str, list[ActRange]]
         backends[layer.backend] = backends.get(layer.backend, 0) + 1
     extra = prepacked_extra_nbytes(unet)
     if extra:
-        low = sum(1 for layer in layers.values() if layer.backend in kernels.PREPACKED and layer.weight_bits < 5)
-        notes.append(f"{low} 2-4-bit layers run on {'/'.join(sorted(set(backends) & set(kernels.PREPACKED)))}, "
+        low = sum(1 for layer in layers.values() if layer.backend in PREPACKED and layer.weight_bits < 5)
+        notes.append(f"{low} 2-4-bit layers run on {'/'.join(sorted(set(backends) & set(PREPACKED)))}, "
                      f"which has no low-bit kernels: they hold int8 copies, {extra / MB:.2f} MB more than "
                      "the plan's packed codes (exports stay packed).")
     return QuantReport(plan=plan, float_bytes=float_bytes, quantized_bytes=stored_nbytes(unet),
@@ -190,7 +189,7 @@ def _device_of(module: nn.Module) -> torch.device:
 WIDE_INT8 = LayerBits(8, 8)
 SAFE_INT8 = LayerBits(7, 8)
 SATURATION_REASON = ("the int8 backend chosen on this CPU (no VNNI) saturates on 8-bit weight "
-                     "codes (7-bit ones cannot overflow it: kernels.SATURATION_FREE_CODE).")
+                     "codes (7-bit ones cannot overflow it: machine.SATURATION_FREE_CODE).")
 
 
 def _layer_op(name: str, module: nn.Module, splits: dict) -> str:
@@ -202,7 +201,7 @@ def _layer_op(name: str, module: nn.Module, splits: dict) -> str:
 
 def wide_int8_layers(plan: Plan, kernel: str, unet: nn.Module) -> list[str]:
     """The plan's W8A8 layers that would run the float path on `unet`'s device only
-    because their int8 backend saturates on 8-bit codes (kernels.saturates), where
+    because their int8 backend saturates on 8-bit codes (machine.saturates), where
     W7A8 codes would run that backend exactly."""
     if kernel != "int_mm":
         return []

@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .quant.kernels import cpu_name
+from .quant.machine import cpu_name
 
 CONTENT, QUALITY = "content", "quality"
 # Bump when anything that changes the numbers changes (quantizers, metrics, evaluation).

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixdq.quant import int8_ops as K
+from mixdq.quant import backends as B
+from mixdq.quant import machine
 from mixdq.quant import kernels
 
 
@@ -51,7 +52,7 @@ def test_quantize_act_fast_path_is_exact(signed):
     s, z = _act_params(x)
     ref = torch.clamp(torch.round(x / s) + z, 0, 255)
     ref = (ref - 128).to(torch.int8) if signed else ref.to(torch.uint8)
-    out = K.quantize_act(x, torch.tensor([s]), torch.tensor([float(z)]), signed=signed)
+    out = B.common.quantize_act(x, torch.tensor([s]), torch.tensor([float(z)]), signed=signed)
     assert out.dtype == ref.dtype and out.shape == ref.shape
     # a plain tensor (not a quantized one), usable by any op
     assert not out.is_quantized
@@ -59,7 +60,7 @@ def test_quantize_act_fast_path_is_exact(signed):
     assert (out != ref).float().mean() < 1e-3  # only exact .5 ties may round differently
 
 
-@pytest.mark.parametrize("backend", _backends(K.LINEAR_BACKENDS))
+@pytest.mark.parametrize("backend", _backends(B.LINEAR_KERNELS))
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_backends_match_reference(backend, bits, bias):
@@ -69,9 +70,9 @@ def test_linear_backends_match_reference(backend, bits, bias):
     ws = torch.rand(48, generator=g) * 0.02 + 1e-3
     b = torch.randn(48, generator=g) if bias else None
     s, z = _act_params(x)
-    ref = K.linear_reference(x, s, z, wq, ws, b)
+    ref = B.linear_reference(x, s, z, wq, ws, b)
     with torch.inference_mode():
-        out = K.LINEAR_BACKENDS[backend](x, s, z, wq, ws, b)
+        out = B.LINEAR_KERNELS[backend](x, s, z, wq, ws, b)
     assert out.shape == ref.shape and out.dtype == x.dtype
     _assert_exact_unless_saturating(out, ref, backend, bits, "linear")
 
@@ -79,14 +80,14 @@ def test_linear_backends_match_reference(backend, bits, bias):
 def _assert_exact_unless_saturating(out, ref, backend, bits, op):
     """Exact where the host's kernel is (int_mm always; oneDNN / FBGEMM with VNNI, or
     with codes of <= 7 bits); 8-bit codes on a host kernel that saturates (no VNNI)
-    must show it: that is what kernels.probe_saturates reports and quantize avoids."""
-    if bits == 8 and kernels.probe_saturates(backend, op):
+    must show it: that is what machine.probe_saturates reports and quantize avoids."""
+    if bits == 8 and machine.probe_saturates(backend, op):
         assert _rel(out, ref) > 1e-3
     else:
         assert _rel(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("backend", _backends(K.CONV_BACKENDS))
+@pytest.mark.parametrize("backend", _backends(B.CONV_KERNELS))
 @pytest.mark.parametrize("kw", [dict(k=3, stride=1, padding=1), dict(k=3, stride=2, padding=1),
                                 dict(k=1, stride=1, padding=0), dict(k=3, stride=1, padding=2, dilation=2),
                                 dict(k=3, stride=1, padding=0)])
@@ -100,9 +101,9 @@ def test_conv_backends_match_reference(backend, kw, layout):
     ws = torch.rand(24, generator=g) * 0.02 + 1e-3
     b = torch.randn(24, generator=g)
     s, z = _act_params(x)
-    ref = K.conv2d_reference(x, s, z, wq, ws, b, **kw)
+    ref = B.conv2d_reference(x, s, z, wq, ws, b, **kw)
     with torch.inference_mode():
-        out = K.CONV_BACKENDS[backend](x, s, z, wq, ws, b, **kw)
+        out = B.CONV_KERNELS[backend](x, s, z, wq, ws, b, **kw)
     assert out.shape == ref.shape
     _assert_exact_unless_saturating(out, ref, backend, 8, "conv")
 
@@ -116,9 +117,9 @@ def test_split_shortcut_conv_matches_per_slice_reference():
     ws = torch.rand(10, generator=g) * 0.02 + 1e-3
     b = torch.randn(10, generator=g)
     (s0, z0), (s1, z1) = _act_params(hidden), _act_params(skip)
-    ref = (K.conv2d_reference(hidden, s0, z0, wq[:, :12], ws, b)
-           + K.conv2d_reference(skip, s1, z1, wq[:, 12:], ws, None))
-    out = K.split_conv1x1_int_mm(x, torch.tensor([s0, s1]), torch.tensor([float(z0), float(z1)]), 12, wq, ws, b)
+    ref = (B.conv2d_reference(hidden, s0, z0, wq[:, :12], ws, b)
+           + B.conv2d_reference(skip, s1, z1, wq[:, 12:], ws, None))
+    out = B.int_mm.split_conv1x1_int_mm(x, torch.tensor([s0, s1]), torch.tensor([float(z0), float(z1)]), 12, wq, ws, b)
     _assert_exact_unless_saturating(out, ref, "int_mm", 8, "linear")
 
 
@@ -134,14 +135,14 @@ def test_large_accumulators_run_in_row_blocks_with_identical_results(monkeypatch
     st, zt = torch.tensor([s, s]), torch.tensor([float(z), float(z)])
 
     def outputs():
-        K.clear_cache()
-        return [K.linear_int_mm(x, s, z, wq, ws, b), K.linear_int_mm(x.bfloat16(), s, z, wq, ws, b),
-                K.conv2d_int_mm(xc, s, z, wc, wcs, b[:12], 1, 1),
-                K.split_conv1x1_int_mm(xc, st, zt, 6, w1, wcs, b[:12])]
+        B.common.clear_cache()
+        return [B.int_mm.linear_int_mm(x, s, z, wq, ws, b), B.int_mm.linear_int_mm(x.bfloat16(), s, z, wq, ws, b),
+                B.int_mm.conv2d_int_mm(xc, s, z, wc, wcs, b[:12], 1, 1),
+                B.int_mm.split_conv1x1_int_mm(xc, st, zt, 6, w1, wcs, b[:12])]
 
     whole = outputs()
-    monkeypatch.setattr(K, "_ACC_SPLIT_ABOVE", 64)   # every accumulator here is larger
-    monkeypatch.setattr(K, "_ACC_BLOCK", 64 * 4 * 40 // 3)  # not a divisor of the rows
+    monkeypatch.setattr(B.int_mm, "_ACC_SPLIT_ABOVE", 64)   # every accumulator here is larger
+    monkeypatch.setattr(B.int_mm, "_ACC_BLOCK", 64 * 4 * 40 // 3)  # not a divisor of the rows
     calls = []
     real = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape[0]) or real(a, b))
@@ -158,12 +159,12 @@ def test_cached_constants_follow_in_place_changes():
     wq = _codes((16, 32), 7, g)  # exact on every CPU
     ws = torch.rand(16, generator=g) * 0.02 + 1e-3
     scale, zp = torch.tensor([0.02]), torch.tensor([100.0])
-    first = K.linear_int_mm(x, scale, zp, wq, ws)
-    assert _rel(first, K.linear_reference(x, scale, zp, wq, ws)) < 1e-5
+    first = B.int_mm.linear_int_mm(x, scale, zp, wq, ws)
+    assert _rel(first, B.linear_reference(x, scale, zp, wq, ws)) < 1e-5
     scale[0], zp[0] = 0.03, 60.0  # in place, as QuantLayer.set_ranges does
     wq.mul_(-1)                   # and new codes, as load_state_dict does
-    again = K.linear_int_mm(x, scale, zp, wq, ws)
-    assert _rel(again, K.linear_reference(x, scale, zp, wq, ws)) < 1e-5
+    again = B.int_mm.linear_int_mm(x, scale, zp, wq, ws)
+    assert _rel(again, B.linear_reference(x, scale, zp, wq, ws)) < 1e-5
 
 
 def _quant_layers(bits=7, seed=4):
@@ -192,12 +193,12 @@ def _reference(layer, x):
     """The fake-quant formula for one quantized layer (both slices of a split conv)."""
     codes, ws = layer.int_codes(), layer.weight_scale
     if layer.op == "linear":
-        return K.linear_reference(x, layer.act_scale, layer.act_zero_point, codes, ws, layer.bias)
+        return B.linear_reference(x, layer.act_scale, layer.act_zero_point, codes, ws, layer.bias)
     if layer.split:
         s = layer.split
-        return (K.conv2d_reference(x[:, :s], layer.act_scale[0], layer.act_zero_point[0], codes[:, :s], ws, layer.bias)
-                + K.conv2d_reference(x[:, s:], layer.act_scale[1], layer.act_zero_point[1], codes[:, s:], ws, None))
-    return K.conv2d_reference(x, layer.act_scale[0], layer.act_zero_point[0], codes, ws, layer.bias,
+        return (B.conv2d_reference(x[:, :s], layer.act_scale[0], layer.act_zero_point[0], codes[:, :s], ws, layer.bias)
+                + B.conv2d_reference(x[:, s:], layer.act_scale[1], layer.act_zero_point[1], codes[:, s:], ws, None))
+    return B.conv2d_reference(x, layer.act_scale[0], layer.act_zero_point[0], codes, ws, layer.bias,
                               **layer.conv_args)
 
 
@@ -205,7 +206,7 @@ def _forced_backend(op, forced):
     """What MIXDQ_INT8_BACKEND=forced resolves to for a layer type: split convs take the
     linear backend; FBGEMM has no conv, so convs keep the measured choice there."""
     if op == "conv" and forced == "fbgemm":
-        return kernels._cpu_choice()["conv_backend"]
+        return machine.cpu_choice()["conv_backend"]
     return forced
 
 
@@ -213,7 +214,7 @@ def _forced_backend(op, forced):
 def test_dispatch_override_runs_each_backend(monkeypatch, tmp_path, backend):
     """Forced per environment, each layer resolves to that backend once, runs it (recorded),
     and matches the fake-quant reference (7-bit codes: exact on every backend and CPU)."""
-    if backend != "float" and backend not in _backends(K.LINEAR_BACKENDS):
+    if backend != "float" and backend not in _backends(B.LINEAR_KERNELS):
         pytest.skip(f"{backend} not in this torch build")
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
     monkeypatch.setenv("MIXDQ_INT8_BACKEND", backend)
@@ -235,7 +236,7 @@ def test_dispatch_override_per_layer_type(monkeypatch, tmp_path):
     monkeypatch.setenv("MIXDQ_INT8_BACKEND", "linear=float,conv=int_mm")
     assert [kernels.layer_backend(op, 7, 8, "cpu") for op in ("linear", "conv", "split")] == ["float", "int_mm", "float"]
     monkeypatch.setenv("MIXDQ_INT8_BACKEND", "linear=float")  # conv: the measured choice
-    auto = kernels._cpu_choice()["conv_backend"]
+    auto = machine.cpu_choice()["conv_backend"]
     assert kernels.layer_backend("linear", 7, 8, "cpu") == "float" and kernels.layer_backend("conv", 7, 8, "cpu") == auto
     assert kernels.layer_backend("conv", 7, 16, "cpu") == "float"  # 16-bit activations: no int8 kernel
     for bad in ("linear=fbgemm,onednn", "attention=int_mm", "linear=magic"):
@@ -249,30 +250,30 @@ def test_kernel_report_names_capability(monkeypatch, tmp_path):
     rep = kernels.kernel_report("cpu")
     assert rep["linear_backend"] in kernels.BACKENDS and rep["conv_backend"] in kernels.BACKENDS
     assert rep["cpu_flags"]["capability"] == torch.backends.cpu.get_cpu_capability()
-    assert rep["cpu_flags"]["decided_for"] == kernels.cpu_kind()
+    assert rep["cpu_flags"]["decided_for"] == machine.cpu_kind()
 
 
-@pytest.mark.parametrize("kind", kernels.CPU_KINDS)
+@pytest.mark.parametrize("kind", machine.CPU_KINDS)
 def test_cpu_kind_override_pins_the_decisions(monkeypatch, tmp_path, kind):
     """MIXDQ_CPU decides for the other kind of CPU on any host: the VNNI logic takes
     int_mm without measuring; the AVX2 logic measures (cached under its own key) and
     treats the prepacked backends as saturating on 8-bit codes."""
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
     monkeypatch.setenv("MIXDQ_CPU", kind)
-    assert kernels.cpu_kind() == kind and kernels.vnni() == (kind == "avx512_vnni")
-    choice = kernels._cpu_choice()
+    assert machine.cpu_kind() == kind and machine.vnni() == (kind == "avx512_vnni")
+    choice = machine.cpu_choice()
     if kind == "avx512_vnni":
         assert choice["linear_backend"] == choice["conv_backend"] == "int_mm" and "VNNI" in choice["reason"]
         # prepacked backends: saturating only where the host's kernels really are
-        assert kernels.saturates("onednn") == kernels.probe_saturates("onednn")
+        assert machine.saturates("onednn") == machine.probe_saturates("onednn")
     else:
         assert set(choice["linear_s"]) == {"float32", "int_mm", "fbgemm", "onednn"}
-        assert kernels.saturates("onednn") and kernels.saturates("fbgemm")
-    assert kernels.saturates("int_mm") == kernels.probe_saturates("int_mm")  # whatever the kind
+        assert machine.saturates("onednn") and machine.saturates("fbgemm")
+    assert machine.saturates("int_mm") == machine.probe_saturates("int_mm")  # whatever the kind
     assert any(f"|{kind}|" in key for key in json.loads((tmp_path / "kernels.json").read_text()))
     monkeypatch.setenv("MIXDQ_CPU", "pentium")
     with pytest.raises(ValueError, match="MIXDQ_CPU='pentium'.*avx2"):
-        kernels.vnni()
+        machine.vnni()
 
 
 @pytest.mark.parametrize("backend", ["int_mm", "onednn", "fbgemm"])
@@ -280,7 +281,7 @@ def test_quantized_layers_trace_whole_on_each_backend(monkeypatch, tmp_path, bac
     """torch.compile(fullgraph=True) of quantized layers on every backend the dispatch can
     choose: int_mm traces to plain ops, the prepacked backends to custom ops with fake
     implementations; outputs equal eager ones (prepacked copies made first, as quantize does)."""
-    if backend not in _backends(K.LINEAR_BACKENDS):
+    if backend not in _backends(B.LINEAR_KERNELS):
         pytest.skip(f"{backend} not in this torch build")
     from mixdq.quant import prepack
 
@@ -298,7 +299,8 @@ def test_quantized_layers_trace_whole_on_each_backend(monkeypatch, tmp_path, bac
 
 _SATURATION_PROBE = """
 import json, torch
-from mixdq.quant import int8_ops as K
+from mixdq.quant import backends as B
+from mixdq.quant import machine
 g = torch.Generator().manual_seed(0)
 x = torch.randn(256, 640, generator=g)
 w = torch.randn(640, 640, generator=g)
@@ -308,17 +310,17 @@ for bits in (8, 7):
     qmax = 2 ** (bits - 1) - 1
     ws = w.abs().amax(1) / qmax
     wq = torch.round(w / ws[:, None]).to(torch.int8)
-    ref = K.linear_reference(x, s, z, wq, ws, None)
-    y = K.LINEAR_BACKENDS["fbgemm"](x, s, z, wq, ws, None)
+    ref = B.linear_reference(x, s, z, wq, ws, None)
+    y = B.LINEAR_KERNELS["fbgemm"](x, s, z, wq, ws, None)
     err[bits] = float((y - ref).norm() / ref.norm())
 print(json.dumps(err))
 """
 
 
 def test_without_vnni_u8s8_kernels_saturate_8bit_codes_only():
-    """The premise of kernels.int8_exact, measured: with FBGEMM capped to AVX2 (no VNNI)
+    """The premise of machine.saturates, measured: with FBGEMM capped to AVX2 (no VNNI)
     its int8 linear drifts from the reference for 8-bit codes, not for 7-bit ones."""
-    if "fbgemm" not in _backends(K.LINEAR_BACKENDS):
+    if "fbgemm" not in _backends(B.LINEAR_KERNELS):
         pytest.skip("fbgemm not in this torch build")
     env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
@@ -332,7 +334,7 @@ def test_without_vnni_u8s8_kernels_saturate_8bit_codes_only():
 def test_wide_codes_leave_saturating_backends(monkeypatch, tmp_path, backend):
     """8-bit codes take the float path on a backend that saturates on them (pinned: no
     VNNI), and stay on it where the backend is exact; 7- and 4-bit codes never leave."""
-    if backend not in _backends(K.LINEAR_BACKENDS):
+    if backend not in _backends(B.LINEAR_KERNELS):
         pytest.skip(f"{backend} not in this torch build")
     from mixdq.plan import LayerBits
     from mixdq.quant.layers import QuantLinear
@@ -348,7 +350,7 @@ def test_wide_codes_leave_saturating_backends(monkeypatch, tmp_path, backend):
         return {w: layer.backend for w, layer in layers.items()}
 
     monkeypatch.setenv("MIXDQ_CPU", "avx2")
-    wide = "float" if kernels.saturates(backend) else backend
+    wide = "float" if machine.saturates(backend) else backend
     assert wide == "float" or backend == "int_mm"  # no VNNI: the prepacked backends saturate
     assert resolved() == {8: wide, 7: backend, 4: backend}
     w8, x = layers[8], torch.randn(3, 32)
@@ -360,7 +362,7 @@ def test_wide_codes_leave_saturating_backends(monkeypatch, tmp_path, backend):
     assert resolved() == {8: backend, 7: backend, 4: backend}
     monkeypatch.delenv("MIXDQ_INT8_SATURATE")
     monkeypatch.setenv("MIXDQ_CPU", "avx512_vnni")  # exact where the host's kernel is
-    assert resolved()[8] == ("float" if kernels.probe_saturates(backend) else backend)
+    assert resolved()[8] == ("float" if machine.probe_saturates(backend) else backend)
 
 
 @pytest.mark.parametrize("backend", ["onednn", "fbgemm", "int_mm"])
@@ -368,7 +370,7 @@ def test_prepacked_backends_unpack_low_bit_codes_once(monkeypatch, tmp_path, bac
     """4-bit layers hand the prepacked backends their unpacking method: the codes are
     unpacked when the prepacked copy is made, not on every call (int_mm, which has
     no copy, unpacks per call); results equal the reference either way."""
-    if backend not in _backends(K.LINEAR_BACKENDS):
+    if backend not in _backends(B.LINEAR_KERNELS):
         pytest.skip(f"{backend} not in this torch build")
     from mixdq.plan import LayerBits
     from mixdq.quant import layers as L
@@ -386,9 +388,9 @@ def test_prepacked_backends_unpack_low_bit_codes_once(monkeypatch, tmp_path, bac
         q = (L.QuantLinear if isinstance(m, torch.nn.Linear) else L.QuantConv2d).from_float(m, LayerBits(4, 8))
         q.kernel = "int_mm"
         q.set_ranges([ActRange(float(x.min()), float(x.max()), 1)])
-        ref = (K.linear_reference(x, q.act_scale, q.act_zero_point, q.int_codes(), q.weight_scale, q.bias)
+        ref = (B.linear_reference(x, q.act_scale, q.act_zero_point, q.int_codes(), q.weight_scale, q.bias)
                if isinstance(q, L.QuantLinear) else
-               K.conv2d_reference(x, q.act_scale, q.act_zero_point, q.int_codes(), q.weight_scale, q.bias, padding=1))
+               B.conv2d_reference(x, q.act_scale, q.act_zero_point, q.int_codes(), q.weight_scale, q.bias, padding=1))
         calls.clear()
         for _ in range(3):
             assert _rel(q(x), ref) < 1e-5
@@ -400,7 +402,7 @@ def test_prepacked_backends_leave_one_copy_of_int8_codes(monkeypatch, tmp_path, 
     """On oneDNN / FBGEMM a layer keeps only the backend's prepacked copy after its first
     integer call; the codes read back exactly for the float path, state_dict, load, deepcopy
     and torch.save, and the layer drops its own copy again afterwards."""
-    if backend not in _backends(K.LINEAR_BACKENDS):
+    if backend not in _backends(B.LINEAR_KERNELS):
         pytest.skip(f"{backend} not in this torch build")
     import copy
 
@@ -432,7 +434,7 @@ def test_prepacked_backends_leave_one_copy_of_int8_codes(monkeypatch, tmp_path, 
         held, measured = stored(), model_nbytes(q)
         first = q(x)
         if q.backend == "float":  # 8-bit codes where the backend saturates: no copy made
-            assert bits == 8 and kernels.saturates(backend) and stored() == held
+            assert bits == 8 and machine.saturates(backend) and stored() == held
             continue
         assert stored() == 0, (type(q).__name__, bits)
         # what is held now: the int8 copy, one byte per weight (4-bit: twice the packed codes)

@@ -6,7 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixdq.plan import LayerBits
-from mixdq.quant import hold_epilogue, int8_ops, kernels
+from mixdq.quant import hold_epilogue, kernels
+from mixdq.quant.backends import common, int_mm
 from mixdq.quant.layers import BOS_KEY_LEN, QuantConv2d, QuantLinear, quantized_nbytes
 from mixdq.quant.quantizers import ActRange, act_qparams, fake_quantize_act, fake_quantize_weight
 
@@ -121,11 +122,11 @@ def test_held_epilogue_follows_ranges_and_loads_and_traces(monkeypatch):
     ref, held = model(0), model(0)
     assert hold_epilogue(held) == 2  # the A16 layer has no integer path
     # the 4-bit layer's constants were cached under its packed codes, not a transient unpacked copy
-    assert held[2].weight_bits == 4 and held[2].weight_packed in int8_ops._CACHE
+    assert held[2].weight_bits == 4 and held[2].weight_packed in common._CACHE
     expected = ref(x)
     assert not any("epilogue" in k for k in held.state_dict())
     # the held path does not consult the cache at all
-    monkeypatch.setattr(int8_ops, "_epilogue_consts", lambda *a, **k: pytest.fail("cache used"))
+    monkeypatch.setattr(int_mm, "_epilogue_consts", lambda *a, **k: pytest.fail("cache used"))
     torch.testing.assert_close(held(x), expected, rtol=0, atol=0)
     monkeypatch.undo()
     monkeypatch.setenv("MIXDQ_INT8_BACKEND", "int_mm")

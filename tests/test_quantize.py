@@ -6,7 +6,8 @@ import torch
 
 import mixdq
 from mixdq import Calibration, LayerBits, Plan, PlanError
-from mixdq.quant import kernels, quantized_layers, shortcut_splits
+from mixdq.quant import backends as B
+from mixdq.quant import kernels, machine, quantized_layers, shortcut_splits
 from mixdq.quantize import wide_int8_layers
 
 PROMPTS = ["a red circle", "a blue square", "two green triangles", "a cat"]
@@ -37,7 +38,7 @@ def test_quantize_and_generate(arch, request):
     # measured bytes: exactly the tensors stored, exactly the prediction, smaller than float;
     # held at run time: plus what prepacked int8 copies of 2-4-bit layers hold (oneDNN / FBGEMM)
     extra = sum(math.prod(q.weight_shape) - q.weight_packed.nbytes for q in quantized_layers(pipe.unet).values()
-                if q.backend in kernels.PREPACKED and q.weight_bits < 5)
+                if q.backend in B.PREPACKED and q.weight_bits < 5)
     assert mixdq.model_nbytes(pipe.unet) == report.held_bytes == report.quantized_bytes + extra
     stored = sum(t.nbytes for t in pipe.unet.state_dict().values())
     assert stored == report.quantized_bytes == costs.total_bytes(report.plan) == costs.total_bytes(plan)
@@ -58,7 +59,7 @@ def test_quantize_and_generate(arch, request):
     changed = {n for n, b in plan.items() if b != report.plan[n]}
     assert changed == set(wide_int8_layers(plan, report.kernel["kernel"], pipe.unet))
     assert all(plan[n] == LayerBits(8, 8) and report.plan[n] == LayerBits(7, 8)
-               and kernels.saturates(layers[n].backend, "conv" if layers[n].op == "conv" else "linear")
+               and machine.saturates(layers[n].backend, "conv" if layers[n].op == "conv" else "linear")
                for n in changed)
 
 
@@ -103,7 +104,7 @@ def test_int_mm_and_dequant_kernels_agree(tiny_sdxl_dir):
     assert float(psnr(images["int_mm"], images["dequant"])) > 20
 
 
-@pytest.mark.parametrize("kind", kernels.CPU_KINDS)
+@pytest.mark.parametrize("kind", machine.CPU_KINDS)
 def test_w8a8_layers_become_w7a8_where_int8_kernels_saturate(tiny_sdxl_dir, monkeypatch, tmp_path, kind):
     """On oneDNN, decided for each CPU kind (MIXDQ_CPU): where it saturates on 8-bit codes
     (always without VNNI) quantize stores the plan's W8A8 layers as W7A8 (same bytes,
@@ -120,8 +121,8 @@ def test_w8a8_layers_become_w7a8_where_int8_kernels_saturate(tiny_sdxl_dir, monk
     plan = Plan({n: [(8, 8), (7, 8), (8, 16)][i % 3] for i, n in enumerate(names)})
     n8 = sum(1 for b in plan.values() if b == LayerBits(8, 8))
     n_int = sum(1 for b in plan.values() if b.act == 8)
-    saturating = kernels.saturates("onednn") or kernels.saturates("onednn", "conv")
-    assert saturating == (kind == "avx2" or kernels.probe_saturates("onednn"))
+    saturating = machine.saturates("onednn") or machine.saturates("onednn", "conv")
+    assert saturating == (kind == "avx2" or machine.probe_saturates("onednn"))
     report = mixdq.quantize(pipe, plan, cal, kernel="int_mm", progress=False)
     assert mixdq.current_plan(pipe.unet) == report.plan
     assert report.int8_layers == n_int and report.backends.get("onednn") == n_int
@@ -173,7 +174,7 @@ def test_each_layer_runs_the_backend_the_dispatch_chose(tiny_sdxl_dir, monkeypat
             else:
                 assert layer.backend == kernels.layer_backend(layer.op, layer.weight_bits, 8, "cpu", "int_mm",
                                                               layer.weight_shape, layer.groups), name
-            if layer.backend in kernels.PREPACKED:
+            if layer.backend in B.PREPACKED:
                 assert layer._held_prepacked is not None, name
         assert sum(report.backends.values()) == len(layers)
 

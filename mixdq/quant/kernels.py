@@ -1,362 +1,39 @@
 """Which implementation runs each quantized layer on this device: one dispatch,
 resolved once per layer (when it is quantized, loaded or moved), never per call.
 
-The machines differ (see README): on an EPYC with AVX-512 VNNI `torch._int_mm`
-is several times faster than float32 matmul; on an AVX2-only EPYC it is 30-100x
-slower, while oneDNN's and FBGEMM's prepacked int8 kernels are about 2x faster
-than float32.  So without VNNI the choice is measured once per machine (a ~1 s
-micro-benchmark, cached on disk) instead of assumed.
-
 Two levels:
   kernel   (`select_kernel`, `layer.kernel`): whether a layer may use int8 kernels
-    int_mm   yes: activations quantized to 8 bits, an integer GEMM / conv against
-             the integer weight codes, epilogue s_a * s_w * (acc - z * sum(W)) + b
+    int_mm   yes (the name of the int8 path; the backend below says which kernel)
     dequant  no: weights dequantized on the fly, activations fake-quantized,
              float matmul (the reference)
-  backend  (`layer_backend`, `layer.backend`): what runs the layer
-    int_mm   torch._int_mm (+ NHWC im2col for convs); no extra memory
-    onednn   oneDNN qlinear / qconv on a prepacked weight copy
-    fbgemm   FBGEMM's float-in/float-out int8 linear on a prepacked copy
-    float    the dequant path: activations other than 8 bits, no int8 kernel
-             faster than float32 here, or codes a backend cannot run exactly
+  backend  (`layer_backend`, `layer.backend`): what runs the layer, one of
+    BACKENDS: the int8 backends of `backends/` (int_mm, onednn, fbgemm), or
+    float: the dequant path (activations other than 8 bits, no int8 backend
+    faster than float32 here, or codes a backend cannot run exactly)
 
-The split up-block shortcut convs (1x1 over concat(hidden, skip), two activation
-ranges) are two GEMMs over pixels, i.e. two linears: they take the linear backend.
+The CPU's choice per layer type is measured once (machine.py); the split up-block
+shortcut convs (1x1 over concat(hidden, skip), two activation ranges) are two GEMMs
+over pixels: they take the linear backend.
 
 Overrides, read when a layer's backend is resolved:
   MIXDQ_KERNEL=int_mm|dequant            the kernel (`quantize(kernel=...)`)
   MIXDQ_INT8_BACKEND=onednn              one backend for every layer type, or one per
   MIXDQ_INT8_BACKEND=linear=fbgemm,conv=onednn   type (auto: the measured choice)
   MIXDQ_INT8_SATURATE=allow              run 8-bit codes on saturating kernels anyway
-  MIXDQ_CPU=avx2|avx512_vnni             the CPU kind the library decides for, in place
-                                         of the detected one (tests and CI use it to
-                                         check one kind's decisions on the other)
-
-Saturation.  Without VNNI, x86 u8 x s8 int8 kernels (oneDNN, FBGEMM) add pairs of
-products in a saturating int16 (vpmaddubsw): 255 * (|w1| + |w2|) <= 32767 holds for
-every pair only while |w| <= 64.  Weight codes of <= 7 bits (|w| <= 63) are exact;
-8-bit codes (up to 127) are not.  `torch._int_mm` was exact on a real AVX2 EPYC
-(slow, but exact), and saturates where oneDNN is capped to AVX2 on a VNNI host.
-So `quantize` stores a plan's W8A8 layers that would run on a saturating backend
-as W7A8 (quantize.wide_int8_layers), and 8-bit codes that reach such a backend
-anyway (an export) run the float path.  What saturates is probed once per
-process on the host's own kernels (`probe_saturates`), except that without VNNI
-the prepacked backends are taken to saturate without asking.
+  MIXDQ_CPU=avx2|avx512_vnni             decide for that CPU kind (machine.py)
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import platform
-import time
 from functools import lru_cache
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from . import int8_ops
-from .quantizers import fake_quantize_act
+from . import machine
+from .backends import PREPACKED, REGISTRY
 
 KERNELS = ("int_mm", "dequant")
-BACKENDS = ("int_mm", "onednn", "fbgemm", "float")
-PREPACKED = ("onednn", "fbgemm")  # backends that run on a prepacked int8 copy of the codes
-CPU_KINDS = ("avx2", "avx512_vnni")
-# bump when _measure_cpu measures something new, so cached choices are redone
-_MEASURE_VERSION = 4
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MIXDQ_CACHE", Path.home() / ".cache" / "mixdq"))
-
-
-def cpu_name() -> str:
-    """The CPU model, for every report that states which machine measured it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-@lru_cache(maxsize=None)
-def detected_cpu_flags() -> frozenset[str]:
-    """The flags /proc/cpuinfo lists: what the host really has."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
-SATURATION_FREE_CODE = 64  # the largest |weight code| saturating u8 x s8 kernels run exactly
-
-
-def pinned_cpu_kind() -> str | None:
-    """MIXDQ_CPU, validated: the CPU kind to decide for instead of the detected one."""
-    kind = os.environ.get("MIXDQ_CPU", "").strip().lower()
-    if not kind:
-        return None
-    if kind not in CPU_KINDS:
-        raise ValueError(f"MIXDQ_CPU={kind!r} is not a CPU kind mixdq knows; set one of {CPU_KINDS} "
-                         "or unset it to use the detected CPU")
-    return kind
-
-
-def cpu_flags() -> frozenset[str]:
-    """The flags the library decides by: the detected ones, or MIXDQ_CPU's kind."""
-    flags, kind = detected_cpu_flags(), pinned_cpu_kind()
-    if kind == "avx2":
-        return frozenset(f for f in flags if f not in VNNI_FLAGS and not f.startswith(("avx512", "amx")))
-    if kind == "avx512_vnni":
-        return flags | {"avx2", "avx512f", "avx512_vnni"}
-    return flags
-
-
-def vnni() -> bool:
-    """Whether this CPU's int8 dot products accumulate straight into int32 (VNNI / AMX)."""
-    return bool(cpu_flags() & VNNI_FLAGS)
-
-
-def cpu_kind() -> str:
-    """The CPU kind the library decides for (MIXDQ_CPU, else the detected one)."""
-    return pinned_cpu_kind() or ("avx512_vnni" if vnni() else "avx2")
-
-
-def _cpu_id() -> str:
-    """What a measured choice is valid for: the CPU, the kind decided for, and the
-    instruction-set caps of the kernel libraries (an emulated older CPU)."""
-    caps = ",".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS",
-                                                     "ATEN_CPU_CAPABILITY") if os.environ.get(k))
-    return (f"{cpu_name()}|{torch.backends.cpu.get_cpu_capability()}|{cpu_kind()}|{caps}"
-            f"|torch {torch.__version__}")
-
-
-def cpu_capability() -> dict:
-    """What RESULTS.md records next to every CPU figure."""
-    flags = detected_cpu_flags()
-    return {"cpu": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
-            "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "amx_int8": "amx_int8" in flags,
-            "avx2": "avx2" in flags, "threads": torch.get_num_threads(),
-            "decided_for": cpu_kind(), "pinned": pinned_cpu_kind(),
-            "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
-
-
-# ---------------------------------------------------------------------------
-# saturation: which backends run 8-bit weight codes exactly here
-# ---------------------------------------------------------------------------
-def saturates(backend: str, op: str = "linear") -> bool:
-    """Whether `backend`'s int8 kernels lose precision on 8-bit weight codes here (see
-    the module doc): the prepacked ones wherever the CPU (or MIXDQ_CPU) has no VNNI;
-    any int8 backend whose one-off probe saturates (a capped oneDNN, which
-    `torch._int_mm` also runs on, does on any CPU); float never."""
-    if backend == "float":
-        return False
-    if backend in PREPACKED and not vnni():
-        return True
-    return probe_saturates(backend, op)
-
-
-@lru_cache(maxsize=None)
-def probe_saturates(backend: str, op: str = "linear") -> bool:
-    """What the host's kernels really do, whatever MIXDQ_CPU says: run the backend once
-    on codes that overflow a saturating int16 pair sum (255 * 127 * 2 > 32767) and
-    see whether it returns the exact sum."""
-    k = 64
-    w = torch.full((16, k), 127, dtype=torch.int8)
-    ws = torch.ones(16)
-    x = torch.full((16, k), 255.0)
-    try:
-        with torch.no_grad():
-            if op == "conv" and backend == "onednn":
-                y = int8_ops.conv2d_onednn(torch.full((1, k, 4, 4), 255.0), 1.0, 0, w.reshape(16, k, 1, 1), ws)
-            else:
-                y = int8_ops.LINEAR_BACKENDS[backend](x, 1.0, 0, w, ws)
-    except (RuntimeError, NotImplementedError):
-        return True  # missing in this build: never chosen anyway
-    finally:
-        int8_ops.clear_cache()
-    return not torch.allclose(y.double(), torch.full_like(y.double(), 255.0 * 127 * k), rtol=1e-6)
-
-
-def saturation_allowed() -> bool:
-    return os.environ.get("MIXDQ_INT8_SATURATE") == "allow"
-
-
-# ---------------------------------------------------------------------------
-# the measured choice per machine
-# ---------------------------------------------------------------------------
-def _time(fn, repeat=5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def _measure_cpu() -> dict:
-    """Time each int8 backend (activation quantization and epilogue included)
-    against float32, for a linear and a 3x3 conv of SDXL's 640-channel stage.
-
-    Shapes are kept small enough for ~1 s in all; the backends' relative speed
-    is what matters, and it is a property of the instruction set (VNNI or not),
-    not of the exact shape.  The weight codes are 7-bit: what the saturating
-    backends would run.
-    """
-    torch.manual_seed(0)
-    m, k, n = 1024, 640, 640
-    x = torch.randn(m, k)
-    w = torch.randn(n, k) / k ** 0.5
-    ws = w.abs().amax(1) / 63
-    wq = torch.round(w / ws[:, None]).to(torch.int8)
-    b = torch.zeros(n)
-    xs, xz = 8.0 / 255, 128
-    lin = {"float32": lambda: F.linear(x, w, b)}
-    for be in ("int_mm", "fbgemm", "onednn"):
-        lin[be] = (lambda f=int8_ops.LINEAR_BACKENDS[be]: f(x, xs, xz, wq, ws, b))
-    c, h = 320, 32
-    xc = torch.randn(1, c, h, h)
-    wc = torch.randn(c, c, 3, 3) / (9 * c) ** 0.5
-    wcs = wc.abs().amax((1, 2, 3)) / 63
-    wcq = torch.round(wc / wcs[:, None, None, None]).to(torch.int8)
-    conv = {"float32": lambda: F.conv2d(xc, wc, None, 1, 1)}
-    for be in ("int_mm", "onednn"):
-        conv[be] = (lambda f=int8_ops.CONV_BACKENDS[be]: f(xc, xs, xz, wcq, wcs, None, 1, 1))
-
-    def run(fns):
-        out = {}
-        for name, fn in fns.items():
-            try:
-                out[name] = _time(fn, repeat=3)
-            except (RuntimeError, NotImplementedError):  # backend missing in this build
-                out[name] = float("inf")
-        return out
-
-    with torch.inference_mode():
-        t_lin, t_conv = run(lin), run(conv)
-    int8_ops.clear_cache()
-
-    def pick(times):
-        # copy-free int_mm whenever it beats float32; a prepacked backend only
-        # where int_mm loses and the prepacked one wins; else float
-        if times["int_mm"] < times["float32"]:
-            return "int_mm"
-        rest = {k: v for k, v in times.items() if k not in ("float32", "int_mm")}
-        best = min(rest, key=rest.get)
-        return best if rest[best] < times["float32"] else "float"
-
-    return {"linear_s": t_lin, "conv_s": t_conv, "linear_backend": pick(t_lin),
-            "conv_backend": pick(t_conv), "version": _MEASURE_VERSION,
-            "reason": "measured: no VNNI, fastest of float32 / int_mm / prepacked backends"}
-
-
-def _choose_cpu() -> dict:
-    """VNNI (AVX-512 VNNI, AVX-VNNI or AMX): int_mm everywhere, without measuring.
-
-    On these CPUs `_int_mm` was measured 2.8-3.7x faster than float32 per layer
-    type, quantization and epilogue included (bench/RESULTS.md); a 1 s
-    micro-benchmark on a shared 2-core machine is noisier than that margin (it
-    once ranked float32 first under load), so the instruction set decides.
-    Elsewhere the micro-benchmark does.
-    """
-    if vnni():
-        return {"linear_backend": "int_mm", "conv_backend": "int_mm", "version": _MEASURE_VERSION,
-                "reason": "VNNI: " + ", ".join(sorted(cpu_flags() & VNNI_FLAGS))}
-    return _measure_cpu()
-
-
-def _cached_choice(key: str, choose) -> dict:
-    """choose() once per machine key, remembered in ~/.cache/mixdq/kernels.json."""
-    path = cache_dir() / "kernels.json"
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        table = {}
-    if table.get(key, {}).get("version") != _MEASURE_VERSION:
-        table[key] = choose()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(table, indent=1))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only home only costs a re-measure next time
-    return table[key]
-
-
-_CPU_CHOICES: dict[tuple, dict] = {}
-
-
-def _cpu_choice() -> dict:
-    """This machine's measured (or VNNI) choice, once per process and machine key."""
-    key = (_cpu_id(), str(cache_dir()))
-    if key not in _CPU_CHOICES:
-        _CPU_CHOICES[key] = _cached_choice(key[0], _choose_cpu)
-    return _CPU_CHOICES[key]
-
-
-def _measure_cuda(index: int) -> dict:
-    """int8 GEMM vs dequantize-then-float16 GEMM on the GPU, both from packed weights.
-
-    On an H100 `torch._int_mm` dispatches to Ampere (sm80) int8 kernels and the
-    whole W8A8 UNet step ran at 0.69-0.76x of float16 (bench/analysis.md), so
-    the compute capability alone does not decide: the faster path is measured.
-    Shape: SDXL's most common linear (1280 -> 1280) over 4096 tokens.
-    """
-    dev = torch.device("cuda", index)
-    torch.manual_seed(0)
-    m, k, n = 4096, 1280, 1280
-    x = torch.randn(m, k, device=dev, dtype=torch.float16)
-    wq = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8)
-    ws = torch.rand(n, device=dev) * 1e-2
-    xs = torch.tensor([8.0 / 255], device=dev)
-    xz = torch.tensor([128.0], device=dev)
-
-    def int_path():
-        return int8_ops.linear_int_mm(x, xs, xz, wq, ws, None)
-
-    def dequant_path():
-        return F.linear(fake_quantize_act(x, xs, xz, 8).half(), wq.half() * ws[:, None].half())
-
-    def cuda_time(fn, repeat=20):
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeat):
-            fn()
-        end.record()
-        torch.cuda.synchronize(dev)
-        return start.elapsed_time(end) / repeat / 1e3
-
-    with torch.inference_mode():
-        try:
-            t_int = cuda_time(int_path)
-        except RuntimeError:
-            t_int = float("inf")
-        t_deq = cuda_time(dequant_path)
-    int8_ops.clear_cache()
-    return {"int_mm_s": t_int, "dequant_s": t_deq, "version": _MEASURE_VERSION,
-            "kernel": "int_mm" if t_int < t_deq else "dequant",
-            "reason": "measured: int8 GEMM vs dequantize + float16 GEMM"}
-
-
-@lru_cache(maxsize=None)
-def _cuda_choice(index: int) -> dict:
-    major, minor = torch.cuda.get_device_capability(index)
-    if major < 8:  # no int8 tensor-core GEMM behind torch._int_mm
-        return {"kernel": "dequant", "reason": f"sm{major}{minor}: no int8 GEMM"}
-    key = f"cuda|{torch.cuda.get_device_name(index)}|torch {torch.__version__}"
-    return _cached_choice(key, lambda: _measure_cuda(index))
+BACKENDS = tuple(REGISTRY) + ("float",)
 
 
 def select_kernel(device: torch.device | str = "cpu", override: str | None = None) -> str:
@@ -368,9 +45,9 @@ def select_kernel(device: torch.device | str = "cpu", override: str | None = Non
         return choice
     device = torch.device(device)
     if device.type == "cuda":
-        return _cuda_choice(device.index if device.index is not None else torch.cuda.current_device())["kernel"]
+        return machine.cuda_choice(device)["kernel"]
     if device.type == "cpu":
-        choice = _cpu_choice()
+        choice = machine.cpu_choice()
         return "dequant" if choice["linear_backend"] == choice["conv_backend"] == "float" else "int_mm"
     return "dequant"
 
@@ -404,31 +81,38 @@ def _parse_backend_override(choice: str) -> dict:
 
 def _wide(weight_bits: int) -> bool:
     """Codes that saturating kernels cannot run exactly (8-bit: |w| up to 127)."""
-    return (1 << (weight_bits - 1)) - 1 > SATURATION_FREE_CODE
+    return (1 << (weight_bits - 1)) - 1 > machine.SATURATION_FREE_CODE
 
 
 def layer_backend(op: str, weight_bits: int, act_bits: int, device, kernel: str = "int_mm",
                   weight_shape: tuple = (), groups: int = 1) -> str:
     """What runs a layer of type `op` ('linear', 'conv', or 'split': the shortcut conv
-    with two activation ranges) with these bits on `device`: one of BACKENDS."""
+    with two activation ranges) with these bits on `device`: one of BACKENDS.
+
+    The forced backend for the layer's type, else this machine's choice for it: on the
+    CPU the measured one (a split 1x1 conv is two GEMMs over pixels: the linear one),
+    on CUDA int_mm for linears and float for convs (no int8 conv in torch there:
+    cuDNN on dequantized weights).  `float` where the backend does not support the
+    layer, or saturates on its codes."""
     if kernel != "int_mm" or act_bits != 8 or weight_bits > 8:
         return "float"
     device = torch.device(device)
-    if device.type == "cuda":
-        forced = _backend_override("conv" if op != "linear" else "linear")
-        if op == "linear":
-            return "float" if forced == "float" else "int_mm"
-        # no int8 conv in torch on CUDA: cuDNN on dequantized weights unless int_mm is forced
-        shape_ok = math.prod(weight_shape[1:]) % 8 == 0 and weight_shape[0] % 8 == 0
-        return "int_mm" if forced == "int_mm" and groups == 1 and shape_ok else "float"
-    if device.type != "cpu" or (op == "conv" and groups != 1):
+    if device.type not in ("cpu", "cuda"):
         return "float"
-    kind = "conv" if op == "conv" else "linear"  # a split 1x1 conv is two GEMMs over pixels
+    kind = "linear" if op == "linear" or (op == "split" and device.type == "cpu") else "conv"
+
+    def supported(backend):
+        return backend == "float" or REGISTRY[backend].supports(op, device, weight_shape, groups)
+
+    if device.type == "cuda":
+        default = "int_mm" if kind == "linear" else "float"
+    else:
+        default = machine.cpu_choice()[f"{kind}_backend"]
     forced = _backend_override(kind)
-    if kind == "conv" and forced == "fbgemm":  # FBGEMM has no float-output int8 conv
-        forced = None
-    backend = forced or _cpu_choice()[f"{kind}_backend"]
-    if _wide(weight_bits) and saturates(backend, kind) and not saturation_allowed():
+    backend = forced if forced and supported(forced) else default  # e.g. FBGEMM forced: it has no conv
+    if not supported(backend):
+        return "float"
+    if _wide(weight_bits) and machine.saturates(backend, kind) and not machine.saturation_allowed():
         return "float"
     return backend
 
@@ -438,16 +122,15 @@ def kernel_report(device="cpu") -> dict:
     device = torch.device(device)
     report = {"device": str(device), "kernel": select_kernel(device)}
     if device.type == "cpu":
-        report["cpu"] = _cpu_id()
-        report.update({k: v for k, v in _cpu_choice().items() if k not in ("version",)})
+        report["cpu"] = machine.cpu_id()
+        report.update({k: v for k, v in machine.cpu_choice().items() if k not in ("version",)})
         report["linear_backend"] = layer_backend("linear", 7, 8, device)
         report["conv_backend"] = layer_backend("conv", 7, 8, device)
-        report["saturating"] = [be for be in PREPACKED if saturates(be)]
-        report["cpu_flags"] = cpu_capability()
+        report["saturating"] = [be for be in PREPACKED if machine.saturates(be)]
+        report["cpu_flags"] = machine.cpu_capability()
     elif device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        report.update({k: v for k, v in _cuda_choice(index).items() if k not in ("kernel", "version")})
+        report.update({k: v for k, v in machine.cuda_choice(device).items() if k not in ("kernel", "version")})
     return report
 
 
@@ -474,64 +157,3 @@ class recording:
 def note_ran(layer, backend: str) -> None:
     if _RAN is not None and not torch.compiler.is_compiling():
         _RAN.append((layer, backend))
-
-
-def run_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    """y = s_a * s_w * (Xq - z) Wq^T + b for a QuantLinear on its (integer) backend."""
-    backend = layer.backend
-    note_ran(layer, backend)
-    if backend == "int_mm":
-        consts = (layer.epilogue_scale, layer.epilogue_bias) if layer.holds_epilogue else None
-        return int8_ops.linear_int_mm(x, layer.act_scale, layer.act_zero_point, layer.int_codes(),
-                                      layer.weight_scale, layer.bias, key=layer.weight_packed, consts=consts)
-    return _prepacked_linear(backend, layer, x, layer.bias, 0)
-
-
-def _prepacked_linear(backend, layer, x, bias, slot: int, lo: int = 0, hi: int | None = None,
-                      part: int = -1):
-    """The layer's codes [:, lo:hi] on a prepacked backend (part >= 0: one slice of a
-    split conv, with its own prepacked copy).  Traced graphs call it as one custom op
-    (the prepack is not traceable); eager calls pass the layer's codes or their
-    unpacking method, so a prepacked copy is unpacked only when it is made."""
-    hi = layer.weight_shape[1] if hi is None else hi
-    xs, xz = layer.act_scale[slot], layer.act_zero_point[slot]
-    if torch.compiler.is_compiling():
-        return torch.ops.mixdq.prepacked_linear(backend, x, layer.weight_packed, layer.weight_bits,
-                                                list(layer.weight_shape), lo, hi, part,
-                                                layer.weight_scale, bias, xs, xz)
-    codes = layer._codes_arg()
-    if part >= 0:
-        whole, rows = codes, layer.weight_shape[0]
-        codes = lambda: int8_ops._codes(whole).reshape(rows, -1)[:, lo:hi]  # noqa: E731
-    return int8_ops.LINEAR_BACKENDS[backend](x, xs, xz, codes, layer.weight_scale, bias,
-                                             key=layer.weight_packed, part=part)
-
-
-def run_conv2d(layer, x: torch.Tensor) -> torch.Tensor:
-    """A QuantConv2d on its (integer) backend; split shortcut convs as two GEMMs."""
-    backend = layer.backend
-    note_ran(layer, backend)
-    args = dict(stride=1, padding=0, dilation=1, groups=1) | layer.conv_args
-    if layer.split:
-        if backend == "int_mm":
-            return int8_ops.split_conv1x1_int_mm(x, layer.act_scale, layer.act_zero_point, layer.split,
-                                                 layer.int_codes(), layer.weight_scale, layer.bias,
-                                                 key=layer.weight_packed)
-        o, c = layer.weight_shape[:2]
-        y = None
-        for i, (lo, hi) in enumerate(((0, layer.split), (layer.split, c))):
-            xi = x[:, lo:hi].permute(0, 2, 3, 1)  # NHWC: a 1x1 conv is a linear over pixels
-            yi = _prepacked_linear(backend, layer, xi, layer.bias if i == 0 else None, i, lo, hi, part=i)
-            y = yi if y is None else y.add_(yi)
-        return y.permute(0, 3, 1, 2)
-    if backend == "int_mm":
-        return int8_ops.conv2d_int_mm(x, layer.act_scale[0], layer.act_zero_point[0], layer.int_codes(),
-                                      layer.weight_scale, layer.bias, key=layer.weight_packed, **args)
-    if torch.compiler.is_compiling():
-        return torch.ops.mixdq.onednn_conv2d(x, layer.weight_packed, layer.weight_bits, list(layer.weight_shape),
-                                             layer.weight_scale, layer.bias, layer.act_scale[0],
-                                             layer.act_zero_point[0], list(int8_ops._pair(args["stride"])),
-                                             list(int8_ops._pair(args["padding"])),
-                                             list(int8_ops._pair(args["dilation"])), args["groups"])
-    return int8_ops.conv2d_onednn(x, layer.act_scale[0], layer.act_zero_point[0], layer._codes_arg(),
-                                  layer.weight_scale, layer.bias, key=layer.weight_packed, **args)

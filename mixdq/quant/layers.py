@@ -12,7 +12,7 @@ the int8 epilogue y = acc * epilogue_scale + epilogue_bias as non-persistent
 buffers (derived, not saved, refreshed when weights, ranges or the state dict
 change; 8 bytes per output channel, not counted by `quantized_nbytes`), so the
 compiled graph reads them instead of recomputing sum_k W on every call.  Eager
-calls get the same constants from int8_ops' cache at no memory cost.
+calls get the same constants from the backends' cache at no memory cost.
 The float weight is gone; `weight_bits == 16` keeps it (float weight, quantized
 activations).  `quantized_nbytes` predicts these bytes exactly.
 `layer.kernel` says whether the layer may use int8 kernels; setting it (and
@@ -32,7 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..plan import FLOAT_BITS, LayerBits
-from . import int8_ops, kernels
+from . import kernels
+from .backends import PREPACKED, REGISTRY, common
+from .backends.int_mm import int_mm_ok
 from .packing import pack, packed_nbytes, unpack
 from .quantizers import ActRange, act_qparams, fake_quantize_act, quantize_weight
 
@@ -167,7 +169,7 @@ class QuantLayer(nn.Module):
         only it, one layer at a time: the first generation step then neither prepacks
         nor holds two copies of every weight (ranges must be final: a conv's copy
         depends on them)."""
-        if self.backend not in kernels.PREPACKED or self._held_prepacked is not None:
+        if self.backend not in PREPACKED or self._held_prepacked is not None:
             return
         with torch.no_grad():
             self(self._probe_input())
@@ -176,7 +178,7 @@ class QuantLayer(nn.Module):
     def _release_codes(self, fresh) -> None:
         """oneDNN and FBGEMM (the int8 backends of CPUs without VNNI) run on a prepacked
         int8 copy of the weight made on the first call; `fresh` is that copy
-        (int8_ops.take_fresh_prepacked).  Keep only it: our codes' storage is dropped
+        (common.take_fresh_prepacked).  Keep only it: our codes' storage is dropped
         and read back from it whenever the codes are needed (state_dict, .to(),
         pickling, the float paths).  5-8-bit codes are stored in int8, the size of the
         prepacked copy; 2-4-bit layers then hold int8 instead of their packed codes
@@ -189,23 +191,23 @@ class QuantLayer(nn.Module):
         except RuntimeError:  # a storage that cannot shrink (e.g. mapped from a file)
             return
         self._held_prepacked = fresh
-        int8_ops.hold_codes(t, fresh)
+        common.hold_codes(t, fresh)
 
     def _restore_codes(self) -> None:
         """Give the codes their own storage again, for code that reads the buffer."""
         if self._held_prepacked is None:
             return
         t, held = self.weight_packed, self._held_prepacked
-        codes = int8_ops.read_back(held)
+        codes = common.read_back(held)
         # same contents as before the release: keep the version, so that the
         # backend's prepacked copy (keyed on it) stays valid...
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(t):
             t.untyped_storage().resize_(t.numel() * t.element_size())
             t.copy_(pack(codes, self.weight_bits))
         self._held_prepacked = None
-        int8_ops.hold_codes(t, None)
+        common.hold_codes(t, None)
         for name, _ in held:  # ...and drop ours again after the next integer call
-            int8_ops.note_prepacked(t, name)
+            common.note_prepacked(t, name)
 
     def _apply(self, fn, recurse=True):
         self._restore_codes()  # .to() / .half() / .cuda() copy the codes
@@ -266,7 +268,7 @@ class QuantLayer(nn.Module):
         """Integer weight codes (int8) in the weight's shape: a view for 5-8 bits,
         unpacked for 2/3/4 bits (a transient int8 tensor, never a float copy)."""
         if self._held_prepacked is not None:  # read back, transient like unpacked codes
-            return int8_ops.read_back(self._held_prepacked).reshape(self.weight_shape)
+            return common.read_back(self._held_prepacked).reshape(self.weight_shape)
         return unpack(self.weight_packed, self.weight_bits, self.weight_shape)
 
     def _codes_arg(self):
@@ -278,7 +280,7 @@ class QuantLayer(nn.Module):
         return self.int_codes
 
     def _after_int_call(self) -> None:
-        fresh = int8_ops.take_fresh_prepacked(self.weight_packed)
+        fresh = common.take_fresh_prepacked(self.weight_packed)
         if fresh is not None:
             self._release_codes(fresh)
 
@@ -385,7 +387,7 @@ class QuantLinear(QuantLayer):
         if not self.holds_epilogue:
             return
         with torch.no_grad():
-            scale, bias = int8_ops.epilogue_consts(self.int_codes(), self.weight_scale, self.bias,
+            scale, bias = common.epilogue_consts(self.int_codes(), self.weight_scale, self.bias,
                                                    self.act_scale, self.act_zero_point, key=self.weight_packed)
         self.register_buffer("epilogue_scale", scale.clone(), persistent=False)
         self.register_buffer("epilogue_bias", bias.clone(), persistent=False)
@@ -394,9 +396,9 @@ class QuantLinear(QuantLayer):
         return torch.zeros(1, self.weight_shape[1], dtype=self.dtype, device=self.device)
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        if self._int_path() and int8_ops.int_mm_ok(x.numel() // x.shape[-1], x.shape[-1],
-                                                   self.weight_shape[0], x.device):
-            y = kernels.run_linear(self, x)
+        if self._int_path() and int_mm_ok(x.numel() // x.shape[-1], x.shape[-1], self.weight_shape[0], x.device):
+            kernels.note_ran(self, self.backend)
+            y = REGISTRY[self.backend].linear(self, x)
             self._after_int_call()
             return y
         kernels.note_ran(self, "float")
@@ -457,13 +459,14 @@ class QuantConv2d(QuantLayer):
 
     def _probe_input(self) -> torch.Tensor:
         _, c, kh, kw = self.weight_shape
-        dh, dw = int8_ops._pair(self.conv_args.get("dilation", 1))
+        dh, dw = common._pair(self.conv_args.get("dilation", 1))
         return torch.zeros(1, c * self.groups, dh * (kh - 1) + 1, dw * (kw - 1) + 1,
                            dtype=self.dtype, device=self.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._int_path():
-            y = kernels.run_conv2d(self, x)
+            kernels.note_ran(self, self.backend)
+            y = REGISTRY[self.backend].conv2d(self, x)
             self._after_int_call()
             return y
         kernels.note_ran(self, "float")

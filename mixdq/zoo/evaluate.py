@@ -315,7 +315,7 @@ def main(argv=None):
               f"{spi[s]['cpu'] * 1000:.0f} ms CPU (batch 1, {torch.get_num_threads()} threads); "
               f"bar {'PASSED' if passes_bar(results[s]) else 'not reached'}")
     print(f"(evaluation took {elapsed:.0f} s)")
-    from ..quant.kernels import cpu_name
+    from ..quant.machine import cpu_name
 
     record = {"results": results, "seconds_per_image": spi, "defaults": d, "n_captions": args.n,
               "seeds": args.seeds, "bar_passed": passes_bar(results[d["num_inference_steps"]]),

@@ -387,7 +387,7 @@ def main(argv=None):
         meta_path.write_text(json.dumps(meta, indent=2))
         return r
 
-    from ..quant.kernels import cpu_name
+    from ..quant.machine import cpu_name
 
     meta["hardware"] = {"device": str(device), "threads": args.threads, "cpu": cpu_name(),
                         "torch": torch.__version__,

@@ -1,0 +1,27 @@
+"""The int8 backends, one file each.
+
+Each module says what it is (NAME, PREPACKED: runs on a prepacked int8 copy of the
+codes), where it applies (`supports(op, device, weight_shape, groups)`, op one of
+'linear', 'conv', 'split': the up-block shortcut conv with two activation ranges),
+and how it runs a quantized layer (`linear(layer, x)`, `conv2d(layer, x)`), beside
+its raw kernels.  `kernels.layer_backend` picks one per layer; layers hold its name
+(`layer.backend`), 'float' for none: their own dequantize + float op path.
+
+  int_mm     torch._int_mm, copy-free (int_mm.py)
+  onednn     oneDNN qlinear / qconv on a prepacked copy (onednn.py)
+  fbgemm     FBGEMM's float-in/float-out int8 linear on a prepacked copy (fbgemm.py)
+  reference  the fake-quant formula every kernel reproduces (reference.py; tests)
+"""
+from __future__ import annotations
+
+from . import fbgemm, int_mm, onednn
+from .reference import conv2d_reference, linear_reference
+
+REGISTRY = {m.NAME: m for m in (int_mm, onednn, fbgemm)}
+PREPACKED = tuple(name for name, m in REGISTRY.items() if m.PREPACKED)
+# the raw kernels, as the measurement and the tests call them: f(x, s_a, z_a, codes, s_w, bias, ...)
+LINEAR_KERNELS = {"int_mm": int_mm.linear_int_mm, "onednn": onednn.linear_onednn, "fbgemm": fbgemm.linear_fbgemm}
+CONV_KERNELS = {"int_mm": int_mm.conv2d_int_mm, "onednn": onednn.conv2d_onednn}
+
+__all__ = ["REGISTRY", "PREPACKED", "LINEAR_KERNELS", "CONV_KERNELS", "linear_reference", "conv2d_reference",
+           "int_mm", "onednn", "fbgemm"]

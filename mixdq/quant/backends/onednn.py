@@ -1,0 +1,102 @@
+"""onednn: `onednn::qlinear_pointwise` / `qconv2d_pointwise` (uint8 x int8, fused
+epilogue, float output) on a prepacked weight.
+
+The prepack is a second copy of the weight (about the int8 size) while it is made;
+the layer then keeps only it.  Chosen where `int_mm` loses (AVX2-only CPUs: 1.9x
+float32 on SDXL's linears, 2.1x on its convs there) or when forced.  Without VNNI
+its u8 x s8 products saturate on 8-bit codes (machine.saturates).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import prepacked
+from .common import (_cache_name, _codes, _pair, _prepacked, _scalar, _versions, cached, codes_of, quantize_act,
+                     register_read_back)
+
+NAME = "onednn"
+PREPACKED = True
+
+
+def supports(op: str, device, weight_shape=(), groups: int = 1) -> bool:
+    return torch.device(device).type == "cpu" and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+def linear(layer, x: torch.Tensor) -> torch.Tensor:
+    return prepacked.run_linear(NAME, layer, x, layer.bias, 0)
+
+
+def conv2d(layer, x: torch.Tensor) -> torch.Tensor:
+    if layer.split:
+        return prepacked.run_split_conv(NAME, layer, x)
+    args = dict(stride=1, padding=0, dilation=1, groups=1) | layer.conv_args
+    if torch.compiler.is_compiling():
+        return torch.ops.mixdq.onednn_conv2d(x, layer.weight_packed, layer.weight_bits, list(layer.weight_shape),
+                                             layer.weight_scale, layer.bias, layer.act_scale[0],
+                                             layer.act_zero_point[0], list(_pair(args["stride"])),
+                                             list(_pair(args["padding"])), list(_pair(args["dilation"])),
+                                             args["groups"])
+    return conv2d_onednn(x, layer.act_scale[0], layer.act_zero_point[0], layer._codes_arg(), layer.weight_scale,
+                         layer.bias, key=layer.weight_packed, **args)
+
+
+def _onednn_w_zp(n, device):
+    return torch.zeros(n, dtype=torch.long, device=device)
+
+
+def linear_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None, part=-1):
+    """onednn::qlinear_pointwise on a cached prepacked weight (an extra weight copy).
+    part >= 0: w_q is one input slice of a split conv's weight, cached apart."""
+    shape = x.shape
+    x2d = x.reshape(-1, shape[-1])
+    key = w_q if key is None else key
+    n = w_scale.shape[0]
+    packed = _prepacked(key, _cache_name("onednn_lin", part), lambda: _versions(key),
+                        lambda: torch.ops.onednn.qlinear_prepack(_codes(w_q).contiguous(), None))
+    wz = cached(key, "onednn_wz", (), lambda: _onednn_w_zp(n, w_scale.device))
+    ws = w_scale.float().contiguous()
+    xq = quantize_act(x2d.float(), x_scale, x_zp, signed=False)
+    y = torch.ops.onednn.qlinear_pointwise(
+        xq, _scalar(x_scale), int(round(_scalar(x_zp))), packed, ws, wz,
+        None if bias is None else bias.float(), 1.0, 0, torch.float32, "none", [], "")
+    return y.to(x.dtype).reshape(*shape[:-1], n)
+
+
+def conv2d_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0, dilation=1,
+                  groups=1, key=None):
+    """onednn::qconv2d_pointwise on a cached prepacked weight (an extra weight copy)."""
+    stride, padding, dilation = map(lambda v: list(_pair(v)), (stride, padding, dilation))
+    key = w_q if key is None else key
+    s, z = _scalar(x_scale), int(round(_scalar(x_zp)))
+    ws = w_scale.float().contiguous()
+    packed = _prepacked(key, "onednn_conv", lambda: _versions(key, w_scale) + (s, z), lambda: torch.ops.onednn.qconv_prepack(
+        _codes(w_q).contiguous(), ws, s, z, stride, padding, dilation, groups, None))
+    wz = cached(key, "onednn_wz", (), lambda: _onednn_w_zp(ws.shape[0], ws.device))
+    xq = quantize_act(x.float(), s, z, signed=False)
+    y = torch.ops.onednn.qconv2d_pointwise(
+        xq, s, z, packed, ws, wz, None if bias is None else bias.float(), stride, padding,
+        dilation, groups, 1.0, 0, torch.float32, "none", [], "")
+    return y.to(x.dtype)
+
+
+register_read_back("onednn_lin", lambda packed: packed.to_dense().t())
+register_read_back("onednn_conv", lambda packed: packed.to_dense())
+prepacked.LINEAR[NAME] = linear_onednn
+
+
+# torch.compile: the prepack cannot be traced, so a traced graph calls the whole
+# eager kernel (prepacked copy cached as in eager calls) as one op of known shape
+@torch.library.custom_op("mixdq::onednn_conv2d", mutates_args=())
+def onednn_conv2d(x: torch.Tensor, packed: torch.Tensor, bits: int, shape: list[int], w_scale: torch.Tensor,
+                  bias: torch.Tensor | None, x_scale: torch.Tensor, x_zp: torch.Tensor, stride: list[int],
+                  padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+    """conv2d_onednn on a layer's packed buffer."""
+    return conv2d_onednn(x, x_scale, x_zp, lambda: codes_of(packed, bits, shape), w_scale, bias,
+                         stride, padding, dilation, groups, key=packed)
+
+
+@onednn_conv2d.register_fake
+def _(x, packed, bits, shape, w_scale, bias, x_scale, x_zp, stride, padding, dilation, groups):
+    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+    return x.new_empty(x.shape[0], shape[0], *size)

@@ -1,0 +1,343 @@
+"""The machine: which CPU kind mixdq decides for, what the int8 backends measure
+here (once, cached on disk), and which of them saturate on 8-bit codes.
+
+The machines differ (see README): on an EPYC with AVX-512 VNNI `torch._int_mm`
+is several times faster than float32 matmul; on an AVX2-only EPYC it is 30-100x
+slower, while oneDNN's and FBGEMM's prepacked int8 kernels are about 2x faster
+than float32.  So without VNNI the choice is measured once per machine (a ~1 s
+micro-benchmark, cached in ~/.cache/mixdq) instead of assumed.
+
+MIXDQ_CPU=avx2|avx512_vnni makes the library decide for that kind of CPU instead
+of the detected one (tests and CI use it to check one kind's decisions on the other).
+
+Saturation.  Without VNNI, x86 u8 x s8 int8 kernels (oneDNN, FBGEMM) add pairs of
+products in a saturating int16 (vpmaddubsw): 255 * (|w1| + |w2|) <= 32767 holds for
+every pair only while |w| <= 64.  Weight codes of <= 7 bits (|w| <= 63) are exact;
+8-bit codes (up to 127) are not.  `torch._int_mm` was exact on a real AVX2 EPYC
+(slow, but exact), and saturates where oneDNN is capped to AVX2 on a VNNI host.
+So `quantize` stores a plan's W8A8 layers that would run on a saturating backend
+as W7A8 (quantize.fit_plan_to_device), and 8-bit codes that reach such a backend
+anyway (an export kept 8-bit) run the float path.  What saturates is probed once
+per process on the host's own kernels (`probe_saturates`), except that without
+VNNI the prepacked backends are taken to saturate without asking.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .backends import CONV_KERNELS, LINEAR_KERNELS, PREPACKED
+from .backends.common import clear_cache
+from .backends.int_mm import linear_int_mm
+from .backends.onednn import conv2d_onednn
+from .quantizers import fake_quantize_act
+
+CPU_KINDS = ("avx2", "avx512_vnni")
+# bump when _measure_cpu measures something new, so cached choices are redone
+_MEASURE_VERSION = 4
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MIXDQ_CACHE", Path.home() / ".cache" / "mixdq"))
+
+
+def cpu_name() -> str:
+    """The CPU model, for every report that states which machine measured it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@lru_cache(maxsize=None)
+def detected_cpu_flags() -> frozenset[str]:
+    """The flags /proc/cpuinfo lists: what the host really has."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+SATURATION_FREE_CODE = 64  # the largest |weight code| saturating u8 x s8 kernels run exactly
+
+
+def pinned_cpu_kind() -> str | None:
+    """MIXDQ_CPU, validated: the CPU kind to decide for instead of the detected one."""
+    kind = os.environ.get("MIXDQ_CPU", "").strip().lower()
+    if not kind:
+        return None
+    if kind not in CPU_KINDS:
+        raise ValueError(f"MIXDQ_CPU={kind!r} is not a CPU kind mixdq knows; set one of {CPU_KINDS} "
+                         "or unset it to use the detected CPU")
+    return kind
+
+
+def cpu_flags() -> frozenset[str]:
+    """The flags the library decides by: the detected ones, or MIXDQ_CPU's kind."""
+    flags, kind = detected_cpu_flags(), pinned_cpu_kind()
+    if kind == "avx2":
+        return frozenset(f for f in flags if f not in VNNI_FLAGS and not f.startswith(("avx512", "amx")))
+    if kind == "avx512_vnni":
+        return flags | {"avx2", "avx512f", "avx512_vnni"}
+    return flags
+
+
+def vnni() -> bool:
+    """Whether this CPU's int8 dot products accumulate straight into int32 (VNNI / AMX)."""
+    return bool(cpu_flags() & VNNI_FLAGS)
+
+
+def cpu_kind() -> str:
+    """The CPU kind the library decides for (MIXDQ_CPU, else the detected one)."""
+    return pinned_cpu_kind() or ("avx512_vnni" if vnni() else "avx2")
+
+
+def cpu_id() -> str:
+    """What a measured choice is valid for: the CPU, the kind decided for, and the
+    instruction-set caps of the kernel libraries (an emulated older CPU)."""
+    caps = ",".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS",
+                                                     "ATEN_CPU_CAPABILITY") if os.environ.get(k))
+    return (f"{cpu_name()}|{torch.backends.cpu.get_cpu_capability()}|{cpu_kind()}|{caps}"
+            f"|torch {torch.__version__}")
+
+
+def cpu_capability() -> dict:
+    """What RESULTS.md records next to every CPU figure."""
+    flags = detected_cpu_flags()
+    return {"cpu": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx_int8": "amx_int8" in flags,
+            "avx2": "avx2" in flags, "threads": torch.get_num_threads(),
+            "decided_for": cpu_kind(), "pinned": pinned_cpu_kind(),
+            "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
+
+
+# ---------------------------------------------------------------------------
+# saturation: which backends run 8-bit weight codes exactly here
+# ---------------------------------------------------------------------------
+def saturates(backend: str, op: str = "linear") -> bool:
+    """Whether `backend`'s int8 kernels lose precision on 8-bit weight codes here (see
+    the module doc): the prepacked ones wherever the CPU (or MIXDQ_CPU) has no VNNI;
+    any int8 backend whose one-off probe saturates (a capped oneDNN, which
+    `torch._int_mm` also runs on, does on any CPU); float never."""
+    if backend == "float":
+        return False
+    if backend in PREPACKED and not vnni():
+        return True
+    return probe_saturates(backend, op)
+
+
+@lru_cache(maxsize=None)
+def probe_saturates(backend: str, op: str = "linear") -> bool:
+    """What the host's kernels really do, whatever MIXDQ_CPU says: run the backend once
+    on codes that overflow a saturating int16 pair sum (255 * 127 * 2 > 32767) and
+    see whether it returns the exact sum."""
+    k = 64
+    w = torch.full((16, k), 127, dtype=torch.int8)
+    ws = torch.ones(16)
+    x = torch.full((16, k), 255.0)
+    try:
+        with torch.no_grad():
+            if op == "conv" and backend == "onednn":
+                y = conv2d_onednn(torch.full((1, k, 4, 4), 255.0), 1.0, 0, w.reshape(16, k, 1, 1), ws)
+            else:
+                y = LINEAR_KERNELS[backend](x, 1.0, 0, w, ws)
+    except (RuntimeError, NotImplementedError):
+        return True  # missing in this build: never chosen anyway
+    finally:
+        clear_cache()
+    return not torch.allclose(y.double(), torch.full_like(y.double(), 255.0 * 127 * k), rtol=1e-6)
+
+
+def saturation_allowed() -> bool:
+    return os.environ.get("MIXDQ_INT8_SATURATE") == "allow"
+
+
+# ---------------------------------------------------------------------------
+# the measured choice per machine
+# ---------------------------------------------------------------------------
+def _time(fn, repeat=5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _measure_cpu() -> dict:
+    """Time each int8 backend (activation quantization and epilogue included)
+    against float32, for a linear and a 3x3 conv of SDXL's 640-channel stage.
+
+    Shapes are kept small enough for ~1 s in all; the backends' relative speed
+    is what matters, and it is a property of the instruction set (VNNI or not),
+    not of the exact shape.  The weight codes are 7-bit: what the saturating
+    backends would run.
+    """
+    torch.manual_seed(0)
+    m, k, n = 1024, 640, 640
+    x = torch.randn(m, k)
+    w = torch.randn(n, k) / k ** 0.5
+    ws = w.abs().amax(1) / 63
+    wq = torch.round(w / ws[:, None]).to(torch.int8)
+    b = torch.zeros(n)
+    xs, xz = 8.0 / 255, 128
+    lin = {"float32": lambda: F.linear(x, w, b)}
+    for be in ("int_mm", "fbgemm", "onednn"):
+        lin[be] = (lambda f=LINEAR_KERNELS[be]: f(x, xs, xz, wq, ws, b))
+    c, h = 320, 32
+    xc = torch.randn(1, c, h, h)
+    wc = torch.randn(c, c, 3, 3) / (9 * c) ** 0.5
+    wcs = wc.abs().amax((1, 2, 3)) / 63
+    wcq = torch.round(wc / wcs[:, None, None, None]).to(torch.int8)
+    conv = {"float32": lambda: F.conv2d(xc, wc, None, 1, 1)}
+    for be in ("int_mm", "onednn"):
+        conv[be] = (lambda f=CONV_KERNELS[be]: f(xc, xs, xz, wcq, wcs, None, 1, 1))
+
+    def run(fns):
+        out = {}
+        for name, fn in fns.items():
+            try:
+                out[name] = _time(fn, repeat=3)
+            except (RuntimeError, NotImplementedError):  # backend missing in this build
+                out[name] = float("inf")
+        return out
+
+    with torch.inference_mode():
+        t_lin, t_conv = run(lin), run(conv)
+    clear_cache()
+
+    def pick(times):
+        # copy-free int_mm whenever it beats float32; a prepacked backend only
+        # where int_mm loses and the prepacked one wins; else float
+        if times["int_mm"] < times["float32"]:
+            return "int_mm"
+        rest = {k: v for k, v in times.items() if k not in ("float32", "int_mm")}
+        best = min(rest, key=rest.get)
+        return best if rest[best] < times["float32"] else "float"
+
+    return {"linear_s": t_lin, "conv_s": t_conv, "linear_backend": pick(t_lin),
+            "conv_backend": pick(t_conv), "version": _MEASURE_VERSION,
+            "reason": "measured: no VNNI, fastest of float32 / int_mm / prepacked backends"}
+
+
+def _choose_cpu() -> dict:
+    """VNNI (AVX-512 VNNI, AVX-VNNI or AMX): int_mm everywhere, without measuring.
+
+    On these CPUs `_int_mm` was measured 2.8-3.7x faster than float32 per layer
+    type, quantization and epilogue included (bench/RESULTS.md); a 1 s
+    micro-benchmark on a shared 2-core machine is noisier than that margin (it
+    once ranked float32 first under load), so the instruction set decides.
+    Elsewhere the micro-benchmark does.
+    """
+    if vnni():
+        return {"linear_backend": "int_mm", "conv_backend": "int_mm", "version": _MEASURE_VERSION,
+                "reason": "VNNI: " + ", ".join(sorted(cpu_flags() & VNNI_FLAGS))}
+    return _measure_cpu()
+
+
+def _cached_choice(key: str, choose) -> dict:
+    """choose() once per machine key, remembered in ~/.cache/mixdq/kernels.json."""
+    path = cache_dir() / "kernels.json"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if table.get(key, {}).get("version") != _MEASURE_VERSION:
+        table[key] = choose()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(table, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home only costs a re-measure next time
+    return table[key]
+
+
+_CPU_CHOICES: dict[tuple, dict] = {}
+
+
+def cpu_choice() -> dict:
+    """This machine's measured (or VNNI) choice, once per process and machine key."""
+    key = (cpu_id(), str(cache_dir()))
+    if key not in _CPU_CHOICES:
+        _CPU_CHOICES[key] = _cached_choice(key[0], _choose_cpu)
+    return _CPU_CHOICES[key]
+
+
+def _measure_cuda(index: int) -> dict:
+    """int8 GEMM vs dequantize-then-float16 GEMM on the GPU, both from packed weights.
+
+    On an H100 `torch._int_mm` dispatches to Ampere (sm80) int8 kernels and the
+    whole W8A8 UNet step ran at 0.69-0.76x of float16 (bench/analysis.md), so
+    the compute capability alone does not decide: the faster path is measured.
+    Shape: SDXL's most common linear (1280 -> 1280) over 4096 tokens.
+    """
+    dev = torch.device("cuda", index)
+    torch.manual_seed(0)
+    m, k, n = 4096, 1280, 1280
+    x = torch.randn(m, k, device=dev, dtype=torch.float16)
+    wq = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8)
+    ws = torch.rand(n, device=dev) * 1e-2
+    xs = torch.tensor([8.0 / 255], device=dev)
+    xz = torch.tensor([128.0], device=dev)
+
+    def int_path():
+        return linear_int_mm(x, xs, xz, wq, ws, None)
+
+    def dequant_path():
+        return F.linear(fake_quantize_act(x, xs, xz, 8).half(), wq.half() * ws[:, None].half())
+
+    def cuda_time(fn, repeat=20):
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeat):
+            fn()
+        end.record()
+        torch.cuda.synchronize(dev)
+        return start.elapsed_time(end) / repeat / 1e3
+
+    with torch.inference_mode():
+        try:
+            t_int = cuda_time(int_path)
+        except RuntimeError:
+            t_int = float("inf")
+        t_deq = cuda_time(dequant_path)
+    clear_cache()
+    return {"int_mm_s": t_int, "dequant_s": t_deq, "version": _MEASURE_VERSION,
+            "kernel": "int_mm" if t_int < t_deq else "dequant",
+            "reason": "measured: int8 GEMM vs dequantize + float16 GEMM"}
+
+
+def cuda_choice(device) -> dict:
+    """This GPU's measured int8 choice (kernel, times), once per process and GPU."""
+    device = torch.device(device)
+    return _cuda_choice(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@lru_cache(maxsize=None)
+def _cuda_choice(index: int) -> dict:
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:  # no int8 tensor-core GEMM behind torch._int_mm
+        return {"kernel": "dequant", "reason": f"sm{major}{minor}: no int8 GEMM"}
+    key = f"cuda|{torch.cuda.get_device_name(index)}|torch {torch.__version__}"
+    return _cached_choice(key, lambda: _measure_cuda(index))
