@@ -131,7 +131,7 @@ def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=
     from mixdq.quant import hold_epilogue as hold, kernels, quantizable_layers
 
     from .models import build_unet, unet_inputs
-    from .run import bench_bos, environment, make_plans, observe_ranges, shared_clone
+    from .common import bench_bos, environment, make_plans, observe_ranges, shared_clone
 
     t_start = time.perf_counter()
     device = torch.device(device)

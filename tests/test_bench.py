@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from bench import configs, run as brun
+from bench import common as bcommon, configs, run as brun
 from bench.models import build_unet, unet_inputs
 
 
@@ -37,7 +37,7 @@ def test_mixed_plans_hit_their_mean_bits():
     assert mean(plans["W4A8"]) <= 4.0 + 1e-9
     # text-facing K/V and the first / last convs stay at 8 bits
     for n in layers:
-        if brun._sensitive(n):
+        if bcommon._sensitive(n):
             assert plans["W4A8"][n].weight == 8
     # -keep-w8 variants: the same plan (build_variant then keeps its W8A8 layers 8-bit)
     assert brun.make_plans(layers, ["W4A8-keep-w8"])["W4A8-keep-w8"] == plans["W4A8"]
@@ -77,7 +77,7 @@ def test_routed_layers_match_the_library_reference():
     ranges, _, _ = brun.observe_ranges(unet, inputs)
     names = list(quantizable_layers(unet))
     for bits in ((8, 8), (4, 8), (2, 8)):
-        v = brun.shared_clone(unet)
+        v = bcommon.shared_clone(unet)
         replace_layers(v, Plan.uniform(names, *bits), ranges)
         seen = {}
         hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].clone()))
