@@ -616,7 +616,7 @@ def build_app(model=None, *, sensitivity=None, calibration=None, workdir=None, p
                 size = session.costs.total_mb(session.quant_plan) if session.quant_label != "imported" \
                     else measure.model_nbytes(session.quant_pipe.unet) / MB
                 name = f"mixdq-{size:.3f}MB-{time.strftime('%Y%m%d-%H%M%S')}.zip"
-                path = measure.export_archive(session.quant_pipe, session.workdir / "exports" / name,
+                path = mixdq.export_archive(session.quant_pipe, session.workdir / "exports" / name,
                                               embedded=session.embedded)
                 gr.Info(f"Exported {path.name} ({path.stat().st_size / MB:.2f} MB)")
                 return str(path)
@@ -631,7 +631,7 @@ def build_app(model=None, *, sensitivity=None, calibration=None, workdir=None, p
                 progress(0.05, desc="load: unpacking and verifying the archive")
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", mixdq.SlowPathWarning)
-                    loaded = measure.import_archive(path, dest=session.workdir / "imports",
+                    loaded = mixdq.import_archive(path, dest=session.workdir / "imports",
                                                     device=session.float_pipe.unet.device)
                 if not measure.same_architecture(session.float_pipe, loaded):
                     raise gr.Error("This export was made from a different model than the one the app runs, so "

@@ -8,7 +8,7 @@ The flow, one verb per step:
     plan = allocate(scores, layer_costs(pipe.unet), budget_mb=...)   # allocate.py
     report = quantize(pipe, plan, calibration)              # quantize.py
     save_quantized(pipe, "out/")                            # export.py
-    pipe = load_quantized("out/")
+    pipe = load_quantized("out/")            # or, with mixdq imported, DiffusionPipeline.from_pretrained("out/")
 """
 from .calibrate import Calibration, bos_embedding, float_ranges
 from .errors import BudgetError, ExportError, MixDQError, ModelNotFoundError, PlanError, SlowPathWarning
@@ -24,8 +24,21 @@ __all__ = [
     "layer_costs", "LayerCosts", "model_nbytes", "stored_nbytes", "MixDQError", "PlanError", "BudgetError",
     "ModelNotFoundError", "ExportError", "SlowPathWarning",
 ]
-from .export import load_quantized, save_quantized  # noqa: E402
+from .export import export_archive, import_archive, load_quantized, save_quantized  # noqa: E402
 from .sensitivity import Sensitivity, sensitivity  # noqa: E402
 from .allocate import allocate  # noqa: E402
 
-__all__ += ["save_quantized", "load_quantized", "sensitivity", "Sensitivity", "allocate"]
+__all__ += ["save_quantized", "load_quantized", "export_archive", "import_archive", "sensitivity", "Sensitivity",
+            "allocate", "QuantizedUNet2DConditionModel"]
+
+
+def __getattr__(name):
+    # Imported on first use: the class subclasses diffusers' UNet, whose import takes seconds.
+    # An export's model_index.json names ["mixdq", "QuantizedUNet2DConditionModel"]; diffusers'
+    # loader looks that class up here, and ModelMixin too (a component's base classes, looked
+    # up in its library, tell it which method loads it).
+    if name in ("QuantizedUNet2DConditionModel", "ModelMixin"):
+        from . import diffusers_unet
+
+        return getattr(diffusers_unet, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,8 +13,8 @@ of the embedded model's world whether each image shows what the caption says (`m
 Also here, so the command line and the app share them: the default calibration and sensitivity
 the CLI would use (`default_calibration`; `find_sensitivity`: shipped for this model and
 calibration, else cached, and `load_sensitivity`, else measured), the shipped presets
-(`presets`), the bits-per-layer chart data (`plan_chart_data`), and a quantized model as one
-zip archive (`export_archive` / `import_archive`).
+(`presets`) and the bits-per-layer chart data (`plan_chart_data`).  A quantized model as one
+zip archive: `mixdq.export_archive` / `mixdq.import_archive` (export.py).
 """
 from __future__ import annotations
 
@@ -22,28 +22,22 @@ import importlib
 import copy
 import json
 import math
-import os
-import shutil
 import statistics
-import tempfile
 import threading
 import time
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import ExportError, MixDQError
+from .errors import MixDQError
 from .memory import MB, model_nbytes
 from .resources import shipped
 
 MAX_STEPS = 50          # few-step models: more than this is a typo, and minutes of CPU
 MAX_SEED = 2**63 - 1    # torch.Generator.manual_seed takes any int64 >= 0
 PRESETS_DIR = shipped("presets")
-# An archive is a few files; refuse obviously hostile ones before extracting anything.
-MAX_ARCHIVE_MEMBERS = 10_000
 
 
 class InputError(MixDQError, ValueError):
@@ -586,77 +580,3 @@ def plan_chart_data(plan, unet) -> list[dict]:
                      "act_bits": bits.act if bits else FLOAT_BITS,
                      "params": math.prod(shape)})
     return sorted(rows, key=lambda r: _block_order(r["block"]))   # stable: keeps order inside a block
-
-
-# ------------------------------------------------------------------------------------------
-# One-file export.
-# ------------------------------------------------------------------------------------------
-def export_archive(pipe, path, *, embedded: bool | None = None) -> Path:
-    """Write the quantized pipeline (the `save_quantized` folder) as one zip archive at `path`,
-    atomically: the zip is built beside it and renamed into place."""
-    from .export import save_quantized
-
-    path = Path(path).expanduser().resolve()
-    if path.suffix != ".zip":
-        raise ExportError(f"{path} must end in .zip")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
-    try:
-        folder = save_quantized(pipe, work / path.stem)
-        if embedded if embedded is not None else is_embedded(pipe):
-            meta = json.loads((folder / "mixdq.json").read_text())
-            meta["embedded_model"] = True     # keeps the attribute checker on when loaded back
-            (folder / "mixdq.json").write_text(json.dumps(meta, indent=1))
-        tmp_zip = work / "archive.zip"
-        # Stored, not deflated: safetensors of packed integers hardly compress, and storing is fast.
-        with zipfile.ZipFile(tmp_zip, "w", compression=zipfile.ZIP_STORED) as zf:
-            for f in sorted(folder.rglob("*")):
-                if f.is_file():
-                    zf.write(f, f.relative_to(folder.parent).as_posix())
-        os.replace(tmp_zip, path)
-    except ExportError:
-        raise
-    except OSError as e:
-        raise ExportError(f"could not write {path}: {e}") from e
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return path
-
-
-def import_archive(path, dest=None, device=None):
-    """Load a pipeline from an archive written by `export_archive` (or any zip of a
-    `save_quantized` folder).  Extracts into `dest` (default: a new temporary folder, kept
-    because the pipeline reads its settings from there).  Raises ExportError with the reason."""
-    from .export import load_quantized
-
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path} does not exist")
-    if not zipfile.is_zipfile(path):
-        raise ExportError(f"{path.name} is not a zip archive: upload the .zip written by Export")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            if len(infos) > MAX_ARCHIVE_MEMBERS:
-                raise ExportError(f"{path.name} holds {len(infos)} files; a mixdq export holds a few dozen")
-            for info in infos:
-                p = Path(info.filename)
-                if p.is_absolute() or ".." in p.parts:
-                    raise ExportError(f"{path.name} contains an unsafe path {info.filename!r}; refusing it")
-            roots = [Path(i.filename).parent for i in infos if Path(i.filename).name == "mixdq.json"]
-            if not roots:
-                raise ExportError(f"{path.name} is not a mixdq export (no mixdq.json inside); "
-                                  "upload the .zip written by Export")
-            if len(roots) > 1:
-                raise ExportError(f"{path.name} holds {len(roots)} exports; upload one at a time")
-            dest = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="mixdq-import-"))
-            dest.mkdir(parents=True, exist_ok=True)
-            target = Path(tempfile.mkdtemp(prefix="export-", dir=dest))
-            zf.extractall(target)
-    except ExportError:
-        raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, RuntimeError) as e:
-        raise ExportError(f"{path.name} is damaged and cannot be unpacked ({e}); export the model again") from None
-    except Exception as e:  # zlib.error and friends from a corrupt member
-        raise ExportError(f"{path.name} is damaged and cannot be unpacked ({type(e).__name__}: {e})") from None
-    return load_quantized(target / roots[0], device=device)

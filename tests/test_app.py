@@ -91,7 +91,7 @@ def test_export_gives_a_file_that_loads_back(served, tmp_path):
     first = _generate(client, round(lo + 0.5 * (hi - lo), 3), seed=4)
     path = client.predict(api_name="/export")
     assert path.endswith(".zip") and os.path.getsize(path) > 0
-    loaded = measure.import_archive(path, dest=tmp_path)
+    loaded = mixdq.import_archive(path, dest=tmp_path)
     assert mixdq.current_plan(loaded.unet) == session.quant_plan
     # through the app's load control: same model -> same numbers as before the export
     again = client.predict(handle_file(path), "a red circle", 4, 2, api_name="/load")
