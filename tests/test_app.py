@@ -10,7 +10,6 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 import mixdq  # noqa: E402
-from mixdq import measure  # noqa: E402
 from test_measure import SMALL_CAL, shipped_like, synthetic_sensitivity  # noqa: E402
 
 
@@ -24,7 +23,7 @@ def launch_app(pipe, tmp_path):
     """The app as `python app.py` builds it, on the tiny random SDXL, with a small calibration
     set and a synthetic sensitivity table (the real analysis takes minutes; it has its own
     tests).  Returns (demo, url)."""
-    import app
+    from mixdq import app
 
     demo = app.build_app(pipe, sensitivity=synthetic_sensitivity(pipe.unet),
                          calibration=mixdq.Calibration(SMALL_CAL, batch_size=2), workdir=tmp_path / "work")
@@ -92,7 +91,7 @@ def test_export_gives_a_file_that_loads_back(served, tmp_path):
     path = client.predict(api_name="/export")
     assert path.endswith(".zip") and os.path.getsize(path) > 0
     loaded = mixdq.import_archive(path, dest=tmp_path)
-    assert mixdq.current_plan(loaded.unet) == session.quant_plan
+    assert mixdq.current_plan(loaded.unet) == session.current.plan
     # through the app's load control: same model -> same numbers as before the export
     again = client.predict(handle_file(path), "a red circle", 4, 2, api_name="/load")
     assert again[7]["ssim"] == first[7]["ssim"]
@@ -101,17 +100,17 @@ def test_export_gives_a_file_that_loads_back(served, tmp_path):
     assert "int8_safe" not in again[7]["quantization"]  # this CPU runs the export's W8A8 layers on int8 kernels
 
 
-def test_load_on_a_cpu_without_vnni_says_what_runs_slower(served, monkeypatch, tmp_path):
+def test_load_on_a_cpu_without_vnni_says_what_loading_changed(served, monkeypatch, tmp_path):
     """An export with W8A8 layers loaded where they would saturate the int8 kernels (decided
-    for a CPU without VNNI, on oneDNN): the app says, next to the model, that they run the
-    float path and what to do."""
+    for a CPU without VNNI, on oneDNN): the library re-rounds them to W7A8, and the app says
+    so next to the model."""
     demo, client = served
     session = demo.mixdq_session
     lo, hi = session.budget_range()
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
     monkeypatch.setenv("MIXDQ_KERNEL", "dequant")  # the export is made where W8A8 is kept (e.g. a GPU)
     _generate(client, round(hi, 3) - 0.002, seed=4)  # near the largest budget: W8A8 layers in the plan
-    n8 = sum(1 for b in session.quant_plan.values() if str(b) == "W8A8")
+    n8 = sum(1 for b in session.current.plan.values() if str(b) == "W8A8")
     assert n8 > 0
     path = client.predict(api_name="/export")
     monkeypatch.delenv("MIXDQ_KERNEL")
@@ -119,13 +118,34 @@ def test_load_on_a_cpu_without_vnni_says_what_runs_slower(served, monkeypatch, t
     monkeypatch.setenv("MIXDQ_INT8_BACKEND", "onednn")
     monkeypatch.delenv("MIXDQ_INT8_SATURATE", raising=False)
     out = client.predict(handle_file(path), "a red circle", 4, 2, api_name="/load")
-    assert f"{n8} W8A8 layers" in out[7]["quantization"] and "int8_safe=True" in out[7]["quantization"]
-    assert f"{n8} W8A8 layers" in out[4]  # the stats table's footer, next to the plan
+    assert session.current.pipe.unet.mixdq_state.fitted == {"layers": n8, "from": "W8A8", "to": "W7A8"}
+    note = f"{n8} W8A8 layers re-rounded to W7A8 for this CPU's int8 kernels"
+    assert note in out[7]["quantization"] and "W7A8" in out[7]["plan"]
+    assert note in out[4]  # the stats table's footer, next to the plan
     # quantizing on that CPU: the app shows the plan quantize built, and why it differs
     out = _generate(client, round(hi, 3) - 0.003, seed=4)
-    assert "W8A8" not in session.quant_plan.summary() and "W7A8" in session.quant_plan.summary()
-    assert "W8A8" in session.quant_request.summary()
-    assert "quantized as W7A8" in out[4] and session.quant_plan.summary() in out[4]
+    assert "W8A8" not in session.current.plan.summary() and "W7A8" in session.current.plan.summary()
+    assert "W8A8" in session.current.request.summary()
+    assert "quantized as W7A8" in out[4] and session.current.plan.summary() in out[4]
+
+
+def test_load_note_says_what_loading_changed():
+    """What the app writes next to a loaded model comes from the library: its SlowPathWarnings
+    (int8_safe=False keeps W8A8 on the float path) and `unet.mixdq_state.fitted`."""
+    import warnings
+    from types import SimpleNamespace
+
+    from mixdq.app.state import load_note
+
+    pipe = SimpleNamespace(unet=SimpleNamespace(mixdq_state=mixdq.QuantState(bos_aware=True, kernel="int_mm")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("3 W8A8 layers run the exact float path", mixdq.SlowPathWarning)
+        warnings.warn("not about the model", UserWarning)
+    assert load_note(pipe, caught) == "loaded from an export; 3 W8A8 layers run the exact float path"
+    pipe.unet.mixdq_state.fitted = {"layers": 2, "from": "W8A8", "to": "W7A8"}
+    assert load_note(pipe, []) == ("loaded from an export; 2 W8A8 layers re-rounded to W7A8 "
+                                   "for this CPU's int8 kernels")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -183,7 +203,7 @@ def test_export_before_quantizing_says_so(tmp_path):
 
 
 def test_cli_flags_and_env(monkeypatch, capsys):
-    import app
+    from mixdq import app
 
     monkeypatch.setenv("MIXDQ_PORT", "7999")
     monkeypatch.setenv("MIXDQ_HOST", "0.0.0.0")
@@ -197,11 +217,26 @@ def test_cli_flags_and_env(monkeypatch, capsys):
     assert err.startswith("error: ") and "Traceback" not in err
 
 
+def test_python_app_py_starts_the_app():
+    """`python app.py` at the repository root, as the README runs it, is the app's command line
+    (mixdq.app.main): a bad --model is refused in one line (other libraries may log before it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "app.py", "--model", "/no/such/model-folder", "--port", "7999"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in run.stderr
+
+
 def test_presets_without_sensitivity(tmp_path, monkeypatch):
     """A fresh clone: no sensitivity cached, a shipped preset.  The preset button's budget
     needs no analysis at all; the slider spans the cost-model bounds."""
-    import app
     from conftest import build_tiny_sdxl
+    from mixdq import app
+    from mixdq.app.text import budget_markdown
 
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path / "empty-cache"))
     pipe = mixdq.load_pipeline(build_tiny_sdxl(tmp_path / "m"), device="cpu")
@@ -220,8 +255,8 @@ def test_presets_without_sensitivity(tmp_path, monkeypatch):
     lo, hi = session.budget_range()
     value = session.preset_value(session.presets[0])     # what the preset button sets
     assert lo < size <= value < size + session.slider_spec()["step"] < hi
-    assert "matches preset" in session.budget_info(value) and "SSIM 0.9000" in session.budget_info(value)
-    assert "sensitivity analysis" in session.budget_info(round((lo + hi) / 2, 3))
+    assert "matches preset" in budget_markdown(session, value) and "SSIM 0.9000" in budget_markdown(session, value)
+    assert "sensitivity analysis" in budget_markdown(session, round((lo + hi) / 2, 3))
     port = free_port()
     app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     try:
@@ -247,7 +282,8 @@ def test_header_says_where_the_sensitivity_came_from(tiny_sdxl_pipe, tmp_path, m
     import importlib
     import json
 
-    import app
+    from mixdq import app
+    from mixdq.app.text import budget_markdown, header_markdown
 
     S = importlib.import_module("mixdq.sensitivity")
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path / "cache"))
@@ -256,7 +292,7 @@ def test_header_says_where_the_sensitivity_came_from(tiny_sdxl_pipe, tmp_path, m
 
     def header(calibration, presets_dir):
         session = app.Session(pipe, calibration=calibration, workdir=tmp_path / "w", presets_dir=presets_dir)
-        return session, app.header_markdown(session)
+        return session, header_markdown(session)
 
     session, text = header(cal, tmp_path / "presets")
     assert "sensitivity shipped ✓" in text and "cached" not in text and session.sens_source == "shipped"
@@ -264,7 +300,7 @@ def test_header_says_where_the_sensitivity_came_from(tiny_sdxl_pipe, tmp_path, m
     assert session.allocator is None
     assert "sensitivity not yet measured (the shipped table is another calibration's)" in text
     lo, hi = session.budget_range()
-    assert "was measured for this model with seed 0 (yours 5)" in session.budget_info(round((lo + hi) / 2, 3))
+    assert "was measured for this model with seed 0 (yours 5)" in budget_markdown(session, round((lo + hi) / 2, 3))
 
     # a complete cache, as a finished analysis leaves it (its scores: any plausible ones)
     key, _ = S.cache_key(pipe, cal)

@@ -94,7 +94,7 @@ def test_slider_button_images_screenshot(app_url, tmp_path):
             expect(page.locator("#status")).to_contain_text("Done")
             # the run used the slider's budget
             assert session.last is not None
-            assert session.costs.total_mb(session.quant_plan) <= target + 1e-6
+            assert session.costs.total_mb(session.current.plan) <= target + 1e-6
             shot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)
         finally:
@@ -165,7 +165,8 @@ def embedded_app(tmp_path_factory):
     """`python app.py` on a fresh clone: the embedded model and what ships in presets/, with an
     empty MIXDQ_CACHE.  Any sensitivity analysis the app would start is recorded and refused
     (it takes minutes; it must not be needed)."""
-    import app
+    from mixdq import app
+    from mixdq.app import state
     from mixdq.loading import EMBEDDED
     from test_app import free_port
 
@@ -180,7 +181,7 @@ def embedded_app(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MIXDQ_CACHE", str(cache))
-        mp.setattr(app, "compute_sensitivity", no_analysis)
+        mp.setattr(state, "compute_sensitivity", no_analysis)
         demo = app.build_app(None, workdir=tmp_path_factory.mktemp("embedded-app") / "work")
         port = free_port()
         app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
@@ -193,7 +194,7 @@ def embedded_app(tmp_path_factory):
 def test_fresh_clone_embedded_model_any_budget_without_analysis(embedded_app):
     """Header says the sensitivity is known, the Pareto chart is there from the start, and a
     budget no preset has is allocated, quantized and generated in seconds."""
-    import app as app_module
+    from mixdq.app.text import fmt_mb
     from playwright.sync_api import expect, sync_playwright
 
     demo, url, cache, analyses = embedded_app
@@ -224,7 +225,7 @@ def test_fresh_clone_embedded_model_any_budget_without_analysis(embedded_app):
             info = page.locator("#budget-info")
             page.locator("#budget input[data-testid='range-input']").fill(str(target))
             expect(number).to_have_value(str(target), timeout=10_000)
-            expect(info).to_contain_text(app_module._fmt_mb(target), timeout=10_000)
+            expect(info).to_contain_text(fmt_mb(target), timeout=10_000)
             assert "matches preset" not in info.inner_text() and "sensitivity analysis" not in info.inner_text()
 
             t0 = time.perf_counter()
@@ -245,8 +246,8 @@ def test_fresh_clone_embedded_model_any_budget_without_analysis(embedded_app):
             expect(page.locator("#pareto-chart svg")).to_contain_text("this plan")
         finally:
             browser.close()
-    assert session.quant_label.startswith("allocated for")
-    assert session.costs.total_mb(session.quant_plan) <= target + 1e-6
+    assert session.current.how.startswith("allocated for")
+    assert session.costs.total_mb(session.current.plan) <= target + 1e-6
     assert not analyses and not (cache / "sensitivity").exists()
     # allocation + quantization (32 calibration prompts) + both generations: seconds; the
     # analysis it replaces takes minutes on these CPUs
