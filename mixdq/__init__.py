@@ -12,7 +12,8 @@ The flow, one verb per step:
 """
 from .calibrate import Calibration, bos_embedding, float_ranges
 from .errors import BudgetError, ExportError, MixDQError, ModelNotFoundError, PlanError, SlowPathWarning
-from .loading import generation_defaults, load_pipeline
+from .defaults import generation_defaults
+from .loading import load_pipeline
 from .memory import LayerCosts, layer_costs, model_nbytes, stored_nbytes
 from .plan import LayerBits, Plan
 from .quant import quantizable_layers

@@ -284,6 +284,24 @@ def check_budget_range(budget_mb: float, lo: float, hi: float, weight_candidates
 # --------------------------------------------------------------------------------------------
 # The user-facing allocation.
 # --------------------------------------------------------------------------------------------
+def budget_bounds(costs, weight_candidates=None) -> tuple[float, float]:
+    """(smallest, largest) UNet MB any plan over the allocator's candidate weight bits can
+    take, before sensitivity is known.  The smallest is exact (lowest candidate bits); the
+    largest takes each layer's widest option with or without activation quantization, so the
+    allocator's exact maximum (which knows the activation bits) can be a little lower."""
+    from .sensitivity import layer_group
+
+    cands = weight_candidates or DEFAULT_WEIGHT_CANDIDATES
+    lo = hi = costs.fixed_bytes
+    for name, float_bytes in costs.float_bytes.items():
+        options = [costs.bytes[name][w] for w in cands[layer_group(name)] if w != FLOAT_BITS]
+        if FLOAT_BITS in cands[layer_group(name)]:
+            options += [float_bytes, costs.bytes[name][FLOAT_BITS]]
+        lo += min(options)
+        hi += max(options)
+    return lo / MB, hi / MB
+
+
 @dataclass
 class Allocation:
     plan: Plan
@@ -563,7 +581,7 @@ def default_eval_prompts(pipe, n: int = 16, purpose: str = "select") -> list[str
     the numbers shown for it (so a reported number is not the one it was chosen on).
     The embedded model: held-out captions of its world (alignment can be scored); other models:
     the two ends of the shipped calibration prompt list."""
-    from .measure import is_embedded
+    from .defaults import is_embedded
 
     if purpose not in ("select", "report"):
         raise ValueError("purpose must be 'select' or 'report'")
@@ -647,7 +665,8 @@ def run_allocate(args) -> Allocation | None:
     import json
     import sys
 
-    from . import layer_costs, load_pipeline
+    from .loading import load_pipeline
+    from .memory import layer_costs
     from .sensitivity import Sensitivity, calibration_from_args
 
     if args.budget_mb is None and not args.range and not args.pareto:
@@ -674,7 +693,6 @@ def run_allocate(args) -> Allocation | None:
             # feasible range depends only on the layer costs and the candidate bits.  These
             # bounds contain the allocator's exact range (the low end is exact; the high end
             # assumes the widest activation choice), so they never refuse a feasible budget.
-            from .measure import budget_bounds
 
             check_budget_range(args.budget_mb, *budget_bounds(costs, wc), wc,
                                lower_bits_how=f" (--content-bits / --quality-bits, down to {min(WEIGHT_BITS)})")

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .loading import GENERIC_PROMPTS, generation_defaults, model_dir
+from .defaults import generation_defaults, model_dir
+from .resources import shipped
 from .plan import LayerBits, Plan
 from .quant import quantizable_layers, quantized_layers, replace_layers, restore_layers
 from .quant.quantizers import ActRange
@@ -31,7 +32,7 @@ def shipped_prompts_file(pipe) -> Path:
     """The model folder's calibration_prompts.txt, else the generic list."""
     folder = model_dir(pipe)
     path = folder / "calibration_prompts.txt" if folder else None
-    return path if path and path.is_file() else GENERIC_PROMPTS
+    return path if path and path.is_file() else shipped("assets", "calibration_prompts.txt")
 
 
 def _read_prompts(path: Path) -> list[str]:

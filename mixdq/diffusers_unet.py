@@ -39,8 +39,7 @@ import torch
 from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401
 
 from .errors import ExportError, SlowPathWarning
-from .export import META_FILE
-from .loading import default_device
+from .defaults import META_FILE, default_device
 from .plan import Plan
 from .quant import (QuantConv2d, QuantLinear, is_bos_layer, kernels, prepack, quantizable_layers, quantized_layers,
                     shortcut_splits)

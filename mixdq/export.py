@@ -33,11 +33,10 @@ from pathlib import Path
 import torch
 
 from .errors import ExportError
-from .loading import DEFAULTS_FILE, default_device, generation_defaults
+from .defaults import DEFAULTS_FILE, META_FILE, default_device, generation_defaults, is_embedded
 from .memory import MB
 from .quant import quantized_layers
 
-META_FILE = "mixdq.json"
 # An archive is a few dozen files and mixdq.json a few KB: refuse more before reading anything.
 MAX_ARCHIVE_MEMBERS = 10_000
 MAX_META_BYTES = 4 << 20
@@ -147,7 +146,6 @@ def export_archive(pipe, path, *, embedded: bool | None = None) -> Path:
     """Write the quantized pipeline (the `save_quantized` folder) as one zip archive at `path`,
     atomically: the zip is built beside it and renamed into place."""
     from .diffusers_unet import write_json
-    from .measure import is_embedded
 
     path = Path(path).expanduser().resolve()
     if path.suffix != ".zip":

@@ -11,36 +11,17 @@ A source is one of
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 import torch
 
+from .defaults import EMBEDDED, KNOWN_DEFAULTS, LCM_DEFAULTS, META_FILE, default_device, default_dtype
 from .errors import ModelNotFoundError
-from .resources import shipped
 
-EMBEDDED = shipped("assets", "tiny-sdxl")
-GENERIC_PROMPTS = shipped("assets", "calibration_prompts.txt")
-DEFAULTS_FILE = "mixdq_defaults.json"
 
-# Few-step settings of the models people quantize with MixDQ.
-KNOWN_DEFAULTS = {
-    "stabilityai/sdxl-turbo": dict(num_inference_steps=1, guidance_scale=0.0, height=512, width=512),
-    "stabilityai/sd-turbo": dict(num_inference_steps=1, guidance_scale=0.0, height=512, width=512),
-}
-LCM_DEFAULTS = dict(num_inference_steps=4, guidance_scale=1.0)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device) -> torch.dtype:
-    """float16 on CUDA, float32 on CPU (CPU float16 matmul is slow everywhere here)."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def load_pipeline(source: str | os.PathLike | None = None, *, lora: str | None = None,
@@ -60,7 +41,7 @@ def load_pipeline(source: str | os.PathLike | None = None, *, lora: str | None =
                 "(`git checkout -- assets/`) or retrain it with `python -m mixdq.zoo.train_tiny`")
         source = EMBEDDED
     path = Path(os.path.expanduser(str(source)))
-    if (path / "mixdq.json").is_file():
+    if (path / META_FILE).is_file():
         from .export import load_quantized
         return load_quantized(path, device=device, kernel=kernel, int8_safe=int8_safe)
     if path.is_dir():
@@ -129,23 +110,3 @@ def _fuse_lcm_lora(pipe, lora: str) -> None:
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-
-
-def model_dir(pipe) -> Path | None:
-    """The local folder a pipeline came from, if any."""
-    name = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
-    if name and Path(name).is_dir():
-        return Path(name)
-    return None
-
-
-def generation_defaults(pipe) -> dict:
-    """The model's own few-step settings: steps, guidance, height, width."""
-    vae_scale = getattr(pipe, "vae_scale_factor", 8)
-    size = pipe.unet.config.sample_size * vae_scale
-    out = dict(num_inference_steps=1, guidance_scale=0.0, height=size, width=size)
-    folder = model_dir(pipe)
-    if folder and (folder / DEFAULTS_FILE).is_file():
-        out.update(json.loads((folder / DEFAULTS_FILE).read_text()))
-    out.update(getattr(pipe, "_mixdq_defaults", {}) or {})
-    return out

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .defaults import is_embedded
 from .errors import MixDQError
 from .memory import MB, model_nbytes
 from .resources import shipped
@@ -215,22 +216,6 @@ def peak_gpu_memory(device):
 # ------------------------------------------------------------------------------------------
 # The comparison.
 # ------------------------------------------------------------------------------------------
-def is_embedded(pipe) -> bool:
-    """Whether the pipeline is the embedded model (or an export of it): its checker applies."""
-    from .loading import EMBEDDED, model_dir
-
-    folder = model_dir(pipe)
-    if folder is None:
-        return False
-    if folder.resolve() == EMBEDDED.resolve():
-        return True
-    meta = folder / "mixdq.json"   # an export remembers that its model was the embedded one
-    try:
-        return meta.is_file() and json.loads(meta.read_text()).get("embedded_model") is True
-    except (OSError, ValueError):
-        return False
-
-
 def prompt_check(image, prompt: str) -> dict[str, bool] | None:
     """Per attribute, does the image match the prompt?  None when the prompt is not a caption
     of the embedded model's world (the checker only knows that world)."""
@@ -256,7 +241,7 @@ def compare(float_pipe, quant_pipe, prompt: str, seed: int = 0, steps: int | Non
     check: run the embedded model's attribute checker (default: when the float model is the
     embedded one and the prompt is one of its captions).  progress(fraction, text) is called
     between stages when given.  Returns a plain dict (see the module doc)."""
-    from .loading import generation_defaults
+    from .defaults import generation_defaults
     from .metrics import images_to_tensor, psnr, ssim
 
     def say(frac, text):
@@ -502,26 +487,6 @@ def presets(unet, folder: Path | None = None) -> list[Preset]:
             stats = {}
         out.append(Preset(path.stem, plan, costs.total_mb(plan), stats))
     return sorted(out, key=lambda p: p.size_mb)
-
-
-def budget_bounds(costs, weight_candidates=None) -> tuple[float, float]:
-    """(smallest, largest) UNet MB any plan over the allocator's candidate weight bits can
-    take, before sensitivity is known.  The smallest is exact (lowest candidate bits); the
-    largest takes each layer's widest option with or without activation quantization, so the
-    allocator's exact maximum (which knows the activation bits) can be a little lower."""
-    from .allocate import DEFAULT_WEIGHT_CANDIDATES
-    from .plan import FLOAT_BITS
-    from .sensitivity import layer_group
-
-    cands = weight_candidates or DEFAULT_WEIGHT_CANDIDATES
-    lo = hi = costs.fixed_bytes
-    for name, float_bytes in costs.float_bytes.items():
-        options = [costs.bytes[name][w] for w in cands[layer_group(name)] if w != FLOAT_BITS]
-        if FLOAT_BITS in cands[layer_group(name)]:
-            options += [float_bytes, costs.bytes[name][FLOAT_BITS]]
-        lo += min(options)
-        hi += max(options)
-    return lo / MB, hi / MB
 
 
 def equivalent_bits(size_mb: float, float_mb: float, float_bits: int = 32) -> float:

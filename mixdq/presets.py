@@ -202,7 +202,7 @@ def make_evidence(model=None, path: Path | None = None, eval_prompts: int = 16, 
                          + (f"{al:.3f}" if al is not None else "n/a") + " |")
     t_eval = time.perf_counter() - t_eval
     settings = ev.eval.settings(pipe)
-    from .measure import is_embedded
+    from .defaults import is_embedded
 
     embedded = is_embedded(pipe)
     model_desc = "the embedded tiny-sdxl" if embedded else f"`{model}`"

@@ -606,7 +606,7 @@ def add_sensitivity_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 def run_sensitivity(args) -> Sensitivity:
-    from . import load_pipeline
+    from .loading import load_pipeline
     from .plan import ACT_BITS, WEIGHT_BITS
 
     for what, bits, allowed in (("--weight-bits", args.weight_bits, WEIGHT_BITS), ("--act-bits", args.act_bits, ACT_BITS)):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mixdq.allocate import (CONTENT, QUALITY, TOTAL, Allocator, loss_from_score, normalised_values,
+from mixdq.allocate import (CONTENT, QUALITY, TOTAL, Allocator, budget_bounds, loss_from_score, normalised_values,
                             pareto, select, solve_choice)
 from mixdq.errors import BudgetError, PlanError
 from mixdq.memory import LayerCosts
@@ -387,7 +387,7 @@ def test_cli_refuses_an_impossible_budget_before_any_sensitivity_work(tiny_sdxl_
 
     monkeypatch.setattr(S, "sensitivity", started)
     costs = mixdq.layer_costs(mixdq.load_pipeline(tiny_sdxl_dir, device="cpu").unet)
-    lo, hi = measure.budget_bounds(costs)
+    lo, hi = budget_bounds(costs)
     parser = add_allocate_args(argparse.ArgumentParser())
 
     def run(*extra):
@@ -406,7 +406,7 @@ def test_cli_refuses_an_impossible_budget_before_any_sensitivity_work(tiny_sdxl_
     # lower quality candidates lower the floor: the same budget is now feasible, so the
     # analysis is what runs next
     low = {**DEFAULT_WEIGHT_CANDIDATES, QUALITY: (2, 4, 8, 16)}
-    lo2 = measure.budget_bounds(costs, low)[0]
+    lo2 = budget_bounds(costs, low)[0]
     assert lo2 < lo
     between = str((lo + lo2) / 2)
     with pytest.raises(BudgetError):

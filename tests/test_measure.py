@@ -5,7 +5,8 @@ import pytest
 
 import mixdq
 from mixdq import measure
-from mixdq.allocate import Allocator
+from mixdq.allocate import Allocator, budget_bounds
+from mixdq.defaults import is_embedded
 from mixdq.sensitivity import Sensitivity, layer_group
 
 SMALL_CAL = ["a red circle", "a blue square on black"]
@@ -85,7 +86,7 @@ def test_peak_memory_sees_an_allocation():
 
 def test_budget_bounds_contain_the_allocator_range(tiny_sdxl_pipe):
     costs = mixdq.layer_costs(tiny_sdxl_pipe.unet)
-    lo, hi = measure.budget_bounds(costs)
+    lo, hi = budget_bounds(costs)
     alo, ahi = Allocator(synthetic_sensitivity(tiny_sdxl_pipe.unet), costs).feasible_range_mb()
     assert lo == pytest.approx(alo, abs=1e-9)
     assert ahi <= hi + 1e-9 and hi - ahi < 0.01 * hi
@@ -143,9 +144,9 @@ def test_prompt_checker_runs_for_captions_of_the_embedded_world(quantized_pair, 
     assert s["checks"]["float"] == zoo.check(s["float_image"], caption)
     assert measure.compare(f, q, "a photo of a cat", seed=0, check=True, timing_repeats=1)["checks"] is None
     # the embedded model (and its exports) turn the checker on by default; others do not
-    assert not measure.is_embedded(f)
+    assert not is_embedded(f)
     loaded = mixdq.import_archive(mixdq.export_archive(q, tmp_path / "e.zip", embedded=True), dest=tmp_path)
-    assert measure.is_embedded(loaded)
+    assert is_embedded(loaded)
 
 
 def shipped_like(pipe, cal, folder, **meta):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import mixdq
 from mixdq import measure
+from mixdq.allocate import budget_bounds
+from mixdq.defaults import is_embedded
 from mixdq.allocate import TOTAL, Allocation, Allocator, pareto
 from mixdq.errors import BudgetError, MixDQError, PlanError
 from mixdq.memory import MB
@@ -153,7 +155,7 @@ class Session:
         self.costs = mixdq.layer_costs(pipe.unet)
         self.float_mb = self.costs.float_mb()
         self.n_layers = len(mixdq.quantizable_layers(pipe.unet))
-        self.embedded = measure.is_embedded(pipe)
+        self.embedded = is_embedded(pipe)
         self.calibration = calibration or measure.default_calibration(pipe)
         self.presets = measure.presets(pipe.unet, presets_dir)
         # sens_source ("given", "shipped", "cached", "measured" or "none") lets the header say
@@ -178,7 +180,7 @@ class Session:
         the same candidate bit-widths' byte counts with activations at their widest."""
         if self.allocator is not None:
             return self.allocator.feasible_range_mb()
-        return measure.budget_bounds(self.costs)
+        return budget_bounds(self.costs)
 
     def in_range(self, budget: float) -> bool:
         lo, hi = self.budget_range()
