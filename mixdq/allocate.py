@@ -696,7 +696,7 @@ def run_allocate(args) -> Allocation | None:
 
             check_budget_range(args.budget_mb, *budget_bounds(costs, wc), wc,
                                lower_bits_how=f" (--content-bits / --quality-bits, down to {min(WEIGHT_BITS)})")
-        from .measure import load_sensitivity
+        from .tables import load_sensitivity
 
         sens = load_sensitivity(pipe, cal)
     alloc = Allocator(sens, costs, weight_candidates=wc,

@@ -43,6 +43,9 @@ def shipped_prompts(pipe) -> list[str]:
     return _read_prompts(shipped_prompts_file(pipe))
 
 
+DEFAULT_PROMPTS = 32
+
+
 @dataclass
 class Calibration:
     """What to run the pipeline on. None means the model's own default."""
@@ -62,10 +65,12 @@ class Calibration:
             raise ValueError("batch_size must be >= 1")
 
     @classmethod
-    def default(cls, pipe, n: int = 32, **kw) -> "Calibration":
-        """The prompt list shipped with the model (or the generic one), first n."""
+    def default(cls, pipe, n: int | None = None, **kw) -> "Calibration":
+        """The prompt list shipped with the model (or the generic one), first n (default: 32,
+        or all if fewer), other fields their defaults: what the CLI uses with no flags."""
         path = shipped_prompts_file(pipe)
         prompts = _read_prompts(path)
+        n = min(DEFAULT_PROMPTS, len(prompts)) if n is None else n
         if n > len(prompts):
             raise ValueError(f"{path} holds {len(prompts)} prompts; asked for {n}")
         return cls(prompts=prompts[:n], **kw)

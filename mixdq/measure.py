@@ -10,15 +10,12 @@ generates, UNet latency per step (the same inputs replayed on both UNets, interl
 SSIM and PSNR of the quantized image against the float one (`mixdq.metrics`), and for captions
 of the embedded model's world whether each image shows what the caption says (`mixdq.zoo`).
 
-Also here, so the command line and the app share them: the default calibration and sensitivity
-the CLI would use (`default_calibration`; `find_sensitivity`: shipped for this model and
-calibration, else cached, and `load_sensitivity`, else measured), the shipped presets
-(`presets`) and the bits-per-layer chart data (`plan_chart_data`).  A quantized model as one
-zip archive: `mixdq.export_archive` / `mixdq.import_archive` (export.py).
+The sensitivity table the CLI and the app use is found by `tables.py`, the shipped presets
+by `presets.py`; a quantized model as one zip archive: `mixdq.export_archive` /
+`mixdq.import_archive` (export.py).
 """
 from __future__ import annotations
 
-import importlib
 import copy
 import json
 import math
@@ -26,7 +23,6 @@ import statistics
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,11 +30,9 @@ import torch
 from .defaults import is_embedded
 from .errors import MixDQError
 from .memory import MB, model_nbytes
-from .resources import shipped
 
 MAX_STEPS = 50          # few-step models: more than this is a typo, and minutes of CPU
 MAX_SEED = 2**63 - 1    # torch.Generator.manual_seed takes any int64 >= 0
-PRESETS_DIR = shipped("presets")
 
 
 class InputError(MixDQError, ValueError):
@@ -314,234 +308,3 @@ def difference_map(float_image, quant_image, gain: float | None = None):
         gain = 255.0 / diff.max() if diff.max() > 0 else 1.0
     out = np.clip(diff * gain, 0, 255).astype(np.uint8)
     return Image.fromarray(out, mode="L"), gain
-
-
-# ------------------------------------------------------------------------------------------
-# Calibration, sensitivity, presets: what the CLI would use.
-# ------------------------------------------------------------------------------------------
-def default_calibration(pipe):
-    """The calibration `python -m mixdq ...` uses with no calibration flags (same cache key,
-    so sensitivity computed by either is reused by the other)."""
-    import argparse
-
-    from .sensitivity import add_calibration_args, calibration_from_args
-
-    parser = argparse.ArgumentParser()
-    add_calibration_args(parser)
-    return calibration_from_args(pipe, parser.parse_args([]))
-
-
-@dataclass
-class SensitivityLookup:
-    """What `find_sensitivity` found: the table or None, where it came from ("shipped",
-    "cached" or "none"), and one line for the user saying so.  For "none": `shipped_note` says
-    why the shipped table measured for this model does not apply (if there is one),
-    `shipped_flags` the command-line flags that would select its calibration, and `todo` how
-    many evaluations the analysis still has to run."""
-    table: object | None          # mixdq.sensitivity.Sensitivity
-    source: str
-    message: str
-    shipped_note: str | None = None
-    shipped_flags: str | None = None
-    todo: int | None = None
-
-
-def _calibration_fields(prompts, seed, settings, dtype=None, device_type=None) -> dict:
-    out = {"prompts": prompts, "seed": seed, "steps": settings.get("num_inference_steps"),
-           "guidance": settings.get("guidance_scale"), "height": settings.get("height"),
-           "width": settings.get("width"), "dtype": dtype, "device": device_type}
-    return {k: v for k, v in out.items() if v is not None}
-
-
-_CALIBRATION_FLAGS = {"prompts": "--prompts", "seed": "--seed", "steps": "--steps", "guidance": "--guidance",
-                      "height": "--resolution", "width": "--resolution", "device": "--device"}
-
-
-def _shipped_mismatch(meta: dict, key: str, inputs: dict, name: str) -> tuple[str, str | None]:
-    """Why a shipped table measured for this model does not fit this calibration (field by
-    field, as far as its meta records them), and the flags that would select its calibration."""
-    theirs = _calibration_fields(meta.get("prompts"), meta.get("seed"), meta.get("settings") or {},
-                                 meta.get("dtype"), meta.get("device_type"))
-    yours = _calibration_fields(len(inputs["prompts"]), inputs["seed"], inputs["settings"],
-                                inputs["dtype"], inputs["device_type"])
-    diff = [k for k in theirs if theirs[k] != yours.get(k)]
-    if diff:
-        how = "with " + ", ".join(f"{k} {theirs[k]} (yours {yours.get(k)})" for k in diff)
-        flags = dict.fromkeys(f"{_CALIBRATION_FLAGS[k]} {theirs[k]}" for k in diff if k in _CALIBRATION_FLAGS)
-        flags = " ".join(flags) or None
-    elif meta.get("key"):  # the key also covers the prompts' text and the sensitivity code's version
-        how = (f"with other calibration prompts or another version of the sensitivity code "
-               f"(cache key {meta['key']}, yours {key})")
-        flags = None
-    else:
-        how, flags = "with a calibration it does not record (no cache key in its meta)", None
-    return f"the shipped {name} was measured for this model {how}", flags
-
-
-def find_sensitivity(pipe, calibration=None, presets_dir=None) -> SensitivityLookup:
-    """The sensitivity table for this model and calibration, without measuring anything: the
-    shipped one in presets/ if it was measured for exactly these (the same cache key), else a
-    complete one in the on-disk cache, else none (`message` says why, and what is cached)."""
-    S = importlib.import_module("mixdq.sensitivity")  # the module: mixdq.sensitivity is also the verb
-    from .quant import quantizable_layers
-
-    calibration = calibration or default_calibration(pipe)
-    key, inputs = S.cache_key(pipe, calibration)
-    note = flags = None
-    for path in sorted(Path(presets_dir or PRESETS_DIR).glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not (isinstance(data, dict) and data.get("format") == "mixdq-sensitivity/1"):
-            continue
-        meta = data.get("meta") or {}
-        if str(meta.get("model", "")) != inputs["model"][:16]:
-            continue   # another model's table says nothing about this one
-        try:
-            name = str(path.resolve().relative_to(PRESETS_DIR.parent))
-        except ValueError:
-            name = str(path)
-        # Scores measured on other prompts, seed, steps or size answer another question: only
-        # the exact cache key (model and calibration) counts.
-        if meta.get("key") == key:
-            return SensitivityLookup(S.Sensitivity.from_dict(data), "shipped",
-                                     f"shipped {name}, measured for this model and calibration")
-        note, flags = _shipped_mismatch(meta, key, inputs, name)
-    folder = S.cache_root() / key
-    prefix = f"{note}; " if note else ""
-    try:
-        names = list(quantizable_layers(pipe.unet))
-        groups = {n: S.layer_group(n) for n in names}
-        wbits = S._candidates(None, S.DEFAULT_WEIGHT_BITS)
-        abits = S._candidates(None, S.DEFAULT_ACT_BITS)
-        jobs = list(S._jobs(names, groups, wbits, abits))
-        done = S._read_results(folder) if folder.is_dir() else {}
-        todo = sum(1 for job in jobs if not all(m in done.get(job, {}) for m in S.metrics_for(groups[job[0]])))
-    except (AttributeError, OSError, ValueError, KeyError):  # cache layout changed: recompute
-        return SensitivityLookup(None, "none", f"{prefix}the cache in {folder} is unreadable", note, flags)
-    if todo or not (folder / "model.json").is_file():
-        have = "nothing" if todo == len(jobs) else f"{len(jobs) - todo} of {len(jobs)} evaluations"
-        return SensitivityLookup(None, "none", f"{prefix}{have} cached in {folder}", note, flags, todo)
-    return SensitivityLookup(S.sensitivity(pipe, calibration, progress=False), "cached",
-                             f"cached in {folder}")
-
-
-def cached_sensitivity(pipe, calibration=None, presets_dir=None):
-    """The sensitivity table if it is shipped in presets/ for this exact model and calibration
-    or already complete on disk, else None.  Never starts the (long) analysis itself."""
-    return find_sensitivity(pipe, calibration, presets_dir).table
-
-
-def load_sensitivity(pipe, calibration=None, presets_dir=None, log=None):
-    """`find_sensitivity`, else the analysis (resuming what is cached).  `log` (default: print
-    to stderr) gets one line saying which.  The command line takes its table from here, so it
-    finds what the app finds."""
-    import sys
-
-    S = importlib.import_module("mixdq.sensitivity")
-    log = log or (lambda text: print(text, file=sys.stderr))
-    calibration = calibration or default_calibration(pipe)
-    found = find_sensitivity(pipe, calibration, presets_dir)
-    if found.table is not None:
-        log(f"sensitivity: {found.message}")
-        return found.table
-    hint = f"; {found.shipped_flags} would use the shipped table instead" if found.shipped_flags else ""
-    log(f"sensitivity: {found.message}: measuring {found.todo or 'the missing'} evaluations, every layer at "
-        f"every candidate bit-width, once (resumable, then cached){hint}")
-    return S.sensitivity(pipe, calibration)
-
-
-@dataclass
-class Preset:
-    name: str
-    plan: object                  # mixdq.Plan
-    size_mb: float                # layer_costs(unet).total_mb(plan): what quantize will store
-    stats: dict = field(default_factory=dict)   # presets/NAME.stats.json, measured when shipped
-
-
-def presets(unet, folder: Path | None = None) -> list[Preset]:
-    """The shipped plans (presets/NAME.json, numbers in NAME.stats.json) that fit this UNet,
-    smallest first.  Plans for other models are skipped."""
-    from .memory import layer_costs
-    from .plan import Plan
-    from .quant import quantizable_layers
-
-    folder = Path(folder or PRESETS_DIR)
-    names = list(quantizable_layers(unet))
-    costs = None
-    out = []
-    for path in sorted(folder.glob("*.json")):
-        if path.name.endswith(".stats.json"):
-            continue
-        try:
-            plan = Plan.load(path)
-            plan.validate(names)
-        except MixDQError:
-            continue
-        costs = costs or layer_costs(unet)
-        stats_path = path.with_name(path.stem + ".stats.json")
-        try:
-            stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-        except ValueError:
-            stats = {}
-        out.append(Preset(path.stem, plan, costs.total_mb(plan), stats))
-    return sorted(out, key=lambda p: p.size_mb)
-
-
-def equivalent_bits(size_mb: float, float_mb: float, float_bits: int = 32) -> float:
-    """The bit-width a uniformly quantized UNet of `size_mb` would have: float bits scaled by
-    size / float size (32 on CPU, 16 for a float16 model; scales and kept-float parts count)."""
-    return float_bits * size_mb / float_mb
-
-
-def dtype_bits(unet) -> int:
-    import torch
-
-    return torch.finfo(unet.dtype).bits
-
-
-# ------------------------------------------------------------------------------------------
-# Looking inside a plan.
-# ------------------------------------------------------------------------------------------
-_INPUT = ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "class_embedding",
-          "encoder_hid_proj")
-
-
-def block_of(name: str) -> str:
-    """The UNet block a layer belongs to, as the chart groups them: input (conv_in and the
-    time/size embeddings), down_blocks.i, mid_block, up_blocks.i, output (norm and conv_out)."""
-    parts = name.split(".")
-    if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 1:
-        return f"{parts[0]}.{parts[1]}"
-    if parts[0] in _INPUT:
-        return "input"
-    if parts[0] == "mid_block":
-        return "mid_block"
-    return "output"
-
-
-def _block_order(block: str) -> tuple:
-    """Data-flow order (diffusers registers up_blocks before mid_block)."""
-    kind, _, idx = block.partition(".")
-    rank = {"input": 0, "down_blocks": 1, "mid_block": 2, "up_blocks": 3, "output": 4}[kind]
-    return rank, int(idx) if idx else 0
-
-
-def plan_chart_data(plan, unet) -> list[dict]:
-    """One row per quantizable layer, blocks in data-flow order (layers in the UNet's own
-    order inside a block): block, group (content or quality), weight and activation bits
-    (16 = kept float), parameter count."""
-    from .plan import FLOAT_BITS
-    from .quant import layer_spec, quantizable_layers
-    from .sensitivity import layer_group
-
-    rows = []
-    for name, module in quantizable_layers(unet).items():
-        bits = plan.get(name)
-        shape, _, _ = layer_spec(module)
-        rows.append({"layer": name, "block": block_of(name), "group": layer_group(name),
-                     "weight_bits": bits.weight if bits else FLOAT_BITS,
-                     "act_bits": bits.act if bits else FLOAT_BITS,
-                     "params": math.prod(shape)})
-    return sorted(rows, key=lambda r: _block_order(r["block"]))   # stable: keeps order inside a block

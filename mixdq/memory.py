@@ -88,3 +88,15 @@ def layer_costs(unet: nn.Module) -> LayerCosts:
         layer_bytes += model_nbytes(module)
     fixed = model_nbytes(unet) - layer_bytes
     return LayerCosts(fixed_bytes=fixed, bytes=costs, float_bytes=floats, weight_numel=numel)
+
+
+def equivalent_bits(size_mb: float, float_mb: float, float_bits: int = 32) -> float:
+    """The bit-width a uniformly quantized UNet of `size_mb` would have: float bits scaled by
+    size / float size (32 on CPU, 16 for a float16 model; scales and kept-float parts count)."""
+    return float_bits * size_mb / float_mb
+
+
+def dtype_bits(unet) -> int:
+    import torch
+
+    return torch.finfo(unet.dtype).bits

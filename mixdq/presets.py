@@ -24,11 +24,13 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .allocate import (DEFAULT_RATIOS, TOTAL, Allocator, PlanEvaluator, default_eval_prompts,
                        select, selection_score)
-from .errors import BudgetError
+from .calibrate import Calibration
+from .errors import BudgetError, MixDQError
 from .plan import Plan
 from .quant.machine import cpu_name
 from .resources import shipped
@@ -41,12 +43,11 @@ SELECT_SEED = 5000
 
 def _setup(model, eval_prompts: int, progress: bool):
     from . import layer_costs, load_pipeline
-    from .measure import default_calibration
     from .quant import quantizable_layers
     from .sensitivity import sensitivity
 
     pipe = load_pipeline(model)
-    cal = default_calibration(pipe)
+    cal = Calibration.default(pipe)
     t0 = time.perf_counter()
     sens = sensitivity(pipe, cal, progress=progress)
     sens_s = time.perf_counter() - t0
@@ -295,3 +296,40 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@dataclass
+class Preset:
+    name: str
+    plan: object                  # mixdq.Plan
+    size_mb: float                # layer_costs(unet).total_mb(plan): what quantize will store
+    stats: dict = field(default_factory=dict)   # presets/NAME.stats.json, measured when shipped
+
+
+def presets(unet, folder: Path | None = None) -> list[Preset]:
+    """The shipped plans (presets/NAME.json, numbers in NAME.stats.json) that fit this UNet,
+    smallest first.  Plans for other models are skipped."""
+    from .memory import layer_costs
+    from .plan import Plan
+    from .quant import quantizable_layers
+
+    folder = Path(folder or PRESETS_DIR)
+    names = list(quantizable_layers(unet))
+    costs = None
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        if path.name.endswith(".stats.json"):
+            continue
+        try:
+            plan = Plan.load(path)
+            plan.validate(names)
+        except MixDQError:
+            continue
+        costs = costs or layer_costs(unet)
+        stats_path = path.with_name(path.stem + ".stats.json")
+        try:
+            stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+        except ValueError:
+            stats = {}
+        out.append(Preset(path.stem, plan, costs.total_mb(plan), stats))
+    return sorted(out, key=lambda p: p.size_mb)

@@ -41,6 +41,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from .calibrate import DEFAULT_PROMPTS, Calibration
 from .quant.machine import cpu_name
 
 CONTENT, QUALITY = "content", "quality"
@@ -558,18 +559,19 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="model source: a diffusers folder or hub id (default: the embedded model)")
     parser.add_argument("--prompts", type=int, default=None, metavar="N",
-                        help="use the first N shipped calibration prompts (default: 32 or all)")
+                        help=f"use the first N shipped calibration prompts (default: {DEFAULT_PROMPTS} or all)")
     parser.add_argument("--prompts-file", default=None, help="text file with one prompt per line")
-    parser.add_argument("--seed", type=int, default=0, help="seed of prompt i is seed + i (default 0)")
+    parser.add_argument("--seed", type=int, default=Calibration.seed,
+                        help=f"seed of prompt i is seed + i (default {Calibration.seed})")
     parser.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--resolution", type=int, default=None, help="image height = width (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward (default 8)")
+    parser.add_argument("--batch-size", type=int, default=Calibration.batch_size,
+                        help=f"prompts per forward (default {Calibration.batch_size})")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
 
 
 def calibration_from_args(pipe, args):
-    from .calibrate import Calibration, shipped_prompts
 
     kw = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance,
               height=args.resolution, width=args.resolution, batch_size=args.batch_size)
@@ -583,9 +585,8 @@ def calibration_from_args(pipe, args):
         return Calibration(prompts=prompts, **kw)
     if args.prompts is not None and args.prompts < 1:
         raise SystemExit("error: --prompts must be >= 1")
-    n = args.prompts or min(32, len(shipped_prompts(pipe)))
     try:
-        return Calibration.default(pipe, n=n, **kw)
+        return Calibration.default(pipe, n=args.prompts, **kw)
     except ValueError as e:
         raise SystemExit(f"error: {e}; pass a smaller --prompts or a --prompts-file")
 

@@ -117,7 +117,7 @@ def test_allocate_on_a_fresh_clone_uses_the_shipped_sensitivity(tmp_path):
     for the embedded model and the default calibration), says so, and prints a plan in
     seconds; the analysis (882 evaluations, minutes) does not start."""
     from mixdq.loading import EMBEDDED
-    from mixdq.measure import PRESETS_DIR
+    from mixdq.presets import PRESETS_DIR
     from mixdq.plan import Plan
 
     if not (EMBEDDED / "model_index.json").is_file():

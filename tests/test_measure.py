@@ -4,7 +4,8 @@ import math
 import pytest
 
 import mixdq
-from mixdq import measure
+from mixdq import measure, memory, tables
+from mixdq.app import charts
 from mixdq.allocate import Allocator, budget_bounds
 from mixdq.defaults import is_embedded
 from mixdq.sensitivity import Sensitivity, layer_group
@@ -97,17 +98,17 @@ def test_equivalent_bits(quantized_pair):
     f, q = quantized_pair
     float_mb = mixdq.model_nbytes(f.unet) / 1e6
     quant_mb = mixdq.model_nbytes(q.unet) / 1e6
-    assert measure.dtype_bits(f.unet) == measure.dtype_bits(q.unet) == 32
-    assert measure.equivalent_bits(float_mb, float_mb) == 32
+    assert memory.dtype_bits(f.unet) == memory.dtype_bits(q.unet) == 32
+    assert memory.equivalent_bits(float_mb, float_mb) == 32
     # all-W8A8 plus per-channel scales: a little over 8 bits per parameter
-    assert 8 < measure.equivalent_bits(quant_mb, float_mb) < 12
+    assert 8 < memory.equivalent_bits(quant_mb, float_mb) < 12
 
 
 def test_plan_chart_data(tiny_sdxl_pipe):
     unet = tiny_sdxl_pipe.unet
     names = list(mixdq.quantizable_layers(unet))
     plan = mixdq.Plan({names[0]: (4, 8), names[-1]: (8, 16)})
-    rows = measure.plan_chart_data(plan, unet)
+    rows = charts.plan_chart_data(plan, unet)
     assert sorted(r["layer"] for r in rows) == sorted(names)
     by_name = {r["layer"]: r for r in rows}
     assert (by_name[names[0]]["weight_bits"], by_name[names[0]]["act_bits"]) == (4, 8)
@@ -168,10 +169,10 @@ def test_shipped_sensitivity_is_used_only_for_its_own_model(tiny_sdxl_pipe, tmp_
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path / "empty-cache"))
     cal = mixdq.Calibration(SMALL_CAL, batch_size=2)
     shipped_like(tiny_sdxl_pipe, cal, tmp_path, model="0" * 16)
-    assert measure.cached_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path) is None   # another model's
-    assert measure.find_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path).shipped_note is None
+    assert tables.cached_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path) is None   # another model's
+    assert tables.find_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path).shipped_note is None
     sens = shipped_like(tiny_sdxl_pipe, cal, tmp_path)
-    found = measure.find_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path)
+    found = tables.find_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path)
     assert found.source == "shipped" and found.message.startswith(f"shipped {tmp_path / 'sensitivity.json'}")
     assert found.table.layers == sens.layers and found.table.scores == sens.scores
     assert not (tmp_path / "empty-cache" / "sensitivity").exists()
@@ -192,28 +193,28 @@ def test_shipped_sensitivity_is_used_only_for_its_own_calibration(tiny_sdxl_pipe
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path / "empty-cache"))
     cal = mixdq.Calibration(SMALL_CAL, batch_size=2)
     shipped_like(tiny_sdxl_pipe, cal, tmp_path / "presets")
-    assert measure.cached_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path / "presets") is not None
+    assert tables.cached_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path / "presets") is not None
     # the batch size is not part of what is measured
-    assert measure.cached_sensitivity(tiny_sdxl_pipe, dataclasses.replace(cal, batch_size=1),
+    assert tables.cached_sensitivity(tiny_sdxl_pipe, dataclasses.replace(cal, batch_size=1),
                                       presets_dir=tmp_path / "presets") is not None
     for other, diff, flags in [
             (dataclasses.replace(cal, seed=5), "seed 0 (yours 5)", "--seed 0"),
             (dataclasses.replace(cal, prompts=SMALL_CAL[:1]), "prompts 2 (yours 1)", "--prompts 2"),
             (dataclasses.replace(cal, num_inference_steps=1, height=32, width=32),
              "steps 2 (yours 1), height 16 (yours 32), width 16 (yours 32)", "--steps 2 --resolution 16")]:
-        assert measure.cached_sensitivity(tiny_sdxl_pipe, other, presets_dir=tmp_path / "presets") is None
-        found = measure.find_sensitivity(tiny_sdxl_pipe, other, presets_dir=tmp_path / "presets")
+        assert tables.cached_sensitivity(tiny_sdxl_pipe, other, presets_dir=tmp_path / "presets") is None
+        found = tables.find_sensitivity(tiny_sdxl_pipe, other, presets_dir=tmp_path / "presets")
         assert found.table is None and found.source == "none"
         assert found.shipped_note == f"the shipped {tmp_path / 'presets' / 'sensitivity.json'} was measured " \
                                      f"for this model with {diff}"
         assert found.shipped_flags == flags and found.todo > 0
         assert found.message.startswith(found.shipped_note) and "nothing cached in " in found.message
     # same counts and settings, other prompt text: only the cache key tells them apart
-    found = measure.find_sensitivity(tiny_sdxl_pipe, dataclasses.replace(cal, prompts=["a cat", "a dog"]),
+    found = tables.find_sensitivity(tiny_sdxl_pipe, dataclasses.replace(cal, prompts=["a cat", "a dog"]),
                                      presets_dir=tmp_path / "presets")
     assert found.table is None and "other calibration prompts" in found.shipped_note
     assert found.shipped_flags is None
     # a table that does not record its calibration is not trusted with any
     shipped_like(tiny_sdxl_pipe, cal, tmp_path / "old", key=None)
-    found = measure.find_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path / "old")
+    found = tables.find_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path / "old")
     assert found.table is None and "no cache key" in found.shipped_note

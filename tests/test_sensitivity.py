@@ -12,6 +12,7 @@ import torch
 import importlib
 
 import mixdq
+from mixdq import tables
 
 # the module, not the verb: `mixdq.sensitivity` is the function once the package exports it
 S = importlib.import_module("mixdq.sensitivity")
@@ -280,8 +281,8 @@ def test_embedded_model_copied_elsewhere_finds_the_shipped_table(tmp_path, monke
     assert there.unet.config._name_or_path != here.unet.config._name_or_path  # really loaded from the copy
     fp = S.model_fingerprint(here)
     assert S.model_fingerprint(there) == fp
-    cal = measure.default_calibration(there)
-    assert S.cache_key(there, cal)[0] == S.cache_key(here, measure.default_calibration(here))[0]
+    cal = mixdq.Calibration.default(there)
+    assert S.cache_key(there, cal)[0] == S.cache_key(here, mixdq.Calibration.default(here))[0]
 
     shipped = json.loads((ROOT / "presets" / "sensitivity.json").read_text())
     # the shipped identity is this model's and its default calibration's (a fingerprint that
@@ -302,6 +303,6 @@ def test_embedded_model_copied_elsewhere_finds_the_shipped_table(tmp_path, monke
         raise AssertionError("the sensitivity analysis ran although a table ships for this model")
 
     monkeypatch.setattr(S, "sensitivity", boom)
-    got = measure.cached_sensitivity(there, cal)
+    got = tables.cached_sensitivity(there, cal)
     assert got is not None and got.scores == S.Sensitivity.from_dict(shipped).scores
     assert not (tmp_path / "empty-cache" / "sensitivity").exists()

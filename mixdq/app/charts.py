@@ -1,10 +1,14 @@
 """The app's two SVG charts, drawn from library data: bits per layer of a plan
-(`measure.plan_chart_data`) and the allocator's plans as size vs predicted loss."""
+(`plan_chart_data`) and the allocator's plans as size vs predicted loss."""
 from __future__ import annotations
 
 import html
 import math
 from dataclasses import dataclass, field
+
+from mixdq.plan import FLOAT_BITS
+from mixdq.quant import layer_spec, quantizable_layers
+from mixdq.sensitivity import layer_group
 
 CONTENT_COLOR, QUALITY_COLOR, PRESET_COLOR = "#e4572e", "#2e86ab", "#8a5cf6"
 SVG_OPEN = ('<svg viewBox="0 0 {w} {h}" width="100%" role="img" aria-label="{label}" '
@@ -14,6 +18,45 @@ SVG_OPEN = ('<svg viewBox="0 0 {w} {h}" width="100%" role="img" aria-label="{lab
 # ------------------------------------------------------------------------------------------
 # Bits per layer.
 # ------------------------------------------------------------------------------------------
+_INPUT = ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "class_embedding",
+          "encoder_hid_proj")
+
+
+def block_of(name: str) -> str:
+    """The UNet block a layer belongs to, as the chart groups them: input (conv_in and the
+    time/size embeddings), down_blocks.i, mid_block, up_blocks.i, output (norm and conv_out)."""
+    parts = name.split(".")
+    if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 1:
+        return f"{parts[0]}.{parts[1]}"
+    if parts[0] in _INPUT:
+        return "input"
+    if parts[0] == "mid_block":
+        return "mid_block"
+    return "output"
+
+
+def _block_order(block: str) -> tuple:
+    """Data-flow order (diffusers registers up_blocks before mid_block)."""
+    kind, _, idx = block.partition(".")
+    rank = {"input": 0, "down_blocks": 1, "mid_block": 2, "up_blocks": 3, "output": 4}[kind]
+    return rank, int(idx) if idx else 0
+
+
+def plan_chart_data(plan, unet) -> list[dict]:
+    """One row per quantizable layer, blocks in data-flow order (layers in the UNet's own
+    order inside a block): block, group (content or quality), weight and activation bits
+    (16 = kept float), parameter count."""
+    rows = []
+    for name, module in quantizable_layers(unet).items():
+        bits = plan.get(name)
+        shape, _, _ = layer_spec(module)
+        rows.append({"layer": name, "block": block_of(name), "group": layer_group(name),
+                     "weight_bits": bits.weight if bits else FLOAT_BITS,
+                     "act_bits": bits.act if bits else FLOAT_BITS,
+                     "params": math.prod(shape)})
+    return sorted(rows, key=lambda r: _block_order(r["block"]))   # stable: keeps order inside a block
+
+
 def _plan_legend(left: int, title: str) -> str:
     return (f'<text x="{left}" y="14" font-weight="bold">{html.escape(title)}</text>'
             f'<rect x="{left}" y="21" width="10" height="10" fill="{CONTENT_COLOR}"/>'

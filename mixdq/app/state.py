@@ -15,6 +15,8 @@ from pathlib import Path
 import mixdq
 from mixdq import measure
 from mixdq.allocate import budget_bounds
+from mixdq.presets import presets
+from mixdq.tables import find_sensitivity
 from mixdq.defaults import is_embedded
 from mixdq.allocate import TOTAL, Allocation, Allocator, pareto
 from mixdq.errors import BudgetError, MixDQError, PlanError
@@ -96,7 +98,7 @@ class QuantizedModel:
     def size_mb(self, costs) -> float:
         """UNet MB: the planned size, else the bytes the loaded UNet holds."""
         planned = self.planned_mb(costs)
-        return planned if planned is not None else measure.model_nbytes(self.pipe.unet) / MB
+        return planned if planned is not None else mixdq.model_nbytes(self.pipe.unet) / MB
 
 
 def load_note(pipe, caught: list[warnings.WarningMessage]) -> str:
@@ -156,14 +158,14 @@ class Session:
         self.float_mb = self.costs.float_mb()
         self.n_layers = len(mixdq.quantizable_layers(pipe.unet))
         self.embedded = is_embedded(pipe)
-        self.calibration = calibration or measure.default_calibration(pipe)
-        self.presets = measure.presets(pipe.unet, presets_dir)
+        self.calibration = calibration or mixdq.Calibration.default(pipe)
+        self.presets = presets(pipe.unet, presets_dir)
         # sens_source ("given", "shipped", "cached", "measured" or "none") lets the header say
         # which, and sens_note why a shipped table of this model was not taken
         if sensitivity is not None:
             self.sens, self.sens_source, self.sens_note = sensitivity, "given", None
         else:
-            found = measure.find_sensitivity(pipe, self.calibration, presets_dir=presets_dir)
+            found = find_sensitivity(pipe, self.calibration, presets_dir=presets_dir)
             self.sens, self.sens_source, self.sens_note = found.table, found.source, found.shipped_note
         self.allocator: Allocator | None = None
         self.family: PlanFamily | None = None          # comes with the allocator, for the chart

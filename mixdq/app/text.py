@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mixdq import measure
+from mixdq import measure, memory
 
 if TYPE_CHECKING:
     from .state import QuantizedModel, Session
@@ -63,8 +63,8 @@ def budget_markdown(session: Session, budget) -> str:
         budget = float(budget)
     except (TypeError, ValueError):
         return "Enter a budget in MB."
-    float_bits = measure.dtype_bits(session.float_pipe.unet)
-    bits = measure.equivalent_bits(budget, session.float_mb, float_bits)
+    float_bits = memory.dtype_bits(session.float_pipe.unet)
+    bits = memory.equivalent_bits(budget, session.float_mb, float_bits)
     parts = [f"**{fmt_mb(budget)}** of UNet memory = **{budget / session.float_mb:.1%}** of float "
              f"({fmt_mb(session.float_mb)}) ≈ **{bits:.2f} average bits** (float: {float_bits})"]
     preset = session.matching_preset(budget)

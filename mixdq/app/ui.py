@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 import mixdq
-from mixdq import measure
+from mixdq import measure, presets
 from mixdq.errors import MixDQError
 from mixdq.memory import MB
 
@@ -71,7 +71,7 @@ class Page:
     header: gr.Markdown
     budget: gr.Slider
     budget_info: gr.Markdown
-    preset_buttons: list            # [(gr.Button, measure.Preset)]
+    preset_buttons: list            # [(gr.Button, presets.Preset)]
     prompt: gr.Textbox
     seed: gr.Number
     steps: gr.Number
@@ -181,7 +181,7 @@ class Handlers:
         f_big, q_big = enlarge(s["float_image"]), enlarge(s["quant_image"])
         diff_shown = gr.update(value=enlarge(diff), label=f"|quantized − float| × {gain:.0f} "
                                f"(white = largest difference, {255 / gain:.0f}/255)")
-        rows = measure.plan_chart_data(model.plan, model.pipe.unet)
+        rows = charts.plan_chart_data(model.plan, model.pipe.unet)
         return (f_big, q_big, (f_big, q_big), diff_shown, text.stats_markdown(s, model, session.embedded),
                 charts.plan_chart_svg(rows, f"Bits per layer: {model.plan.summary()}"), charts.pareto_svg(points),
                 numbers, text.done_markdown(s, model), gr.update(**session.slider_spec()),

@@ -1,0 +1,133 @@
+"""Which sensitivity table a pipeline gets: the one shipped in presets/ for this exact
+model and calibration, else a complete one in the cache, else (load_sensitivity only)
+one measured now.  The CLI and the app ask here, so they agree."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .calibrate import Calibration
+from .resources import shipped
+from .sensitivity import (DEFAULT_ACT_BITS, DEFAULT_WEIGHT_BITS, Sensitivity, _candidates, _jobs, _read_results,
+                          cache_key, cache_root, layer_group, metrics_for, sensitivity)
+
+
+@dataclass
+class SensitivityLookup:
+    """What `find_sensitivity` found: the table or None, where it came from ("shipped",
+    "cached" or "none"), and one line for the user saying so.  For "none": `shipped_note` says
+    why the shipped table measured for this model does not apply (if there is one),
+    `shipped_flags` the command-line flags that would select its calibration, and `todo` how
+    many evaluations the analysis still has to run."""
+    table: object | None          # mixdq.sensitivity.Sensitivity
+    source: str
+    message: str
+    shipped_note: str | None = None
+    shipped_flags: str | None = None
+    todo: int | None = None
+
+
+def _calibration_fields(prompts, seed, settings, dtype=None, device_type=None) -> dict:
+    out = {"prompts": prompts, "seed": seed, "steps": settings.get("num_inference_steps"),
+           "guidance": settings.get("guidance_scale"), "height": settings.get("height"),
+           "width": settings.get("width"), "dtype": dtype, "device": device_type}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+_CALIBRATION_FLAGS = {"prompts": "--prompts", "seed": "--seed", "steps": "--steps", "guidance": "--guidance",
+                      "height": "--resolution", "width": "--resolution", "device": "--device"}
+
+
+def _shipped_mismatch(meta: dict, key: str, inputs: dict, name: str) -> tuple[str, str | None]:
+    """Why a shipped table measured for this model does not fit this calibration (field by
+    field, as far as its meta records them), and the flags that would select its calibration."""
+    theirs = _calibration_fields(meta.get("prompts"), meta.get("seed"), meta.get("settings") or {},
+                                 meta.get("dtype"), meta.get("device_type"))
+    yours = _calibration_fields(len(inputs["prompts"]), inputs["seed"], inputs["settings"],
+                                inputs["dtype"], inputs["device_type"])
+    diff = [k for k in theirs if theirs[k] != yours.get(k)]
+    if diff:
+        how = "with " + ", ".join(f"{k} {theirs[k]} (yours {yours.get(k)})" for k in diff)
+        flags = dict.fromkeys(f"{_CALIBRATION_FLAGS[k]} {theirs[k]}" for k in diff if k in _CALIBRATION_FLAGS)
+        flags = " ".join(flags) or None
+    elif meta.get("key"):  # the key also covers the prompts' text and the sensitivity code's version
+        how = (f"with other calibration prompts or another version of the sensitivity code "
+               f"(cache key {meta['key']}, yours {key})")
+        flags = None
+    else:
+        how, flags = "with a calibration it does not record (no cache key in its meta)", None
+    return f"the shipped {name} was measured for this model {how}", flags
+
+
+def find_sensitivity(pipe, calibration=None, presets_dir=None) -> SensitivityLookup:
+    """The sensitivity table for this model and calibration, without measuring anything: the
+    shipped one in presets/ if it was measured for exactly these (the same cache key), else a
+    complete one in the on-disk cache, else none (`message` says why, and what is cached)."""
+    from .quant import quantizable_layers
+
+    calibration = calibration or Calibration.default(pipe)
+    key, inputs = cache_key(pipe, calibration)
+    note = flags = None
+    for path in sorted(Path(presets_dir or shipped("presets")).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not (isinstance(data, dict) and data.get("format") == "mixdq-sensitivity/1"):
+            continue
+        meta = data.get("meta") or {}
+        if str(meta.get("model", "")) != inputs["model"][:16]:
+            continue   # another model's table says nothing about this one
+        try:
+            name = str(path.resolve().relative_to(shipped("presets").parent))
+        except ValueError:
+            name = str(path)
+        # Scores measured on other prompts, seed, steps or size answer another question: only
+        # the exact cache key (model and calibration) counts.
+        if meta.get("key") == key:
+            return SensitivityLookup(Sensitivity.from_dict(data), "shipped",
+                                     f"shipped {name}, measured for this model and calibration")
+        note, flags = _shipped_mismatch(meta, key, inputs, name)
+    folder = cache_root() / key
+    prefix = f"{note}; " if note else ""
+    try:
+        names = list(quantizable_layers(pipe.unet))
+        groups = {n: layer_group(n) for n in names}
+        wbits = _candidates(None, DEFAULT_WEIGHT_BITS)
+        abits = _candidates(None, DEFAULT_ACT_BITS)
+        jobs = list(_jobs(names, groups, wbits, abits))
+        done = _read_results(folder) if folder.is_dir() else {}
+        todo = sum(1 for job in jobs if not all(m in done.get(job, {}) for m in metrics_for(groups[job[0]])))
+    except (AttributeError, OSError, ValueError, KeyError):  # cache layout changed: recompute
+        return SensitivityLookup(None, "none", f"{prefix}the cache in {folder} is unreadable", note, flags)
+    if todo or not (folder / "model.json").is_file():
+        have = "nothing" if todo == len(jobs) else f"{len(jobs) - todo} of {len(jobs)} evaluations"
+        return SensitivityLookup(None, "none", f"{prefix}{have} cached in {folder}", note, flags, todo)
+    return SensitivityLookup(sensitivity(pipe, calibration, progress=False), "cached",
+                             f"cached in {folder}")
+
+
+def cached_sensitivity(pipe, calibration=None, presets_dir=None):
+    """The sensitivity table if it is shipped in presets/ for this exact model and calibration
+    or already complete on disk, else None.  Never starts the (long) analysis itself."""
+    return find_sensitivity(pipe, calibration, presets_dir).table
+
+
+def load_sensitivity(pipe, calibration=None, presets_dir=None, log=None):
+    """`find_sensitivity`, else the analysis (resuming what is cached).  `log` (default: print
+    to stderr) gets one line saying which.  The command line takes its table from here, so it
+    finds what the app finds."""
+    import sys
+
+    
+    log = log or (lambda text: print(text, file=sys.stderr))
+    calibration = calibration or Calibration.default(pipe)
+    found = find_sensitivity(pipe, calibration, presets_dir)
+    if found.table is not None:
+        log(f"sensitivity: {found.message}")
+        return found.table
+    hint = f"; {found.shipped_flags} would use the shipped table instead" if found.shipped_flags else ""
+    log(f"sensitivity: {found.message}: measuring {found.todo or 'the missing'} evaluations, every layer at "
+        f"every candidate bit-width, once (resumable, then cached){hint}")
+    return sensitivity(pipe, calibration)
