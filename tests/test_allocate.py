@@ -369,13 +369,11 @@ def test_cli_refuses_an_impossible_budget_before_any_sensitivity_work(tiny_sdxl_
     """No sensitivity cached (a fresh clone): a budget outside the feasible range is refused at
     once, naming the range and the fix; the range is the one of the candidate bits given."""
     import argparse
-    import importlib
 
     import mixdq
-    from mixdq import measure
     from mixdq.allocate import DEFAULT_WEIGHT_CANDIDATES, add_allocate_args, run_allocate
 
-    S = importlib.import_module("mixdq.sensitivity")  # the module (mixdq.sensitivity is also the verb)
+    from mixdq import tables as S  # where the CLI and the app find (or start) the analysis
     cache = tmp_path / "empty-cache"
     monkeypatch.setenv("MIXDQ_CACHE", str(cache))
 
@@ -423,14 +421,13 @@ def test_cli_takes_the_shipped_sensitivity_only_for_its_calibration(tmp_path, mo
     not handed that table: the analysis starts, and stderr says why and which flags would
     have used the shipped one."""
     import argparse
-    import importlib
 
     from mixdq.allocate import add_allocate_args, run_allocate
     from mixdq.loading import EMBEDDED
 
     if not (EMBEDDED / "model_index.json").is_file():
         pytest.skip("the embedded model is not in assets/")
-    S = importlib.import_module("mixdq.sensitivity")
+    from mixdq import tables as S  # where the CLI and the app find (or start) the analysis
     cache = tmp_path / "empty-cache"
     monkeypatch.setenv("MIXDQ_CACHE", str(cache))
 
