@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
 import sys
 from pathlib import Path
 
-from .errors import MixDQError
+from .allocate import (CONTENT, DEFAULT_RATIOS, DEFAULT_WEIGHT_CANDIDATES, QUALITY, TOTAL, Allocation, Allocator,
+                       PlanEvaluator, _normalise_candidates, budget_bounds, check_budget_range, default_eval_prompts,
+                       pareto, select)
+from .calibrate import DEFAULT_PROMPTS, Calibration
+from .errors import BudgetError, MixDQError, PlanError
+from .plan import WEIGHT_BITS, Plan
 from .resources import shipped
+from .sensitivity import Sensitivity, sensitivity
 
 PRESETS = shipped("presets")
 
@@ -62,9 +70,240 @@ def _resolve_plan(spec, unet, weight_bits_map=None):
     return spec.with_weight_bits(weight_bits_map) if weight_bits_map else spec
 
 
-def _add_plan_args(p, required: bool = True):
-    from .sensitivity import add_calibration_args
+# ---------------------------------------------------------------------------
+# calibration, sensitivity and allocation options
+# ---------------------------------------------------------------------------
+def _bits_list(text: str) -> list[int]:
+    try:
+        bits = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated bit-widths like 2,4,8, got {text!r}")
+    if not bits:
+        raise argparse.ArgumentTypeError("no bit-widths given")
+    return bits
 
+
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the subcommands that run the model on calibration prompts."""
+    parser.add_argument("--model", default=None,
+                        help="model source: a diffusers folder or hub id (default: the embedded model)")
+    parser.add_argument("--prompts", type=int, default=None, metavar="N",
+                        help=f"use the first N shipped calibration prompts (default: {DEFAULT_PROMPTS} or all)")
+    parser.add_argument("--prompts-file", default=None, help="text file with one prompt per line")
+    parser.add_argument("--seed", type=int, default=Calibration.seed,
+                        help=f"seed of prompt i is seed + i (default {Calibration.seed})")
+    parser.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--resolution", type=int, default=None, help="image height = width (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=Calibration.batch_size,
+                        help=f"prompts per forward (default {Calibration.batch_size})")
+    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+
+
+def calibration_from_args(pipe, args):
+
+    kw = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance,
+              height=args.resolution, width=args.resolution, batch_size=args.batch_size)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise SystemExit(f"error: --prompts-file {str(path)!r} does not exist")
+        prompts = [p.strip() for p in path.read_text().splitlines() if p.strip()]
+        if args.prompts:
+            prompts = prompts[:args.prompts]
+        return Calibration(prompts=prompts, **kw)
+    if args.prompts is not None and args.prompts < 1:
+        raise SystemExit("error: --prompts must be >= 1")
+    try:
+        return Calibration.default(pipe, n=args.prompts, **kw)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}; pass a smaller --prompts or a --prompts-file")
+
+
+def add_sensitivity_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add_calibration_args(parser)
+    parser.add_argument("--weight-bits", type=_bits_list, default=None, metavar="B,B",
+                        help="weight candidates for every layer (default: content 2,4,8; quality 4,8)")
+    parser.add_argument("--act-bits", type=_bits_list, default=None, metavar="B,B",
+                        help="activation candidates (default 4,8)")
+    parser.add_argument("--layers", nargs="*", default=None, metavar="PATTERN",
+                        help="only these layers (fnmatch patterns, e.g. 'up_blocks.*attn2*')")
+    parser.add_argument("--cache-dir", default=None, help="cache root (default $MIXDQ_CACHE or ~/.cache/mixdq)")
+    parser.add_argument("--recompute", action="store_true", help="ignore cached measurements")
+    parser.add_argument("--out", default=None, help="also write the scores to this JSON file")
+    parser.add_argument("--show", action="store_true", help="print the per-layer table")
+    return parser
+
+
+def run_sensitivity(args) -> Sensitivity:
+    import torch
+
+    from .loading import load_pipeline
+    from .plan import ACT_BITS
+
+    for what, bits, allowed in (("--weight-bits", args.weight_bits, WEIGHT_BITS), ("--act-bits", args.act_bits, ACT_BITS)):
+        bad = [b for b in bits or [] if b not in allowed]
+        if bad:
+            raise SystemExit(f"error: {what} {bad} not supported; choose from {list(allowed)}")
+    device = args.device
+    if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per rank
+    pipe = load_pipeline(args.model, device=device)
+    cal = calibration_from_args(pipe, args)
+    sens = sensitivity(pipe, cal, weight_bits=args.weight_bits, act_bits=args.act_bits, layers=args.layers,
+                       cache_dir=args.cache_dir, recompute=args.recompute)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        if args.out:
+            sens.save(args.out)
+        if getattr(args, "show", False):
+            print(sens.table("weight"))
+            print(sens.table("act"))
+        m = sens.meta
+        n_c = sum(1 for g in sens.group.values() if g == CONTENT)
+        print(f"sensitivity: {len(sens.layers)} layers ({n_c} content, {len(sens.layers) - n_c} quality), "
+              f"{len(cal.prompts)} prompts, {m['computed']} measured now, wall {m['wall_s']:.1f} s, "
+              f"{m['world_size']} process(es); cache {m['cache']}", file=sys.stderr)
+    return sens
+
+
+def _ratio_list(text: str) -> list[float | None]:
+    out = []
+    for t in text.split(","):
+        t = t.strip().lower()
+        if t in ("joint", "none"):
+            out.append(None)
+            continue
+        try:
+            v = float(t)
+        except ValueError:
+            import argparse
+
+            raise argparse.ArgumentTypeError(f"ratios are numbers > 0 or 'joint', got {t!r}")
+        if not v > 0:
+            import argparse
+
+            raise argparse.ArgumentTypeError(f"ratios must be > 0, got {v}")
+        out.append(v)
+    return out
+
+
+def add_allocate_args(parser):
+    add_calibration_args(parser)
+    parser.add_argument("--budget-mb", type=float, default=None,
+                        help="UNet memory budget in MB (1 MB = 1e6 bytes), as the quantized model stores it")
+    parser.add_argument("--range", action="store_true", help="print the feasible budget range and exit")
+    parser.add_argument("--sensitivity", default=None,
+                        help="sensitivity JSON (default: the table shipped for --model and this calibration, "
+                             "else the cached one, else measured and cached)")
+    parser.add_argument("--ratio", type=_ratio_list, default=None, metavar="K[,K..]",
+                        help="content/quality bits-per-weight ratio(s); 'joint' = one shared budget "
+                             f"(default: sweep {','.join('joint' if r is None else str(r) for r in DEFAULT_RATIOS)})")
+    parser.add_argument("--no-select", action="store_true",
+                        help="do not measure the candidates; take the best predicted plan")
+    parser.add_argument("--eval-prompts", type=int, default=16, metavar="N",
+                        help="prompts used to measure candidate plans (default 16)")
+    parser.add_argument("--act-avg-bits", type=float, default=8.0,
+                        help="average activation bits (weighted by activation size; default 8); "
+                             "0 leaves activations unconstrained")
+    parser.add_argument("--act-floor", type=int, default=None, help="no activation below this many bits")
+    parser.add_argument("--content-bits", type=_bits_list, default=None, metavar="B,B",
+                        help="weight candidates for content layers (default 2,4,8,16)")
+    parser.add_argument("--quality-bits", type=_bits_list, default=None, metavar="B,B",
+                        help="weight candidates for quality layers (default 4,8,16)")
+    parser.add_argument("--single-metric", action="store_true",
+                        help="ablation: score every layer by SQNR in one group (no metric decoupling)")
+    parser.add_argument("--pareto", type=int, default=None, metavar="N",
+                        help="print the Pareto front (size vs predicted loss) of the plans for N budgets "
+                             "spread over the feasible range and every ratio, then exit")
+    parser.add_argument("--out", default=None, help="write the plan JSON here (default: stdout)")
+    return parser
+
+
+def run_allocate(args) -> Allocation | None:
+    import json
+    import sys
+
+    from .loading import load_pipeline
+    from .memory import layer_costs
+
+    if args.budget_mb is None and not args.range and not args.pareto:
+        raise PlanError("give --budget-mb MB (see the feasible range with --range)")
+    if args.budget_mb is not None and not (args.budget_mb > 0 and math.isfinite(args.budget_mb)):
+        raise BudgetError(f"--budget-mb must be a positive number of megabytes, got {args.budget_mb}")
+    if args.eval_prompts < 1:
+        raise PlanError("--eval-prompts must be >= 1")
+    wc = dict(DEFAULT_WEIGHT_CANDIDATES)
+    if args.content_bits:
+        wc[CONTENT] = tuple(args.content_bits)
+    if args.quality_bits:
+        wc[QUALITY] = tuple(args.quality_bits)
+    wc = _normalise_candidates(wc, WEIGHT_BITS, "weight")
+    pipe = load_pipeline(args.model, device=args.device)
+    costs = layer_costs(pipe.unet)
+    cal = calibration_from_args(pipe, args)
+    if args.sensitivity:
+        sens = Sensitivity.load(args.sensitivity)
+        print(f"sensitivity: read from {args.sensitivity}", file=sys.stderr)
+    else:
+        if args.budget_mb is not None:
+            # An impossible budget is refused now, not after the analysis (minutes to hours): the
+            # feasible range depends only on the layer costs and the candidate bits.  These
+            # bounds contain the allocator's exact range (the low end is exact; the high end
+            # assumes the widest activation choice), so they never refuse a feasible budget.
+
+            check_budget_range(args.budget_mb, *budget_bounds(costs, wc), wc,
+                               lower_bits_how=f" (--content-bits / --quality-bits, down to {min(WEIGHT_BITS)})")
+        from .tables import load_sensitivity
+
+        sens = load_sensitivity(pipe, cal)
+    alloc = Allocator(sens, costs, weight_candidates=wc,
+                      act_avg_bits=args.act_avg_bits or None, act_floor=args.act_floor,
+                      decoupled=not args.single_metric)
+    lo, hi = alloc.feasible_range_mb()
+    if args.range:
+        print(f"feasible budgets: {math.ceil(lo * 1000) / 1000:.3f} .. {math.floor(hi * 1000) / 1000:.3f} MB "
+              f"(float UNet {costs.float_mb():.3f} MB)")
+        return None
+    ratios = args.ratio or list(DEFAULT_RATIOS)
+    if args.pareto:
+        if args.pareto < 2:
+            raise PlanError("--pareto needs at least 2 budgets")
+        budgets = [lo + (hi - lo) * i / (args.pareto - 1) for i in range(args.pareto)]
+        front = pareto(alloc.family(budgets, ratios, progress=True))
+        # losses are normalised per group: 1 = the whole group at its lowest candidate bits
+        print(f"{'size MB':>10} {'content loss':>13} {'quality loss':>13} {'total':>10}  ratio  plan")
+        for a in front:
+            print(f"{a.size_mb:10.4f} {a.predicted.get(CONTENT, float('nan')):13.3e} "
+                  f"{a.predicted.get(QUALITY, float('nan')):13.3e} {a.predicted[TOTAL]:10.3e}  "
+                  f"{'joint' if a.ratio is None else a.ratio:>5}  {a.plan.summary()}")
+        return None
+    alloc.check_budget(args.budget_mb)
+    fam = alloc.family([args.budget_mb], ratios, progress=True)
+    if args.no_select or len(fam) == 1:
+        best = min(fam, key=lambda a: (a.predicted[TOTAL], a.size_mb))
+    else:
+        ev = PlanEvaluator(pipe, cal, default_eval_prompts(pipe, args.eval_prompts))
+        best = select(fam, ev, progress=True)
+    for a in fam:
+        tag = "*" if a is best else " "
+        fmt = {"ssim": ".6f", "psnr": ".2f", "size_mb": ".4f", "alignment": ".3f"}
+        meas = " ".join(f"{k}={v:{fmt.get(k, '.4g')}}" for k, v in a.measured.items())
+        print(f"{tag} ratio={a.ratio if a.ratio is not None else 'joint':>5} size={a.size_mb:.4f} MB "
+              f"predicted loss={a.predicted[TOTAL]:.3e} {meas}", file=sys.stderr)
+    plan = Plan(dict(best.plan.items()), meta={**best.plan.meta, "measured": best.measured})
+    if args.out:
+        plan.save(args.out)
+        print(f"wrote {args.out}: {best.size_mb:.4f} MB <= {args.budget_mb} MB, {plan.summary()}", file=sys.stderr)
+    else:
+        print(json.dumps(plan.to_dict(), indent=1))
+    return best
+
+
+# ---------------------------------------------------------------------------
+# quantize, export, generate
+# ---------------------------------------------------------------------------
+def _add_plan_args(p, required: bool = True):
     add_calibration_args(p)
     p.add_argument("--plan", type=_plan_arg, required=required,
                    help="plan JSON, preset name, or a uniform spec such as W8A8 / W4A16"
@@ -83,7 +322,6 @@ def _add_plan_args(p, required: bool = True):
 def _quantized_pipe(args):
     """Load, quantize per --plan with calibration from the shared arguments."""
     from . import load_pipeline, quantize
-    from .sensitivity import calibration_from_args
 
     pipe = load_pipeline(args.model, device=args.device)
     plan = _resolve_plan(args.plan, pipe.unet, args.weight_bits_map)
@@ -96,7 +334,6 @@ def _quantized_pipe(args):
 
 def cmd_calibrate(args):
     from . import float_ranges, load_pipeline
-    from .sensitivity import calibration_from_args
 
     pipe = load_pipeline(args.model, device=args.device)
     cal = calibration_from_args(pipe, args)
@@ -154,9 +391,6 @@ def cmd_generate(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .allocate import add_allocate_args
-    from .sensitivity import add_calibration_args, add_sensitivity_args
-
     parser = argparse.ArgumentParser(prog="python -m mixdq", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -168,11 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sensitivity", help="per-layer sensitivity (content: SSIM, quality: SQNR)")
     add_sensitivity_args(p)
-    p.set_defaults(run=lambda a: __import__("mixdq.sensitivity", fromlist=["x"]).run_sensitivity(a))
+    p.set_defaults(run=run_sensitivity)
 
     p = sub.add_parser("allocate", help="integer program: bits per layer under a memory budget")
     add_allocate_args(p)
-    p.set_defaults(run=lambda a: __import__("mixdq.allocate", fromlist=["x"]).run_allocate(a))
+    p.set_defaults(run=run_allocate)
 
     p = sub.add_parser("quantize", help="quantize with a plan and report size and timings")
     _add_plan_args(p)

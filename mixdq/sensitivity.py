@@ -26,14 +26,11 @@ split computed on every rank) and writes its own part file; rank 0 merges all pa
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fnmatch
 import hashlib
 import json
-import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +38,6 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .calibrate import DEFAULT_PROMPTS, Calibration
 from .quant.machine import cpu_name
 
 CONTENT, QUALITY = "content", "quality"
@@ -539,108 +535,3 @@ def sensitivity(pipe, calibration=None, *, weight_bits=None, act_bits=None,
             "world_size": world, "wall_s": round(wall, 2),
             "group_fn": getattr(group_fn, "__qualname__", str(group_fn))}
     return Sensitivity(list(names), groups, scores, {n: int(act_numel[n]) for n in names}, meta)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line (wired into `python -m mixdq sensitivity`; also `python -m mixdq.sensitivity`).
-# --------------------------------------------------------------------------------------------
-def _bits_list(text: str) -> list[int]:
-    try:
-        bits = [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated bit-widths like 2,4,8, got {text!r}")
-    if not bits:
-        raise argparse.ArgumentTypeError("no bit-widths given")
-    return bits
-
-
-def add_calibration_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared by the subcommands that run the model on calibration prompts."""
-    parser.add_argument("--model", default=None,
-                        help="model source: a diffusers folder or hub id (default: the embedded model)")
-    parser.add_argument("--prompts", type=int, default=None, metavar="N",
-                        help=f"use the first N shipped calibration prompts (default: {DEFAULT_PROMPTS} or all)")
-    parser.add_argument("--prompts-file", default=None, help="text file with one prompt per line")
-    parser.add_argument("--seed", type=int, default=Calibration.seed,
-                        help=f"seed of prompt i is seed + i (default {Calibration.seed})")
-    parser.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
-    parser.add_argument("--resolution", type=int, default=None, help="image height = width (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=Calibration.batch_size,
-                        help=f"prompts per forward (default {Calibration.batch_size})")
-    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-
-
-def calibration_from_args(pipe, args):
-
-    kw = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance,
-              height=args.resolution, width=args.resolution, batch_size=args.batch_size)
-    if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise SystemExit(f"error: --prompts-file {str(path)!r} does not exist")
-        prompts = [p.strip() for p in path.read_text().splitlines() if p.strip()]
-        if args.prompts:
-            prompts = prompts[:args.prompts]
-        return Calibration(prompts=prompts, **kw)
-    if args.prompts is not None and args.prompts < 1:
-        raise SystemExit("error: --prompts must be >= 1")
-    try:
-        return Calibration.default(pipe, n=args.prompts, **kw)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}; pass a smaller --prompts or a --prompts-file")
-
-
-def add_sensitivity_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    add_calibration_args(parser)
-    parser.add_argument("--weight-bits", type=_bits_list, default=None, metavar="B,B",
-                        help="weight candidates for every layer (default: content 2,4,8; quality 4,8)")
-    parser.add_argument("--act-bits", type=_bits_list, default=None, metavar="B,B",
-                        help="activation candidates (default 4,8)")
-    parser.add_argument("--layers", nargs="*", default=None, metavar="PATTERN",
-                        help="only these layers (fnmatch patterns, e.g. 'up_blocks.*attn2*')")
-    parser.add_argument("--cache-dir", default=None, help="cache root (default $MIXDQ_CACHE or ~/.cache/mixdq)")
-    parser.add_argument("--recompute", action="store_true", help="ignore cached measurements")
-    parser.add_argument("--out", default=None, help="also write the scores to this JSON file")
-    parser.add_argument("--show", action="store_true", help="print the per-layer table")
-    return parser
-
-
-def run_sensitivity(args) -> Sensitivity:
-    from .loading import load_pipeline
-    from .plan import ACT_BITS, WEIGHT_BITS
-
-    for what, bits, allowed in (("--weight-bits", args.weight_bits, WEIGHT_BITS), ("--act-bits", args.act_bits, ACT_BITS)):
-        bad = [b for b in bits or [] if b not in allowed]
-        if bad:
-            raise SystemExit(f"error: {what} {bad} not supported; choose from {list(allowed)}")
-    device = args.device
-    if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per rank
-    pipe = load_pipeline(args.model, device=device)
-    cal = calibration_from_args(pipe, args)
-    sens = sensitivity(pipe, cal, weight_bits=args.weight_bits, act_bits=args.act_bits, layers=args.layers,
-                       cache_dir=args.cache_dir, recompute=args.recompute)
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        if args.out:
-            sens.save(args.out)
-        if getattr(args, "show", False):
-            print(sens.table("weight"))
-            print(sens.table("act"))
-        m = sens.meta
-        n_c = sum(1 for g in sens.group.values() if g == CONTENT)
-        print(f"sensitivity: {len(sens.layers)} layers ({n_c} content, {len(sens.layers) - n_c} quality), "
-              f"{len(cal.prompts)} prompts, {m['computed']} measured now, wall {m['wall_s']:.1f} s, "
-              f"{m['world_size']} process(es); cache {m['cache']}", file=sys.stderr)
-    return sens
-
-
-def main(argv=None) -> None:
-    parser = add_sensitivity_args(argparse.ArgumentParser(
-        prog="python -m mixdq.sensitivity", description="Per-layer sensitivity analysis (cached, resumable)."))
-    run_sensitivity(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -340,7 +340,7 @@ def test_cli_range_errors_and_plan(tiny_sdxl_dir, tmp_path, capsys, one_thread):
     import argparse
 
     import mixdq
-    from mixdq.allocate import add_allocate_args, run_allocate
+    from mixdq.cli import add_allocate_args, run_allocate
 
     pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
     sens_path = tmp_path / "sens.json"
@@ -371,7 +371,8 @@ def test_cli_refuses_an_impossible_budget_before_any_sensitivity_work(tiny_sdxl_
     import argparse
 
     import mixdq
-    from mixdq.allocate import DEFAULT_WEIGHT_CANDIDATES, add_allocate_args, run_allocate
+    from mixdq.allocate import DEFAULT_WEIGHT_CANDIDATES
+    from mixdq.cli import add_allocate_args, run_allocate
 
     from mixdq import tables as S  # where the CLI and the app find (or start) the analysis
     cache = tmp_path / "empty-cache"
@@ -422,7 +423,7 @@ def test_cli_takes_the_shipped_sensitivity_only_for_its_calibration(tmp_path, mo
     have used the shipped one."""
     import argparse
 
-    from mixdq.allocate import add_allocate_args, run_allocate
+    from mixdq.cli import add_allocate_args, run_allocate
     from mixdq.loading import EMBEDDED
 
     if not (EMBEDDED / "model_index.json").is_file():
@@ -510,7 +511,7 @@ def test_cli_pareto_front(tiny_sdxl_dir, tmp_path, capsys, one_thread):
     import argparse
 
     import mixdq
-    from mixdq.allocate import add_allocate_args, run_allocate
+    from mixdq.cli import add_allocate_args, run_allocate
 
     pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
     sens_path = tmp_path / "sens.json"

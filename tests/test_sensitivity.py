@@ -12,7 +12,7 @@ import torch
 import importlib
 
 import mixdq
-from mixdq import tables
+from mixdq import cli, tables
 
 # the module, not the verb: `mixdq.sensitivity` is the function once the package exports it
 S = importlib.import_module("mixdq.sensitivity")
@@ -186,7 +186,7 @@ def test_two_processes_merge_to_the_single_process_result(tiny_sdxl_dir, tmp_pat
     cache equals a single-process run of the same command."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    args = ["-m", "mixdq.sensitivity", "--model", str(tiny_sdxl_dir), "--prompts-file", str(prompts),
+    args = ["-m", "mixdq", "sensitivity", "--model", str(tiny_sdxl_dir), "--prompts-file", str(prompts),
             "--batch-size", "2", "--layers", "down_blocks.1.attentions.0.*attn2*", "conv_in", "conv_out",
             "up_blocks.0.resnets.0.*"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
@@ -213,11 +213,11 @@ def test_two_processes_merge_to_the_single_process_result(tiny_sdxl_dir, tmp_pat
 def test_cli_errors_are_clear(tmp_path):
     import argparse
 
-    p = S.add_sensitivity_args(argparse.ArgumentParser())
+    p = cli.add_sensitivity_args(argparse.ArgumentParser())
     with pytest.raises(SystemExit):
         p.parse_args(["--weight-bits", "four"])
     with pytest.raises(SystemExit, match="not supported"):
-        S.run_sensitivity(p.parse_args(["--weight-bits", "9"]))
+        cli.run_sensitivity(p.parse_args(["--weight-bits", "9"]))
 
 
 def test_shards_cover_every_layer_once_and_balance_cost():
@@ -270,7 +270,6 @@ def test_embedded_model_copied_elsewhere_finds_the_shipped_table(tmp_path, monke
     shipped presets/sensitivity.json is found for it (the app solves any budget at once)."""
     import shutil
 
-    from mixdq import measure
     from mixdq.loading import EMBEDDED
 
     if not (EMBEDDED / "model_index.json").is_file():
