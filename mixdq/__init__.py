@@ -4,9 +4,9 @@ The flow, one verb per step:
 
     pipe = load_pipeline()                                  # loading.py
     calibration = Calibration.default(pipe)                 # calibrate.py
-    scores = sensitivity(pipe, calibration)                 # sensitivity.py
-    plan = allocate(scores, layer_costs(pipe.unet), budget_mb=...)   # allocate.py
-    report = quantize(pipe, plan, calibration)              # quantize.py
+    scores = sensitivity(pipe, calibration)                 # sensitivity_analysis.py
+    plan = allocate(scores, layer_costs(pipe.unet), budget_mb=...)   # allocation.py
+    report = quantize(pipe, plan, calibration)              # quantization.py
     save_quantized(pipe, "out/")                            # export.py
     pipe = load_quantized("out/")            # or, with mixdq imported, DiffusionPipeline.from_pretrained("out/")
 """
@@ -17,7 +17,7 @@ from .loading import load_pipeline
 from .memory import LayerCosts, layer_costs, model_nbytes, stored_nbytes
 from .plan import LayerBits, Plan
 from .quant import quantizable_layers
-from .quantize import QuantReport, QuantState, current_plan, quantize, quantize_unet
+from .quantization import QuantReport, QuantState, current_plan, quantize, quantize_unet
 
 __all__ = [
     "load_pipeline", "generation_defaults", "Calibration", "float_ranges", "quantize",
@@ -26,8 +26,8 @@ __all__ = [
     "ModelNotFoundError", "ExportError", "SlowPathWarning",
 ]
 from .export import export_archive, import_archive, load_quantized, save_quantized  # noqa: E402
-from .sensitivity import Sensitivity, sensitivity  # noqa: E402
-from .allocate import allocate  # noqa: E402
+from .sensitivity_analysis import Sensitivity, sensitivity  # noqa: E402
+from .allocation import allocate  # noqa: E402
 
 __all__ += ["save_quantized", "load_quantized", "export_archive", "import_archive", "sensitivity", "Sensitivity",
             "allocate", "QuantizedUNet2DConditionModel"]

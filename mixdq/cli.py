@@ -21,14 +21,14 @@ import re
 import sys
 from pathlib import Path
 
-from .allocate import (CONTENT, DEFAULT_RATIOS, DEFAULT_WEIGHT_CANDIDATES, QUALITY, TOTAL, Allocation, Allocator,
+from .allocation import (CONTENT, DEFAULT_RATIOS, DEFAULT_WEIGHT_CANDIDATES, QUALITY, TOTAL, Allocation, Allocator,
                        PlanEvaluator, _normalise_candidates, budget_bounds, check_budget_range, default_eval_prompts,
                        pareto, select)
 from .calibrate import DEFAULT_PROMPTS, Calibration
 from .errors import BudgetError, MixDQError, PlanError
 from .plan import WEIGHT_BITS, Plan
 from .resources import shipped
-from .sensitivity import Sensitivity, sensitivity
+from .sensitivity_analysis import Sensitivity, sensitivity
 
 PRESETS = shipped("presets")
 

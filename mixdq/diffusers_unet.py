@@ -43,7 +43,7 @@ from .defaults import META_FILE, default_device
 from .plan import Plan
 from .quant import (QuantConv2d, QuantLinear, is_bos_layer, kernels, prepack, quantizable_layers, quantized_layers,
                     shortcut_splits)
-from .quantize import QuantState, _device_of, current_plan, fit_plan_to_device
+from .quantization import QuantState, _device_of, current_plan, fit_plan_to_device
 
 FORMAT = "mixdq-export/2"
 OLD_FORMAT = "mixdq-export/1"   # the UNet's mixdq.json and plan.json lay at the export's root

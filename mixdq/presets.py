@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .allocate import (DEFAULT_RATIOS, TOTAL, Allocator, PlanEvaluator, default_eval_prompts,
+from .allocation import (DEFAULT_RATIOS, TOTAL, Allocator, PlanEvaluator, default_eval_prompts,
                        select, selection_score)
 from .calibrate import Calibration
 from .errors import BudgetError, MixDQError
@@ -44,7 +44,7 @@ SELECT_SEED = 5000
 def _setup(model, eval_prompts: int, progress: bool):
     from . import layer_costs, load_pipeline
     from .quant import quantizable_layers
-    from .sensitivity import sensitivity
+    from .sensitivity_analysis import sensitivity
 
     pipe = load_pipeline(model)
     cal = Calibration.default(pipe)

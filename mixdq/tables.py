@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .calibrate import Calibration
 from .resources import shipped
-from .sensitivity import (DEFAULT_ACT_BITS, DEFAULT_WEIGHT_BITS, Sensitivity, _candidates, _jobs, _read_results,
+from .sensitivity_analysis import (DEFAULT_ACT_BITS, DEFAULT_WEIGHT_BITS, Sensitivity, _candidates, _jobs, _read_results,
                           cache_key, cache_root, layer_group, metrics_for, sensitivity)
 
 
@@ -20,7 +20,7 @@ class SensitivityLookup:
     why the shipped table measured for this model does not apply (if there is one),
     `shipped_flags` the command-line flags that would select its calibration, and `todo` how
     many evaluations the analysis still has to run."""
-    table: object | None          # mixdq.sensitivity.Sensitivity
+    table: object | None          # mixdq.sensitivity_analysis.Sensitivity
     source: str
     message: str
     shipped_note: str | None = None

@@ -6,12 +6,12 @@ import random
 
 import pytest
 
-from mixdq.allocate import (CONTENT, QUALITY, TOTAL, Allocator, budget_bounds, loss_from_score, normalised_values,
+from mixdq.allocation import (CONTENT, QUALITY, TOTAL, Allocator, budget_bounds, loss_from_score, normalised_values,
                             pareto, select, solve_choice)
 from mixdq.errors import BudgetError, PlanError
 from mixdq.memory import LayerCosts
 from mixdq.plan import Plan
-from mixdq.sensitivity import Sensitivity, layer_group
+from mixdq.sensitivity_analysis import Sensitivity, layer_group
 
 WBITS = (2, 3, 4, 5, 6, 7, 8, 16)
 
@@ -371,7 +371,7 @@ def test_cli_refuses_an_impossible_budget_before_any_sensitivity_work(tiny_sdxl_
     import argparse
 
     import mixdq
-    from mixdq.allocate import DEFAULT_WEIGHT_CANDIDATES
+    from mixdq.allocation import DEFAULT_WEIGHT_CANDIDATES
     from mixdq.cli import add_allocate_args, run_allocate
 
     from mixdq import tables as S  # where the CLI and the app find (or start) the analysis
@@ -455,7 +455,7 @@ def test_cli_takes_the_shipped_sensitivity_only_for_its_calibration(tmp_path, mo
 
 def test_selection_measures_plans_on_several_prompts(tiny_sdxl_pipe, one_thread):
     import mixdq
-    from mixdq.allocate import PlanEvaluator
+    from mixdq.allocation import PlanEvaluator
 
     pipe = tiny_sdxl_pipe
     names = list(mixdq.quantizable_layers(pipe.unet))
@@ -475,7 +475,7 @@ def test_presets_command_writes_plans_with_their_measured_numbers(tiny_sdxl_dir,
     """`mixdq.presets` end to end on a tiny model (synthetic sensitivity to stay fast):
     each preset fits its budget, and its stats file holds the sizes measured after quantizing."""
     import mixdq
-    from mixdq.allocate import PlanEvaluator
+    from mixdq.allocation import PlanEvaluator
     from mixdq.presets import make_evidence, make_presets
 
     pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")

@@ -279,13 +279,12 @@ def test_header_says_where_the_sensitivity_came_from(tiny_sdxl_pipe, tmp_path, m
     """Shipped in presets/ for this model and calibration, complete in the on-disk cache, or
     neither (and then why the shipped table of this model was not taken)."""
     import dataclasses
-    import importlib
     import json
 
     from mixdq import app
     from mixdq.app.text import budget_markdown, header_markdown
 
-    S = importlib.import_module("mixdq.sensitivity")
+    from mixdq import sensitivity_analysis as S
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path / "cache"))
     pipe, cal = tiny_sdxl_pipe, mixdq.Calibration(SMALL_CAL, batch_size=2)
     shipped_like(pipe, cal, tmp_path / "presets")

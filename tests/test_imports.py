@@ -84,3 +84,18 @@ def test_no_import_cycles(package):
 def test_the_cycle_check_sees_cycles():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_is_shadowed_by_a_verb():
+    """`mixdq.quantize`, `mixdq.allocate`, `mixdq.sensitivity` are the verbs; no module of the
+    package carries the name of a non-module attribute of it (which `import mixdq.x` or
+    `from mixdq import x` would then return instead of the module)."""
+    import types
+
+    import mixdq
+
+    modules = {p.stem for p in (ROOT / "mixdq").glob("*.py")} | {
+        p.parent.name for p in (ROOT / "mixdq").glob("*/__init__.py")}
+    shadowed = [name for name in mixdq.__all__
+                if name in modules and not isinstance(getattr(mixdq, name), types.ModuleType)]
+    assert shadowed == []

@@ -6,9 +6,9 @@ import pytest
 import mixdq
 from mixdq import measure, memory, tables
 from mixdq.app import charts
-from mixdq.allocate import Allocator, budget_bounds
+from mixdq.allocation import Allocator, budget_bounds
 from mixdq.defaults import is_embedded
-from mixdq.sensitivity import Sensitivity, layer_group
+from mixdq.sensitivity_analysis import Sensitivity, layer_group
 
 SMALL_CAL = ["a red circle", "a blue square on black"]
 
@@ -153,7 +153,7 @@ def test_prompt_checker_runs_for_captions_of_the_embedded_world(quantized_pair, 
 def shipped_like(pipe, cal, folder, **meta):
     """A table in `folder` as presets/sensitivity.json ships one: measured for `pipe` under
     `cal` (its meta as `sensitivity` writes it), with `meta` overriding."""
-    from mixdq.sensitivity import cache_key
+    from mixdq.sensitivity_analysis import cache_key
 
     key, inputs = cache_key(pipe, cal)
     sens = synthetic_sensitivity(pipe.unet)
@@ -182,9 +182,8 @@ def test_shipped_sensitivity_is_used_only_for_its_own_calibration(tiny_sdxl_pipe
     """The same model measured on other prompts, seed, steps or size is another table: it is
     not handed out, and the lookup says which settings differ and the flags that match them."""
     import dataclasses
-    import importlib
 
-    S = importlib.import_module("mixdq.sensitivity")
+    from mixdq import sensitivity_analysis as S
 
     def no_analysis(*a, **k):
         raise AssertionError("find_sensitivity must never measure")

@@ -8,7 +8,7 @@ import mixdq
 from mixdq import Calibration, LayerBits, Plan, PlanError
 from mixdq.quant import backends as B
 from mixdq.quant import kernels, machine, quantized_layers, shortcut_splits
-from mixdq.quantize import wide_int8_layers
+from mixdq.quantization import wide_int8_layers
 
 PROMPTS = ["a red circle", "a blue square", "two green triangles", "a cat"]
 

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import importlib
 
 import mixdq
 from mixdq import cli, tables
 
 # the module, not the verb: `mixdq.sensitivity` is the function once the package exports it
-S = importlib.import_module("mixdq.sensitivity")
+from mixdq import sensitivity_analysis as S
 from mixdq.metrics import sqnr, ssim
 from mixdq.plan import Plan
 from mixdq.quant import replace_layers, restore_layers

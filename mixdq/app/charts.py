@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from mixdq.plan import FLOAT_BITS
 from mixdq.quant import layer_spec, quantizable_layers
-from mixdq.sensitivity import layer_group
+from mixdq.sensitivity_analysis import layer_group
 
 CONTENT_COLOR, QUALITY_COLOR, PRESET_COLOR = "#e4572e", "#2e86ab", "#8a5cf6"
 SVG_OPEN = ('<svg viewBox="0 0 {w} {h}" width="100%" role="img" aria-label="{label}" '

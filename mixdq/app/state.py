@@ -14,15 +14,15 @@ from pathlib import Path
 
 import mixdq
 from mixdq import measure
-from mixdq.allocate import budget_bounds
+from mixdq.allocation import budget_bounds
 from mixdq.presets import presets
 from mixdq.tables import find_sensitivity
 from mixdq.defaults import is_embedded
-from mixdq.allocate import TOTAL, Allocation, Allocator, pareto
+from mixdq.allocation import TOTAL, Allocation, Allocator, pareto
 from mixdq.errors import BudgetError, MixDQError, PlanError
 from mixdq.memory import MB
 from mixdq.plan import Plan
-from mixdq.sensitivity import sensitivity as compute_sensitivity
+from mixdq.sensitivity_analysis import sensitivity as compute_sensitivity
 
 from .charts import ParetoPoints
 from .text import fmt_mb, loaded_from

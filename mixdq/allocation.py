@@ -289,7 +289,7 @@ def budget_bounds(costs, weight_candidates=None) -> tuple[float, float]:
     take, before sensitivity is known.  The smallest is exact (lowest candidate bits); the
     largest takes each layer's widest option with or without activation quantization, so the
     allocator's exact maximum (which knows the activation bits) can be a little lower."""
-    from .sensitivity import layer_group
+    from .sensitivity_analysis import layer_group
 
     cands = weight_candidates or DEFAULT_WEIGHT_CANDIDATES
     lo = hi = costs.fixed_bytes
@@ -550,7 +550,7 @@ class PlanEvaluator:
         from .measure import pair
         from .memory import stored_nbytes
         from .metrics import psnr, ssim
-        from .quantize import quantize
+        from .quantization import quantize
 
         _, twin = pair(self.pipe)
         quantize(twin, plan, self.calibration, bos_aware=bos_aware, progress=False)
