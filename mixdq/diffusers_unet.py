@@ -253,7 +253,7 @@ class QuantizedUNet2DConditionModel(UNet2DConditionModel):
         return chosen
 
     def _fit_plan(self, kernel: str) -> None:
-        """The plan as this device runs it (quantize.fit_plan_to_device), once, where it is
+        """The plan as this device runs it (quantization.fit_plan_to_device), once, where it is
         loaded: a move never re-rounds codes (a GPU model offloaded to a CPU whose int8
         kernels saturate would lose a bit of every W8A8 layer on its way)."""
         int8_safe, layers = self._mixdq_load["int8_safe"], quantized_layers(self)

@@ -108,7 +108,7 @@ def load_quantized(folder, device=None, kernel: str | None = None, verify: bool 
                    int8_safe: bool = True):
     """Rebuild a pipeline written by save_quantized, without any float UNet weights.
     The W8A8 path is this machine's (kernels.select_kernel), or `kernel`, and the
-    plan is fitted to it as quantize fits it (quantize.fit_plan_to_device).
+    plan is fitted to it as quantize fits it (quantization.fit_plan_to_device).
 
     Where a W8A8 layer's int8 backend saturates on 8-bit weight codes (oneDNN /
     FBGEMM without VNNI), int8_safe (the default, as for quantize) re-rounds its

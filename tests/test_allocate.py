@@ -313,6 +313,25 @@ def _synthetic_sensitivity(unet, seed=0):
     return Sensitivity(names, {n: layer_group(n) for n in names}, scores, {n: rng.randint(64, 4096) for n in names})
 
 
+class _AnalysisStarted(Exception):
+    pass
+
+
+def _analysis_refused(monkeypatch, tmp_path):
+    """An empty cache, and the sensitivity analysis (where the CLI and the app would start it,
+    mixdq.tables) raising instead of running: (the cache folder, the exception it raises)."""
+    from mixdq import tables
+
+    cache = tmp_path / "empty-cache"
+    monkeypatch.setenv("MIXDQ_CACHE", str(cache))
+
+    def started(*a, **k):
+        raise _AnalysisStarted
+
+    monkeypatch.setattr(tables, "sensitivity", started)
+    return cache, _AnalysisStarted
+
+
 def test_measured_bytes_never_exceed_the_budget(tiny_sdxl_dir, one_thread):
     import mixdq
 
@@ -374,17 +393,7 @@ def test_cli_refuses_an_impossible_budget_before_any_sensitivity_work(tiny_sdxl_
     from mixdq.allocation import DEFAULT_WEIGHT_CANDIDATES
     from mixdq.cli import add_allocate_args, run_allocate
 
-    from mixdq import tables as S  # where the CLI and the app find (or start) the analysis
-    cache = tmp_path / "empty-cache"
-    monkeypatch.setenv("MIXDQ_CACHE", str(cache))
-
-    class Started(Exception):
-        pass
-
-    def started(*a, **k):
-        raise Started
-
-    monkeypatch.setattr(S, "sensitivity", started)
+    cache, Started = _analysis_refused(monkeypatch, tmp_path)
     costs = mixdq.layer_costs(mixdq.load_pipeline(tiny_sdxl_dir, device="cpu").unet)
     lo, hi = budget_bounds(costs)
     parser = add_allocate_args(argparse.ArgumentParser())
@@ -428,17 +437,7 @@ def test_cli_takes_the_shipped_sensitivity_only_for_its_calibration(tmp_path, mo
 
     if not (EMBEDDED / "model_index.json").is_file():
         pytest.skip("the embedded model is not in assets/")
-    from mixdq import tables as S  # where the CLI and the app find (or start) the analysis
-    cache = tmp_path / "empty-cache"
-    monkeypatch.setenv("MIXDQ_CACHE", str(cache))
-
-    class Started(Exception):
-        pass
-
-    def started(*a, **k):
-        raise Started
-
-    monkeypatch.setattr(S, "sensitivity", started)
+    cache, Started = _analysis_refused(monkeypatch, tmp_path)
     parser = add_allocate_args(argparse.ArgumentParser())
     run_allocate(parser.parse_args(["--pareto", "2", "--device", "cpu"]))
     out, err = capsys.readouterr()

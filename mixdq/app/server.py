@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import shutil
 import sys
@@ -27,7 +26,7 @@ def launch(demo: gr.Blocks, host: str, port: int | None, **kw):
 
 
 def parse_args(argv=None, prog: str = "python app.py"):
-    summary = importlib.import_module(__package__).__doc__.split("\n\n")[0]
+    summary = sys.modules[__package__].__doc__.split("\n\n")[0]
     parser = argparse.ArgumentParser(prog=prog, description=summary)
     parser.add_argument("--model", default=None,
                         help="any source mixdq.load_pipeline accepts: a diffusers folder, a mixdq export "

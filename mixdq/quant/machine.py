@@ -16,7 +16,7 @@ every pair only while |w| <= 64.  Weight codes of <= 7 bits (|w| <= 63) are exac
 8-bit codes (up to 127) are not.  `torch._int_mm` was exact on a real AVX2 EPYC
 (slow, but exact), and saturates where oneDNN is capped to AVX2 on a VNNI host.
 So `quantize` stores a plan's W8A8 layers that would run on a saturating backend
-as W7A8 (quantize.fit_plan_to_device), and 8-bit codes that reach such a backend
+as W7A8 (quantization.fit_plan_to_device), and 8-bit codes that reach such a backend
 anyway (an export kept 8-bit) run the float path.  What saturates is probed once
 per process on the host's own kernels (`probe_saturates`), except that without
 VNNI the prepacked backends are taken to saturate without asking.
