@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mixdq import measure, memory
+from mixdq import memory
 
 if TYPE_CHECKING:
     from .state import QuantizedModel, Session

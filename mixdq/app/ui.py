@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 import mixdq
-from mixdq import measure, presets
+from mixdq import measure
 from mixdq.errors import MixDQError
 from mixdq.memory import MB
 
