@@ -21,12 +21,10 @@ import re
 import sys
 from pathlib import Path
 
-from .allocation import (CONTENT, DEFAULT_RATIOS, DEFAULT_WEIGHT_CANDIDATES, QUALITY, TOTAL, Allocation, Allocator,
-                       PlanEvaluator, _normalise_candidates, budget_bounds, check_budget_range, default_eval_prompts,
-                       pareto, select)
+from .allocation import CONTENT, DEFAULT_RATIOS, QUALITY, TOTAL, Allocation
 from .calibrate import DEFAULT_PROMPTS, Calibration
 from .errors import BudgetError, MixDQError, PlanError
-from .plan import WEIGHT_BITS, Plan
+from .plan import WEIGHT_BITS
 from .resources import shipped
 from .sensitivity_analysis import Sensitivity, sensitivity
 
@@ -221,11 +219,8 @@ def add_allocate_args(parser):
 
 
 def run_allocate(args) -> Allocation | None:
-    import json
-    import sys
-
+    from . import planning
     from .loading import load_pipeline
-    from .memory import layer_costs
 
     if args.budget_mb is None and not args.range and not args.pareto:
         raise PlanError("give --budget-mb MB (see the feasible range with --range)")
@@ -233,71 +228,51 @@ def run_allocate(args) -> Allocation | None:
         raise BudgetError(f"--budget-mb must be a positive number of megabytes, got {args.budget_mb}")
     if args.eval_prompts < 1:
         raise PlanError("--eval-prompts must be >= 1")
-    wc = dict(DEFAULT_WEIGHT_CANDIDATES)
-    if args.content_bits:
-        wc[CONTENT] = tuple(args.content_bits)
-    if args.quality_bits:
-        wc[QUALITY] = tuple(args.quality_bits)
-    wc = _normalise_candidates(wc, WEIGHT_BITS, "weight")
+    candidates = planning.weight_candidates(args.content_bits, args.quality_bits)
     pipe = load_pipeline(args.model, device=args.device)
-    costs = layer_costs(pipe.unet)
     cal = calibration_from_args(pipe, args)
-    if args.sensitivity:
-        sens = Sensitivity.load(args.sensitivity)
-        print(f"sensitivity: read from {args.sensitivity}", file=sys.stderr)
-    else:
-        if args.budget_mb is not None:
-            # An impossible budget is refused now, not after the analysis (minutes to hours): the
-            # feasible range depends only on the layer costs and the candidate bits.  These
-            # bounds contain the allocator's exact range (the low end is exact; the high end
-            # assumes the widest activation choice), so they never refuse a feasible budget.
-
-            check_budget_range(args.budget_mb, *budget_bounds(costs, wc), wc,
-                               lower_bits_how=f" (--content-bits / --quality-bits, down to {min(WEIGHT_BITS)})")
-        from .tables import load_sensitivity
-
-        sens = load_sensitivity(pipe, cal)
-    alloc = Allocator(sens, costs, weight_candidates=wc,
-                      act_avg_bits=args.act_avg_bits or None, act_floor=args.act_floor,
-                      decoupled=not args.single_metric)
-    lo, hi = alloc.feasible_range_mb()
+    alloc = planning.allocator_for(
+        pipe, cal, sensitivity=args.sensitivity, candidates=candidates, act_avg_bits=args.act_avg_bits or None,
+        act_floor=args.act_floor, decoupled=not args.single_metric, budget_mb=args.budget_mb,
+        lower_bits_how=f" (--content-bits / --quality-bits, down to {min(WEIGHT_BITS)})", log=_log)
     if args.range:
+        lo, hi = alloc.feasible_range_mb()
         print(f"feasible budgets: {math.ceil(lo * 1000) / 1000:.3f} .. {math.floor(hi * 1000) / 1000:.3f} MB "
-              f"(float UNet {costs.float_mb():.3f} MB)")
+              f"(float UNet {alloc.costs.float_mb():.3f} MB)")
         return None
-    ratios = args.ratio or list(DEFAULT_RATIOS)
     if args.pareto:
-        if args.pareto < 2:
-            raise PlanError("--pareto needs at least 2 budgets")
-        budgets = [lo + (hi - lo) * i / (args.pareto - 1) for i in range(args.pareto)]
-        front = pareto(alloc.family(budgets, ratios, progress=True))
-        # losses are normalised per group: 1 = the whole group at its lowest candidate bits
-        print(f"{'size MB':>10} {'content loss':>13} {'quality loss':>13} {'total':>10}  ratio  plan")
-        for a in front:
-            print(f"{a.size_mb:10.4f} {a.predicted.get(CONTENT, float('nan')):13.3e} "
-                  f"{a.predicted.get(QUALITY, float('nan')):13.3e} {a.predicted[TOTAL]:10.3e}  "
-                  f"{'joint' if a.ratio is None else a.ratio:>5}  {a.plan.summary()}")
+        _print_pareto(planning.pareto_plans(alloc, args.pareto, args.ratio))
         return None
-    alloc.check_budget(args.budget_mb)
-    fam = alloc.family([args.budget_mb], ratios, progress=True)
-    if args.no_select or len(fam) == 1:
-        best = min(fam, key=lambda a: (a.predicted[TOTAL], a.size_mb))
-    else:
-        ev = PlanEvaluator(pipe, cal, default_eval_prompts(pipe, args.eval_prompts))
-        best = select(fam, ev, progress=True)
-    for a in fam:
-        tag = "*" if a is best else " "
-        fmt = {"ssim": ".6f", "psnr": ".2f", "size_mb": ".4f", "alignment": ".3f"}
-        meas = " ".join(f"{k}={v:{fmt.get(k, '.4g')}}" for k, v in a.measured.items())
-        print(f"{tag} ratio={a.ratio if a.ratio is not None else 'joint':>5} size={a.size_mb:.4f} MB "
-              f"predicted loss={a.predicted[TOTAL]:.3e} {meas}", file=sys.stderr)
-    plan = Plan(dict(best.plan.items()), meta={**best.plan.meta, "measured": best.measured})
+    evaluate = None if args.no_select else planning.plan_evaluator(pipe, cal, args.eval_prompts)
+    best, family = planning.plan_budget(alloc, args.budget_mb, args.ratio, evaluate)
+    _print_candidates(family, best)
     if args.out:
-        plan.save(args.out)
-        print(f"wrote {args.out}: {best.size_mb:.4f} MB <= {args.budget_mb} MB, {plan.summary()}", file=sys.stderr)
+        best.plan.save(args.out)
+        _log(f"wrote {args.out}: {best.size_mb:.4f} MB <= {args.budget_mb} MB, {best.plan.summary()}")
     else:
-        print(json.dumps(plan.to_dict(), indent=1))
+        print(json.dumps(best.plan.to_dict(), indent=1))
     return best
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _print_pareto(front) -> None:
+    # losses are normalised per group: 1 = the whole group at its lowest candidate bits
+    print(f"{'size MB':>10} {'content loss':>13} {'quality loss':>13} {'total':>10}  ratio  plan")
+    for a in front:
+        print(f"{a.size_mb:10.4f} {a.predicted.get(CONTENT, float('nan')):13.3e} "
+              f"{a.predicted.get(QUALITY, float('nan')):13.3e} {a.predicted[TOTAL]:10.3e}  "
+              f"{'joint' if a.ratio is None else a.ratio:>5}  {a.plan.summary()}")
+
+
+def _print_candidates(family, best) -> None:
+    fmt = {"ssim": ".6f", "psnr": ".2f", "size_mb": ".4f", "alignment": ".3f"}
+    for a in family:
+        meas = " ".join(f"{k}={v:{fmt.get(k, '.4g')}}" for k, v in a.measured.items())
+        _log(f"{'*' if a is best else ' '} ratio={a.ratio if a.ratio is not None else 'joint':>5} "
+             f"size={a.size_mb:.4f} MB predicted loss={a.predicted[TOTAL]:.3e} {meas}")
 
 
 # ---------------------------------------------------------------------------
