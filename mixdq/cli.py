@@ -7,6 +7,8 @@
     python -m mixdq export      --plan plan.json --out q/   quantize and save the folder
     python -m mixdq generate    --model q/ --prompt "..."   generate (float, export or plan)
     python -m mixdq bench       ...                         memory / speed benchmarks
+    python -m mixdq presets     [--evidence docs/evidence.md]   regenerate presets/
+    python -m mixdq zoo train | evaluate | tokenizer        the embedded model's tools
 
 Every subcommand takes --model (default: the embedded model) and prints its
 errors as one clear line, exit status 2.
@@ -365,6 +367,119 @@ def cmd_generate(args):
     print(f"wrote {args.image}", file=sys.stderr)
 
 
+# ---------------------------------------------------------------------------
+# presets, and the embedded model's own tools (zoo)
+# ---------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def add_presets_args(p) -> None:
+    from .presets import PRESET_BITS, PRESETS_DIR
+
+    p.add_argument("--model", default=None, help="model source (default: the embedded model)")
+    p.add_argument("--out", default=str(PRESETS_DIR), help="presets folder (default: presets/)")
+    p.add_argument("--eval-prompts", type=_positive_int, default=32,
+                   help="held-out prompts per measurement, and as many again for selection (default 32)")
+    p.add_argument("--bits", type=_bits_list, default=list(PRESET_BITS), metavar="B,B",
+                   help=f"uniform W{{b}}A8 sizes to make presets at (default {','.join(map(str, PRESET_BITS))})")
+    p.add_argument("--evidence", default=None, help="also write the ablation table (markdown) here")
+    p.add_argument("--no-presets", action="store_true", help="only the evidence table")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (default 1: the embedded model's layers are tiny, and on "
+                        "shared cores two OpenMP threads wait on each other, measured 10x slower here)")
+
+
+def cmd_presets(args):
+    import time
+
+    import torch
+
+    from .presets import regenerate
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    regenerate(args.model, Path(args.out), args.eval_prompts, args.bits, args.evidence,
+               write_presets=not args.no_presets)
+    if args.evidence:
+        _log(f"wrote {args.evidence}")
+    _log(f"done in {time.perf_counter() - t0:.0f} s")
+
+
+def add_zoo_args(p) -> None:
+    """`mixdq zoo train | evaluate | tokenizer`: retrain, measure and tokenize the embedded model."""
+    import dataclasses
+    import typing
+
+    from .zoo.evaluate import ASSET_DIR
+    from .zoo.train_tiny import TrainConfig
+
+    zoo = p.add_subparsers(dest="zoo_verb", required=True, metavar="TOOL")
+    t = zoo.add_parser("train", help="retrain the embedded tiny-sdxl from scratch (resumable)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        if kind is bool:
+            t.add_argument(flag, action="store_true", help=f.metadata.get("help"))
+        else:
+            t.add_argument(flag, type=kind, default=f.default, help=f.metadata.get("help"))
+    t.set_defaults(run=cmd_zoo_train)
+    e = zoo.add_parser("evaluate", help="measure the quality bar with the checker; draw the grid")
+    e.add_argument("--model", type=Path, default=ASSET_DIR)
+    e.add_argument("--n", type=_positive_int, default=200, help="held-out captions (each generated once per seed)")
+    e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    e.add_argument("--steps", type=_positive_int, nargs="+", default=[1, 2, 4])
+    e.add_argument("--threads", type=_positive_int, default=1,
+                   help="1 is fastest for this tiny model on a shared machine")
+    e.add_argument("--json", type=Path, default=None)
+    e.add_argument("--grid", type=Path, default=None, help="write the prompt | image grid here")
+    e.add_argument("--grid-rows", type=_positive_int, default=12)
+    e.add_argument("--card", action="store_true", help="write the model card README.md (and grid.png) into --model")
+    e.add_argument("--training-log", type=Path, default=None,
+                   help="this model's train_tiny log: adds its minutes per stage to --json")
+    e.set_defaults(run=cmd_zoo_evaluate)
+    k = zoo.add_parser("tokenizer", help="build the CLIP BPE tokenizer files offline")
+    k.add_argument("out_dir", type=Path)
+    k.add_argument("--bpe", type=Path, default=None, help="the CLIP BPE merges (default: open-clip's copy)")
+    k.add_argument("--pad-token", default="<|endoftext|>")
+    k.set_defaults(run=cmd_zoo_tokenizer)
+
+
+def train_config(args):
+    """The TrainConfig that `mixdq zoo train`'s options describe."""
+    import dataclasses
+
+    from .zoo.train_tiny import TrainConfig
+
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def cmd_zoo_train(args):
+    from .zoo.train_tiny import train
+
+    train(train_config(args))
+
+
+def cmd_zoo_evaluate(args):
+    from .zoo.evaluate import evaluate_model
+
+    evaluate_model(args.model, args.n, args.seeds, args.steps, args.threads, args.json, args.grid,
+                   args.grid_rows, args.card, args.training_log)
+
+
+def cmd_zoo_tokenizer(args):
+    from .zoo.tokenizer import write_tokenizer
+
+    write_tokenizer(args.out_dir, args.bpe, args.pad_token)
+    _log(f"wrote CLIP tokenizer to {args.out_dir}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mixdq", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -398,6 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", default="out.png", help="output PNG (default out.png)")
     p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("presets", help="regenerate the shipped presets (and the evidence table)")
+    add_presets_args(p)
+    p.set_defaults(run=cmd_presets)
+
+    p = sub.add_parser("zoo", help="the embedded model's tools: train, evaluate, tokenizer")
+    add_zoo_args(p)
 
     p = sub.add_parser("bench", help="memory and latency benchmarks (bench/)")
     try:

@@ -3,10 +3,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-VERBS = ["calibrate", "sensitivity", "allocate", "quantize", "export", "generate", "bench"]
+VERBS = ["calibrate", "sensitivity", "allocate", "quantize", "export", "generate", "bench", "presets"]
 
 
 def run(*args, check=True, timeout=600, **env_vars):
@@ -139,3 +140,58 @@ def test_bench_verb_records_its_command_and_emulates(tmp_path):
     data = json.loads((tmp_path / "results-cpu-avx2-emulated.json").read_text())
     assert data["env"]["command"].endswith("--emulate avx2") and " bench " not in data["env"]["command"]
     assert data["env"]["emulation"]["FBGEMM_ENABLE_INSTRUCTIONS"] == "AVX2"
+
+
+def test_zoo_train_options_are_the_recipe_fields():
+    """`mixdq zoo train` has one option per TrainConfig field; with none given it trains the
+    shipped recipe, and each option lands in its field with its type."""
+    from mixdq.cli import build_parser, train_config
+    from mixdq.zoo.train_tiny import TrainConfig
+
+    assert train_config(build_parser().parse_args(["zoo", "train"])) == TrainConfig()
+    cfg = train_config(build_parser().parse_args(["zoo", "train", "--vae-lr", "5e-4", "--bf16", "--run-dir", "r",
+                                                   "--unet-stop-step", "7"]))
+    assert (cfg.vae_lr, cfg.bf16, cfg.run_dir, cfg.unet_stop_step) == (5e-4, True, Path("r"), 7)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["zoo", "train", "--batch", "many"])
+
+
+def test_zoo_evaluate_measures_the_embedded_model(tmp_path, capsys):
+    """`mixdq zoo evaluate` end to end, on a few captions: the table, and the JSON record."""
+    from mixdq.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["zoo", "evaluate", "--n", "2", "--seeds", "0", "--steps", "1", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["n_captions"] == 2 and record["seeds"] == [0]
+    default = str(record["defaults"]["num_inference_steps"])
+    assert set(record["results"]) == {"1", default} and 0 <= record["results"][default]["all"] <= 1
+    assert "steps:" in capsys.readouterr().out
+
+
+def test_presets_command_regenerates_the_presets(tmp_path, monkeypatch):
+    """`mixdq presets` through `presets.regenerate`: the plans and their stats land in --out.
+    The sensitivity run is replaced by the shipped table (the command's own analysis is what
+    tests/test_sensitivity.py covers); selection and measurement run for real on 2 prompts."""
+    import mixdq
+    from mixdq import presets
+    from mixdq.allocation import PlanEvaluator
+    from mixdq.cli import main
+    from mixdq.plan import Plan
+    from mixdq.sensitivity_analysis import Sensitivity
+
+    def setup(model, eval_prompts, progress):
+        pipe = mixdq.load_pipeline(model, device="cpu")
+        cal = mixdq.Calibration(["a red circle", "a blue square"], batch_size=2)
+        ev = PlanEvaluator(pipe, cal, ["a red circle", "a green cross"][:eval_prompts], batch_size=2)
+        sens = Sensitivity.load(presets.PRESETS_DIR / "sensitivity.json")
+        return (pipe, cal, sens, 0.0, mixdq.layer_costs(pipe.unet), list(mixdq.quantizable_layers(pipe.unet)), ev)
+
+    monkeypatch.setattr(presets, "_setup", setup)
+    assert main(["presets", "--out", str(tmp_path), "--bits", "8", "--eval-prompts", "2"]) == 0
+    plan = Plan.load(tmp_path / "mixdq-w8a8-size.json")
+    stats = json.loads((tmp_path / "mixdq-w8a8-size.stats.json").read_text())
+    assert stats["measured_size_mb"] <= stats["budget_mb"] + 1e-9 and 0 < stats["ssim"] <= 1
+    assert len(dict(plan.items())) > 0
+    with pytest.raises(SystemExit):  # refused at parsing, before any work
+        main(["presets", "--out", str(tmp_path), "--eval-prompts", "0"])

@@ -99,3 +99,14 @@ def test_no_module_is_shadowed_by_a_verb():
     shadowed = [name for name in mixdq.__all__
                 if name in modules and not isinstance(getattr(mixdq, name), types.ModuleType)]
     assert shadowed == []
+
+
+def test_command_line_options_only_in_the_entry_points():
+    """Every option of every verb is parsed in mixdq/cli.py (the app's launcher parses its own);
+    library modules take plain arguments."""
+    entry_points = {"mixdq/cli.py", "mixdq/app/server.py"}
+    parsing = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "mixdq").rglob("*.py")
+                     if any("argparse" in ([a.name for a in n.names] if isinstance(n, ast.Import) else [n.module])
+                            for n in _runtime_imports(ast.parse(path.read_text()))))
+    assert set(parsing) - entry_points == set(), f"argparse outside the entry points: {parsing}"
+    assert set(parsing) == entry_points  # the walk sees the imports it is meant to catch

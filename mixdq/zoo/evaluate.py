@@ -1,7 +1,7 @@
 """Measure the tiny-sdxl quality bar with the checker, and draw the prompt | image grid.
 
-    python -m mixdq.zoo.evaluate                     # shipped model, held-out captions, 3 seeds
-    python -m mixdq.zoo.evaluate --model runs/tiny-sdxl/export --steps 1 2 4 --json out.json
+    mixdq zoo evaluate                     # shipped model, held-out captions, 3 seeds
+    mixdq zoo evaluate --model runs/tiny-sdxl/export --steps 1 2 4 --json out.json
 
 Accuracy is measured on held-out attribute combinations only (never rendered in training),
 several seeds, at each requested step count.  The bar (issue 4): every attribute >= 0.90 and
@@ -9,10 +9,10 @@ all attributes together >= 0.75 at the default step count.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -216,7 +216,7 @@ def model_card(model: Path, results: dict, spi: dict, n: int, seeds, grid_name: 
         "```python",
         "from diffusers import StableDiffusionXLPipeline",
         "pipe = StableDiffusionXLPipeline.from_pretrained(\"assets/tiny-sdxl\")   # float32 on CPU",
-        f"image = pipe(\"a small red circle in the top left corner on a black background\",",
+        "image = pipe(\"a small red circle in the top left corner on a black background\",",
         f"             num_inference_steps={steps}, guidance_scale={d['guidance_scale']}).images[0]   # {d['width']}x{d['height']}",
         "```",
         "",
@@ -268,7 +268,7 @@ def model_card(model: Path, results: dict, spi: dict, n: int, seeds, grid_name: 
             "## Training",
             "",
             "```",
-            "python -m mixdq.zoo.train_tiny [--device cuda]   # resumable; checkpoints in runs/tiny-sdxl",
+            "mixdq zoo train [--device cuda]   # resumable; checkpoints in runs/tiny-sdxl",
             "```",
             "",
             f"Trained on {hw.get('gpu') or hw.get('cpu')} ({hw.get('device')}, torch {hw.get('torch')}) in "
@@ -287,26 +287,20 @@ def model_card(model: Path, results: dict, spi: dict, n: int, seeds, grid_name: 
     return "\n".join(lines)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=ASSET_DIR)
-    ap.add_argument("--n", type=int, default=200, help="held-out captions (each generated once per seed)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--threads", type=int, default=1, help="1 is fastest for this tiny model on a shared machine")
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--grid", type=Path, default=None, help="write the prompt | image grid here")
-    ap.add_argument("--grid-rows", type=int, default=12)
-    ap.add_argument("--card", action="store_true", help="write the model card README.md (and grid.png) into --model")
-    ap.add_argument("--training-log", type=Path, default=None,
-                    help="this model's train_tiny log: adds its minutes per stage to --json")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    pipe = load(args.model)
-    d = defaults(args.model)
-    steps_list = sorted(set(args.steps) | {d["num_inference_steps"]})
+def evaluate_model(model: Path | str = ASSET_DIR, n: int = 200, seeds: Sequence[int] = (0, 1, 2),
+                   steps: Sequence[int] = (1, 2, 4), threads: int = 1, json_path: Path | None = None,
+                   grid_path: Path | None = None, grid_rows: int = 12, card: bool = False,
+                   training_log: Path | None = None) -> dict:
+    """Measure `model` on `n` held-out captions per seed at each step count (and its default),
+    print the table, and return the record; optionally write it as JSON, draw the prompt |
+    image grid, and write the model card into the model folder (`card`).  `training_log`:
+    the model's train_tiny log, whose minutes per stage join the record."""
+    torch.set_num_threads(threads)
+    pipe = load(model)
+    d = defaults(model)
+    steps_list = sorted(set(steps) | {d["num_inference_steps"]})
     t = time.time()
-    results = measure(pipe, args.n, tuple(args.seeds), steps_list)
+    results = measure(pipe, n, tuple(seeds), steps_list)
     elapsed = time.time() - t
     spi = {s: seconds_per_image(pipe, s) for s in steps_list}
     print(markdown_table(results, d["num_inference_steps"]))
@@ -317,28 +311,25 @@ def main(argv=None):
     print(f"(evaluation took {elapsed:.0f} s)")
     from ..quant.machine import cpu_name
 
-    record = {"results": results, "seconds_per_image": spi, "defaults": d, "n_captions": args.n,
-              "seeds": args.seeds, "bar_passed": passes_bar(results[d["num_inference_steps"]]),
+    record = {"results": results, "seconds_per_image": spi, "defaults": d, "n_captions": n,
+              "seeds": list(seeds), "bar_passed": passes_bar(results[d["num_inference_steps"]]),
               "evaluated_on": f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"}
-    meta_path = Path(args.model) / "training_meta.json"
+    meta_path = Path(model) / "training_meta.json"
     if meta_path.exists():
         record["hardware"] = json.loads(meta_path.read_text()).get("hardware")
-    if args.training_log:
-        record["training"] = training_times(args.training_log.read_text())
+    if training_log:
+        record["training"] = training_times(training_log.read_text())
         print(f"training: {record['training']}")
-    if args.json:
-        args.json.write_text(json.dumps(record, indent=2))
-    if args.card and not args.grid:
-        args.grid = Path(args.model) / "grid.png"
-    if args.grid:
-        grid(pipe, world.heldout_prompts(args.grid_rows, seed=123), d["num_inference_steps"], path=args.grid)
-        print(f"grid written to {args.grid}")
-    if args.card:
-        text = model_card(args.model, results, spi, args.n, args.seeds,
-                          args.grid.name if args.grid.parent.resolve() == Path(args.model).resolve() else None)
-        (Path(args.model) / "README.md").write_text(text)
-        print(f"model card written to {Path(args.model) / 'README.md'}")
-
-
-if __name__ == "__main__":
-    main()
+    if json_path:
+        json_path.write_text(json.dumps(record, indent=2))
+    if card and not grid_path:
+        grid_path = Path(model) / "grid.png"
+    if grid_path:
+        grid(pipe, world.heldout_prompts(grid_rows, seed=123), d["num_inference_steps"], path=grid_path)
+        print(f"grid written to {grid_path}")
+    if card:
+        text = model_card(model, results, spi, n, list(seeds),
+                          grid_path.name if grid_path.parent.resolve() == Path(model).resolve() else None)
+        (Path(model) / "README.md").write_text(text)
+        print(f"model card written to {Path(model) / 'README.md'}")
+    return record

@@ -7,11 +7,10 @@ builds its vocabulary, so ids match the reference CLIP tokenizer (49408 ids, BOS
 EOS 49407).  This is a *dev-time* step: the generated files are shipped in
 ``assets/tiny-sdxl/tokenizer*``, so open-clip is not a runtime dependency.
 
-    python -m mixdq.zoo.tokenizer OUT_DIR [--bpe PATH]
+    mixdq zoo tokenizer OUT_DIR [--bpe PATH]
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import importlib.util
 import json
@@ -114,17 +113,3 @@ def reference_tokenize(texts: list[str], context_length: int = MAX_LENGTH):
     mod_spec.loader.exec_module(mod)  # needs ftfy, regex, torch
     tok = mod.SimpleTokenizer()
     return tok(texts, context_length=context_length).tolist()
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("out_dir")
-    ap.add_argument("--bpe", default=None)
-    ap.add_argument("--pad-token", default="<|endoftext|>")
-    args = ap.parse_args(argv)
-    write_tokenizer(Path(args.out_dir), args.bpe, args.pad_token)
-    print(f"wrote CLIP tokenizer to {args.out_dir}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
 """Retrain the embedded tiny-sdxl model from scratch (fixed seed, resumable).
 
-    python -m mixdq.zoo.train_tiny --device cuda         # ~4 min on one H100 (how the shipped one was made)
-    python -m mixdq.zoo.train_tiny                       # the same recipe on CPU (hours, see below)
-    nohup python -m mixdq.zoo.train_tiny > runs/tiny-sdxl/train.log 2>&1 &   # unattended; rerun to resume
+    mixdq zoo train --device cuda         # ~4 min on one H100 (how the shipped one was made)
+    mixdq zoo train                       # the same recipe on CPU (hours, see below)
+    nohup mixdq zoo train > runs/tiny-sdxl/train.log 2>&1 &   # unattended; rerun to resume
 
 It writes assets/tiny-sdxl (--out) at the end; checkpoints go to runs/tiny-sdxl (--run-dir)
 every few minutes and a rerun of the same command resumes from them.  On CPU the whole
@@ -24,13 +24,13 @@ Stages (each resumes from its last checkpoint in --run-dir; a finished stage is 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import os
 import random
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -332,40 +332,44 @@ def export(pipe, out_dir: Path, steps: int, meta: dict):
     log(f"exported pipeline to {out_dir}")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", type=Path, default=DEFAULT_RUN)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="pipeline folder to write at the end")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    # Defaults = the recipe of the shipped weights: learning-rate schedules planned for 3000
-    # steps, stopped at 1586 (VAE) and 822 (UNet) steps, where the first (GPU) run's time budget
-    # ended them; that was already past the quality bar.
-    ap.add_argument("--vae-steps", type=int, default=3000, help="length of the VAE lr schedule")
-    ap.add_argument("--vae-stop-step", type=int, default=1586, help="stop the VAE here (0: at --vae-steps)")
-    ap.add_argument("--vae-batch", type=int, default=64)
-    ap.add_argument("--vae-lr", type=float, default=1e-3)
-    ap.add_argument("--vae-kl", type=float, default=1e-4)
-    ap.add_argument("--vae-eval-every", type=int, default=1000)
-    ap.add_argument("--bank", type=int, default=65536)
-    ap.add_argument("--unet-steps", type=int, default=3000, help="length of the UNet lr schedule")
-    ap.add_argument("--unet-stop-step", type=int, default=822, help="stop the UNet here (0: at --unet-steps)")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--eval-every", type=int, default=250)
-    ap.add_argument("--eval-n", type=int, default=96)
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the UNet (GPU)")
-    ap.add_argument("--ckpt-minutes", type=float, default=3.0)
-    ap.add_argument("--default-steps", type=int, default=0,
-                    help="default step count to ship; 0 = pick the best of 1/2/4 on a validation set")
-    ap.add_argument("--val-n", type=int, default=192, help="captions for choosing the default step count")
-    ap.add_argument("--no-export", action="store_true")
-    ap.add_argument("--vae-max-minutes", type=float, default=0.0, help="stop the VAE stage after this long (0: no limit)")
-    ap.add_argument("--unet-max-minutes", type=float, default=0.0, help="stop the UNet stage after this long (0: no limit)")
-    args = ap.parse_args(argv)
+@dataclass
+class TrainConfig:
+    """The training recipe.  The defaults are the recipe of the shipped weights: learning-rate
+    schedules planned for 3000 steps, stopped at 1586 (VAE) and 822 (UNet) steps, where the
+    first (GPU) run's time budget ended them; that was already past the quality bar.
+    `mixdq zoo train` has one option per field (help from `metadata`)."""
+    run_dir: Path = field(default=DEFAULT_RUN, metadata={"help": "checkpoints (a rerun resumes from them)"})
+    out: Path = field(default=DEFAULT_OUT, metadata={"help": "pipeline folder to write at the end"})
+    device: str = "cpu"
+    threads: int = 2
+    seed: int = 0
+    vae_steps: int = field(default=3000, metadata={"help": "length of the VAE lr schedule"})
+    vae_stop_step: int = field(default=1586, metadata={"help": "stop the VAE here (0: at --vae-steps)"})
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-4
+    vae_eval_every: int = 1000
+    bank: int = 65536
+    unet_steps: int = field(default=3000, metadata={"help": "length of the UNet lr schedule"})
+    unet_stop_step: int = field(default=822, metadata={"help": "stop the UNet here (0: at --unet-steps)"})
+    batch: int = 256
+    lr: float = 1e-3
+    warmup: int = 200
+    ema: float = 0.999
+    eval_every: int = 250
+    eval_n: int = 96
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for the UNet (GPU)"})
+    ckpt_minutes: float = 3.0
+    default_steps: int = field(default=0, metadata={
+        "help": "default step count to ship; 0 = pick the best of 1/2/4 on a validation set"})
+    val_n: int = field(default=192, metadata={"help": "captions for choosing the default step count"})
+    no_export: bool = False
+    vae_max_minutes: float = field(default=0.0, metadata={"help": "stop the VAE stage after this long (0: no limit)"})
+    unet_max_minutes: float = field(default=0.0, metadata={"help": "stop the UNet stage after this long (0: no limit)"})
+
+
+def train(args: TrainConfig) -> None:
+    """The whole recipe, stage by stage (each resumes from --run-dir), then the export."""
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -378,7 +382,7 @@ def main(argv=None):
     args.run_dir.mkdir(parents=True, exist_ok=True)
     meta_path = args.run_dir / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"stages": {}}
-    meta["args"] = {k: str(v) for k, v in vars(args).items()}
+    meta["args"] = {k: str(v) for k, v in asdict(args).items()}
 
     def timed(name, fn):
         t = time.time()
@@ -415,6 +419,3 @@ def main(argv=None):
     if not args.no_export:
         export(pipe, args.out, best, meta)
 
-
-if __name__ == "__main__":
-    main()

@@ -11,12 +11,10 @@ Nothing is stored on disk: images are rendered on the fly with vectorised torch 
 from __future__ import annotations
 
 import itertools
-import math
 import random
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 IMAGE_SIZE = 64
