@@ -7,11 +7,13 @@ Two levels:
     dequant  no: weights dequantized on the fly, activations fake-quantized,
              float matmul (the reference)
   backend  (`layer_backend`, `layer.backend`): what runs the layer, one of
-    BACKENDS: the int8 backends of `backends/` (int_mm, onednn, fbgemm), or
+    BACKENDS: the int8 backends of `backends/` (int_mm, onednn, fbgemm, triton,
+    triton_fp8), or
     float: the dequant path (activations other than 8 bits, no int8 backend
     faster than float32 here, or codes a backend cannot run exactly)
 
-The CPU's choice per layer type is measured once (machine.py); the split up-block
+The CPU's and the GPU's choice per layer type is measured once (machine.py; on
+CUDA: triton, int_mm or float16 per layer type, triton_fp8 only when forced); the split up-block
 shortcut convs (1x1 over concat(hidden, skip), two activation ranges) are two GEMMs
 over pixels: they take the linear backend.
 
@@ -91,9 +93,9 @@ def layer_backend(op: str, weight_bits: int, act_bits: int, device, kernel: str 
 
     The forced backend for the layer's type, else this machine's choice for it: on the
     CPU the measured one (a split 1x1 conv is two GEMMs over pixels: the linear one),
-    on CUDA int_mm for linears and float for convs (no int8 conv in torch there:
-    cuDNN on dequantized weights).  `float` where the backend does not support the
-    layer, or saturates on its codes."""
+    on CUDA the GPU's measured one (triton, int_mm, or float: cuDNN / cuBLAS in
+    float16 on dequantized weights).  `float` where the backend does not support
+    the layer, or saturates on its codes."""
     if kernel != "int_mm" or act_bits != 8 or weight_bits > 8:
         return "float"
     device = torch.device(device)
@@ -105,7 +107,8 @@ def layer_backend(op: str, weight_bits: int, act_bits: int, device, kernel: str 
         return backend == "float" or REGISTRY[backend].supports(op, device, weight_shape, groups)
 
     if device.type == "cuda":
-        default = "int_mm" if kind == "linear" else "float"
+        choice = machine.cuda_choice(device)
+        default = choice.get(f"{kind}_backend", "int_mm" if kind == "linear" else "float")
     else:
         default = machine.cpu_choice()[f"{kind}_backend"]
     forced = _backend_override(kind)

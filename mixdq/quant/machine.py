@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .backends import CONV_KERNELS, LINEAR_KERNELS, PREPACKED
+from .backends import CONV_KERNELS, LINEAR_KERNELS, PREPACKED, REGISTRY
 from .backends.common import clear_cache
 from .backends.int_mm import linear_int_mm
 from .backends.onednn import conv2d_onednn
@@ -135,7 +135,7 @@ def saturates(backend: str, op: str = "linear") -> bool:
     the module doc): the prepacked ones wherever the CPU (or MIXDQ_CPU) has no VNNI;
     any int8 backend whose one-off probe saturates (a capped oneDNN, which
     `torch._int_mm` also runs on, does on any CPU); float never."""
-    if backend == "float":
+    if backend == "float" or getattr(REGISTRY.get(backend), "NEVER_SATURATES", False):
         return False
     if backend in PREPACKED and not vnni():
         return True
@@ -252,14 +252,14 @@ def _choose_cpu() -> dict:
     return _measure_cpu()
 
 
-def _cached_choice(key: str, choose) -> dict:
+def _cached_choice(key: str, choose, version: int = _MEASURE_VERSION) -> dict:
     """choose() once per machine key, remembered in ~/.cache/mixdq/kernels.json."""
     path = cache_dir() / "kernels.json"
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError):
         table = {}
-    if table.get(key, {}).get("version") != _MEASURE_VERSION:
+    if table.get(key, {}).get("version") != version:
         table[key] = choose()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -282,54 +282,96 @@ def cpu_choice() -> dict:
     return _CPU_CHOICES[key]
 
 
-def _measure_cuda(index: int) -> dict:
-    """int8 GEMM vs dequantize-then-float16 GEMM on the GPU, both from packed weights.
+# bump when _measure_cuda measures something new (the CUDA keys are apart from the CPU's)
+_CUDA_MEASURE_VERSION = 1
+# the shape classes measured on CUDA, one per layer type the dispatch decides for:
+# SDXL's most common linear (1280 -> 1280 over the 4096 tokens of 1024 px) and a
+# 640-channel 3x3 conv of its 64x64 stage (1024 px)
+CUDA_LINEAR_SHAPE = (4096, 1280, 1280)
+CUDA_CONV_SHAPE = (640, 640, 64)
 
-    On an H100 `torch._int_mm` dispatches to Ampere (sm80) int8 kernels and the
-    whole W8A8 UNet step ran at 0.69-0.76x of float16 (bench/analysis.md), so
-    the compute capability alone does not decide: the faster path is measured.
-    Shape: SDXL's most common linear (1280 -> 1280) over 4096 tokens.
-    """
-    dev = torch.device("cuda", index)
+
+def _cuda_time(fn, device, repeat=20) -> float:
+    """Seconds per call (CUDA events; the first calls compile and fill caches)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / repeat / 1e3
+
+
+def _cuda_candidates(dev) -> dict:
+    """{layer type: {path: zero-argument call}}: the float16 dequant path (what the
+    'float' backend runs) against every int8 backend that applies on this GPU."""
     torch.manual_seed(0)
-    m, k, n = 4096, 1280, 1280
+    m, k, n = CUDA_LINEAR_SHAPE
     x = torch.randn(m, k, device=dev, dtype=torch.float16)
     wq = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8)
     ws = torch.rand(n, device=dev) * 1e-2
     xs = torch.tensor([8.0 / 255], device=dev)
     xz = torch.tensor([128.0], device=dev)
+    lin = {"float16": lambda: F.linear(fake_quantize_act(x, xs, xz, 8).half(), wq.half() * ws[:, None].half()),
+           "int_mm": lambda: linear_int_mm(x, xs, xz, wq, ws, None)}
+    c, o, h = CUDA_CONV_SHAPE
+    xc = torch.randn(1, c, h, h, device=dev, dtype=torch.float16)
+    wc = torch.randint(-127, 128, (o, c, 3, 3), device=dev, dtype=torch.int8)
+    wcs = torch.rand(o, device=dev) * 1e-2
+    conv = {"float16": lambda: F.conv2d(fake_quantize_act(xc, xs, xz, 8).half(),
+                                        wc.half() * wcs[:, None, None, None].half(), None, 1, 1)}
+    for name in ("triton", "triton_fp8"):
+        be = REGISTRY[name]
+        if be.supports("linear", dev):
+            fp8 = name == "triton_fp8"
+            lin[name] = (lambda fp8=fp8: REGISTRY["triton"].linear_triton(x, xs, xz, wq, ws, None, fp8=fp8))
+            conv[name] = (lambda fp8=fp8: REGISTRY["triton"].conv2d_triton(xc, xs, xz, wc, wcs, None, 1, 1,
+                                                                            fp8=fp8))
+    return {"linear": lin, "conv": conv}
 
-    def int_path():
-        return linear_int_mm(x, xs, xz, wq, ws, None)
 
-    def dequant_path():
-        return F.linear(fake_quantize_act(x, xs, xz, 8).half(), wq.half() * ws[:, None].half())
+def _measure_cuda(index: int) -> dict:
+    """Each layer type's int8 backends against dequantize-then-float16, on this GPU.
 
-    def cuda_time(fn, repeat=20):
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeat):
-            fn()
-        end.record()
-        torch.cuda.synchronize(dev)
-        return start.elapsed_time(end) / repeat / 1e3
-
+    On an H100 `torch._int_mm` dispatches to Ampere (sm80) int8 kernels and the
+    whole W8A8 UNet step ran at 0.69-0.76x of float16 (bench/analysis.md), so
+    the compute capability alone does not decide: the faster path is measured, per
+    layer type (CUDA_LINEAR_SHAPE, CUDA_CONV_SHAPE).  triton_fp8 is timed for the
+    record but never chosen: it computes another function (triton_fp8.py).
+    """
+    dev = torch.device("cuda", index)
+    times = {}
     with torch.inference_mode():
-        try:
-            t_int = cuda_time(int_path)
-        except RuntimeError:
-            t_int = float("inf")
-        t_deq = cuda_time(dequant_path)
+        for kind, paths in _cuda_candidates(dev).items():
+            times[kind] = {}
+            for name, fn in paths.items():
+                try:
+                    times[kind][name] = _cuda_time(fn, dev)
+                except Exception:  # noqa: BLE001 - a kernel that fails to build or run loses
+                    times[kind][name] = float("inf")
     clear_cache()
-    return {"int_mm_s": t_int, "dequant_s": t_deq, "version": _MEASURE_VERSION,
-            "kernel": "int_mm" if t_int < t_deq else "dequant",
-            "reason": "measured: int8 GEMM vs dequantize + float16 GEMM"}
+    return _pick_cuda(times)
+
+
+def _pick_cuda(times: dict) -> dict:
+    """The choice from {layer type: {path: seconds}}: per type the fastest path that
+    computes the W8A8 function ('float16' = the float backend; triton_fp8 excluded)."""
+    choice = {}
+    for kind, t in times.items():
+        exact = {k: v for k, v in t.items() if k != "triton_fp8"}
+        best = min(exact, key=exact.get)
+        choice[f"{kind}_backend"] = "float" if best == "float16" else best
+    int8 = any(v != "float" for v in choice.values())
+    return {**choice, "times_s": times, "version": _CUDA_MEASURE_VERSION,
+            "kernel": "int_mm" if int8 else "dequant",
+            "reason": "measured per layer type: int8 backends vs dequantize + float16"}
 
 
 def cuda_choice(device) -> dict:
-    """This GPU's measured int8 choice (kernel, times), once per process and GPU."""
+    """This GPU's measured int8 choice (kernel, backend per layer type, times), once
+    per process and GPU (and once per GPU, torch and triton version on disk)."""
     device = torch.device(device)
     return _cuda_choice(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -338,6 +380,12 @@ def cuda_choice(device) -> dict:
 def _cuda_choice(index: int) -> dict:
     major, minor = torch.cuda.get_device_capability(index)
     if major < 8:  # no int8 tensor-core GEMM behind torch._int_mm
-        return {"kernel": "dequant", "reason": f"sm{major}{minor}: no int8 GEMM"}
-    key = f"cuda|{torch.cuda.get_device_name(index)}|torch {torch.__version__}"
-    return _cached_choice(key, lambda: _measure_cuda(index))
+        return {"kernel": "dequant", "linear_backend": "float", "conv_backend": "float",
+                "reason": f"sm{major}{minor}: no int8 GEMM"}
+    triton_version = "none"
+    if REGISTRY["triton"].available():
+        import triton
+
+        triton_version = triton.__version__
+    key = f"cuda|{torch.cuda.get_device_name(index)}|torch {torch.__version__}|triton {triton_version}"
+    return _cached_choice(key, lambda: _measure_cuda(index), _CUDA_MEASURE_VERSION)

@@ -1,0 +1,154 @@
+"""The Triton kernel behind the `triton` and `triton_fp8` backends: one implicit GEMM
+that runs linears, 3x3 / 1x1 convs (any stride, padding, dilation) and the split
+up-block shortcut conv, with the activation quantization fused into the A-tile
+load, weight codes unpacked from their packed container (1, 2 or 4 codes per byte)
+inside the kernel, an exact int32 accumulator (int8 mode) or an FP8 e4m3 dot
+(fp8 mode), and the epilogue y = acc * scale + beff fused.
+
+Imported only where triton is installed (backends/triton_cuda.py checks first).
+CUDA tensors run the compiled kernel; CPU tensors run the very same kernel body in
+Triton's interpreter (`InterpretedFunction`, built explicitly, so TRITON_INTERPRET
+need not be set, nor set before anything imports triton), which is how the kernel
+is proven against the reference without a GPU (tests/test_triton_kernels.py).
+
+Rounding is written out in float32 arithmetic rather than taken from libdevice or
+from float8 casts: round-half-even of x / s by adding and subtracting 1.5 * 2^23
+(exact for |v| <= 2^22, and v is clamped to 512 first), and e4m3 rounding with the
+same trick at the value's own e4m3 spacing.  Both are IEEE operations that the
+compiled kernel and the interpreter evaluate identically (libdevice does not exist
+in the interpreter, and its float32 -> e4m3 cast does not carry a rounded-up
+mantissa into the exponent: 7.77 came out as 4), so the casts that follow are exact.
+"""
+import triton
+import triton.language as tl
+
+RND = 12582912.0  # 1.5 * 2^23: v + RND - RND rounds v to an integer, ties to even
+E4M3_MAX = 448.0
+
+
+def _igemm(x_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, scale_ptr, beff_ptr,
+           M, N, C, H, W, HO, WO, SPLIT,
+           sxb, sxc, sxh, sxw, swn, swc, swh, sww, syb, syn, syh, syw,
+           KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+           DIL: tl.constexpr, PER: tl.constexpr, PARTS: tl.constexpr, FP8: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Output pixel m = ((b * HO) + oh) * WO + ow; a linear is B = M rows of 1x1 pixels.
+    # Input channels [0, SPLIT) and [SPLIT, C) are the PARTS slices, each with its
+    # own activation (scale, zero point) and its own accumulator and epilogue.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    ow = rm % WO
+    oh = (rm // WO) % HO
+    ob = rm // (WO * HO)
+    y = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for part in tl.static_range(PARTS):
+        if part == 0:
+            lo = 0
+            hi = SPLIT
+        else:
+            lo = SPLIT
+            hi = C
+        s = tl.load(sa_ptr + part)
+        z = tl.load(za_ptr + part)
+        if FP8:
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        else:
+            acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+        for kh in tl.static_range(KH):
+            ih = oh * STRIDE - PAD + kh * DIL
+            for kw in tl.static_range(KW):
+                iw = ow * STRIDE - PAD + kw * DIL
+                # padded pixels load 0.0, which quantizes to the zero point: the
+                # zero-point term of the epilogue (over every tap) then cancels them
+                row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x_row = ob * sxb + ih * sxh + iw * sxw
+                w_col = rn * swn + kh * swh + kw * sww
+                for c0 in range(lo, hi, BLOCK_K):
+                    c = c0 + rk
+                    c_ok = c < hi
+                    a = tl.load(x_ptr + x_row[:, None] + c[None, :] * sxc,
+                                mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                    f = w_col[None, :] + c[:, None] * swc  # flat code index, (K, N) tile
+                    w_ok = c_ok[:, None] & n_ok[None, :]
+                    if PER == 1:
+                        wq = tl.load(w_ptr + f, mask=w_ok, other=0).to(tl.int32)
+                    else:
+                        byte = tl.load(w_ptr + f // PER, mask=w_ok, other=0).to(tl.int32)
+                        width = 8 // PER
+                        wq = (byte >> ((f % PER) * width)) & ((1 << width) - 1)
+                        wq = tl.where(w_ok, wq - (1 << (width - 1)), 0)
+                    if FP8:
+                        v = tl.minimum(tl.maximum(tl.math.div_rn(a, s), -E4M3_MAX), E4M3_MAX)
+                        e = tl.maximum((v.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
+                        magic = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
+                        a8 = ((v + magic) - magic).to(tl.float8e4nv)
+                        wf = wq.to(tl.float32)
+                        e = tl.maximum((wf.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
+                        magic = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
+                        w8 = ((wf + magic) - magic).to(tl.float8e4nv)
+                        acc = tl.dot(a8, w8, acc, out_dtype=tl.float32)
+                    else:
+                        v = tl.minimum(tl.maximum(tl.math.div_rn(a, s), -512.0), 512.0)
+                        q = tl.minimum(tl.maximum((v + RND) - RND + z, 0.0), 255.0) - 128.0
+                        acc = tl.dot(q.to(tl.int8), wq.to(tl.int8), acc, out_dtype=tl.int32)
+        sc = tl.load(scale_ptr + part * N + rn, mask=n_ok, other=0.0)
+        be = tl.load(beff_ptr + part * N + rn, mask=n_ok, other=0.0)
+        y = y + (acc.to(tl.float32) * sc[None, :] + be[None, :])
+    out = y_ptr + (ob * syb + oh * syh + ow * syw)[:, None] + rn[None, :] * syn
+    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_BUILT: dict = {}
+
+
+def kernel(device_type: str):
+    """The kernel for tensors on `device_type`: compiled for CUDA, interpreted for the CPU."""
+    if device_type not in _BUILT:
+        if device_type == "cuda":
+            _BUILT[device_type] = triton.jit(_igemm)
+        elif device_type == "cpu":
+            from triton.runtime.interpreter import InterpretedFunction
+
+            _BUILT[device_type] = InterpretedFunction(_igemm)
+        else:
+            raise RuntimeError(f"the triton backend runs CUDA tensors (CPU ones in Triton's interpreter), "
+                               f"not {device_type}: move the model to CUDA or pick another backend")
+    return _BUILT[device_type]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).  The interpreter pays per
+# operation, not per element: big tiles are fastest there.
+CPU_BLOCKS = (64, 64, 64, 4, 1)
+
+
+def cuda_blocks(m: int, n: int, k: int) -> tuple:
+    """Tile sizes for an (m x k) @ (k x n) GEMM on the GPU: 128x128x64 tiles in 8 warps,
+    halved in M where few rows would leave most of the GPU's SMs idle."""
+    bm = 128 if m >= 2048 else 64
+    bk = 64 if k >= 64 else 32
+    return bm, 128 if n >= 128 else 64, bk, 8 if bm == 128 else 4, 3
+
+
+def launch(x, w, y, sa, za, scale, beff, geometry: dict, *, per: int, parts: int, fp8: bool,
+           blocks: tuple | None = None):
+    """Run the kernel.  geometry: M N C H W HO WO SPLIT, the x / weight-code / y strides
+    (in elements, in codes for the weight), KH KW STRIDE PAD DIL."""
+    g = geometry
+    dev = x.device.type
+    bm, bn, bk, warps, stages = blocks or (CPU_BLOCKS if dev == "cpu" else cuda_blocks(g["M"], g["N"], g["C"]))
+    grid = (triton.cdiv(g["M"], bm), triton.cdiv(g["N"], bn))
+    args = (x, w, y, sa, za, scale, beff, g["M"], g["N"], g["C"], g["H"], g["W"], g["HO"], g["WO"], g["SPLIT"],
+            *g["sx"], *g["sw"], *g["sy"])
+    meta = dict(KH=g["KH"], KW=g["KW"], STRIDE=g["STRIDE"], PAD=g["PAD"], DIL=g["DIL"], PER=per, PARTS=parts,
+                FP8=fp8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    if dev == "cuda":
+        # no fused multiply-add in the epilogue: acc * scale + beff rounds twice, as
+        # the reference computation of the same formula does
+        meta.update(num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+    kernel(dev)[grid](*args, **meta)
+    return y
