@@ -384,7 +384,11 @@ def add_presets_args(p) -> None:
     from .presets import PRESET_BITS, PRESETS_DIR
 
     p.add_argument("--model", default=None, help="model source (default: the embedded model)")
-    p.add_argument("--out", default=str(PRESETS_DIR), help="presets folder (default: presets/)")
+    p.add_argument("--out", default=None, help=f"presets folder (default: {PRESETS_DIR.name}/, "
+                                                "and presets/<model>/ with --published)")
+    p.add_argument("--published", action="store_true",
+                   help="presets of a published model (--model, default stabilityai/sdxl-turbo) from its "
+                        "architecture and the published sensitivity shipped beside them: no weights, no images")
     p.add_argument("--eval-prompts", type=_positive_int, default=32,
                    help="held-out prompts per measurement, and as many again for selection (default 32)")
     p.add_argument("--bits", type=_bits_list, default=list(PRESET_BITS), metavar="B,B",
@@ -401,12 +405,17 @@ def cmd_presets(args):
 
     import torch
 
-    from .presets import regenerate
+    from .presets import PRESETS_DIR, make_published_presets, regenerate
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    regenerate(args.model, Path(args.out), args.eval_prompts, args.bits, args.evidence,
-               write_presets=not args.no_presets)
+    if args.published:
+        for s in make_published_presets(args.model or "stabilityai/sdxl-turbo", args.out, args.bits):
+            _log(f"{s['preset']}: {s['size_mb']:.3f} MB, predicted loss {s['predicted_loss']['total']:.4g}, "
+                 f"{s['summary']}")
+    else:
+        regenerate(args.model, Path(args.out or PRESETS_DIR), args.eval_prompts, args.bits, args.evidence,
+                   write_presets=not args.no_presets)
     if args.evidence:
         _log(f"wrote {args.evidence}")
     _log(f"done in {time.perf_counter() - t0:.0f} s")

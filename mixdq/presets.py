@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .allocation import (DEFAULT_RATIOS, TOTAL, Allocator, PlanEvaluator, default_eval_prompts,
+from .allocation import (CONTENT, DEFAULT_RATIOS, QUALITY, TOTAL, Allocator, PlanEvaluator, default_eval_prompts,
                        select, selection_score)
 from .calibrate import Calibration
 from .errors import MixDQError
@@ -250,6 +250,67 @@ def make_evidence(model=None, path: Path | None = None, eval_prompts: int = 16, 
     return text
 
 
+# Presets of a published model, from its architecture and a published table: no weights,
+# no images, so each preset is the plan of least predicted loss at its budget.
+PUBLISHED_PRESETS = {"stabilityai/sdxl-turbo": "sdxl-turbo"}
+# A8 with float16 kept where the scores say it matters: activations may take 8 or 16 bits.
+A8_WITH_FLOAT = {CONTENT: (8, 16), QUALITY: (8, 16)}
+
+
+def published_act_avg_bits(sens) -> float:
+    """The average activation bits of the publication's own W*A8 choice (8 bits, with its
+    float16 list kept at 16), weighted by activation size: the activation budget the presets
+    give the integer program, which then picks the float16 layers from the published scores."""
+    keep = set(sens.meta.get("origin", {}).get("float16_activations") or ())
+    total = sum(sens.act_numel.values())
+    return 8.0 + 8.0 * sum(n for name, n in sens.act_numel.items() if name in keep) / total
+
+
+def make_published_presets(model: str = "stabilityai/sdxl-turbo", out: Path | None = None,
+                           bits=PRESET_BITS, sens=None) -> list[dict]:
+    """Presets for a published model at the sizes of uniform W{b}A8, from the published
+    architecture on the meta device (exact layer costs) and the table shipped beside them
+    (`out`/sensitivity.json, or `sens`); writes NAME.json + NAME.stats.json into `out`."""
+    from .architectures import meta_unet
+    from .memory import layer_costs
+    from .quant import quantizable_layers
+    from .sensitivity_analysis import Sensitivity
+
+    if model not in PUBLISHED_PRESETS:
+        raise MixDQError(f"no published presets for {model!r}; published: {sorted(PUBLISHED_PRESETS)}")
+    out = Path(out or PRESETS_DIR / PUBLISHED_PRESETS[model])
+    sens = sens or Sensitivity.load(out / "sensitivity.json")
+    unet = meta_unet(model)
+    costs, names = layer_costs(unet), list(quantizable_layers(unet))
+    act_avg = published_act_avg_bits(sens)
+    alloc = Allocator(sens, costs, act_candidates=A8_WITH_FLOAT, act_avg_bits=act_avg)
+    theirs = set(sens.meta.get("origin", {}).get("float16_activations") or ())
+    ours = sorted(n for n, a in alloc.act_bits.items() if a == 16)
+    lo, hi = alloc.feasible_range_mb()
+    written = []
+    for b in bits:
+        target = nominal_size(costs, names, b)
+        budget, clamped = _budget_for(alloc, target)
+        best = alloc.solve(budget)
+        name = f"mixdq-w{b}a8-size"
+        plan = Plan(dict(best.plan.items()), meta={**best.plan.meta, "preset": name, "model": model})
+        plan.save(out / f"{name}.json")
+        stats = {
+            "preset": name, "model": model, "budget_mb": round(budget, 6), "nominal_w%da8_mb" % b: round(target, 6),
+            "budget_clamped_to_min": clamped, "feasible_mb": [round(lo, 6), round(hi, 6)],
+            "float_mb": round(costs.float_mb(), 6), "size_mb": round(best.size_mb, 6),
+            "predicted_loss": best.predicted, "summary": plan.summary(), "ilp_solve_s": round(best.solve_s, 3),
+            "selection": "least predicted loss (made without the weights: no images to measure)",
+            "sizes_from": f"layer_costs of the published {model} UNet config (float32 float parts)",
+            "activations": {"avg_bits": round(act_avg, 4), "float16": ours,
+                            "publication_float16": sorted(theirs), "in_both": len(theirs & set(ours))},
+            "sensitivity": sens.meta.get("origin", {}).get("repository"),
+        }
+        (out / f"{name}.stats.json").write_text(json.dumps(stats, indent=1))
+        written.append(stats)
+    return written
+
+
 def regenerate(model=None, out: Path = PRESETS_DIR, eval_prompts: int = 32, bits=PRESET_BITS,
                evidence: Path | None = None, write_presets: bool = True, progress: bool = True) -> list[dict] | None:
     """Everything `mixdq presets` writes, from one sensitivity run and one pair of evaluators:
@@ -273,7 +334,7 @@ class Preset:
 
 
 def presets(unet, folder: Path | None = None) -> list[Preset]:
-    """The shipped plans (presets/NAME.json, numbers in NAME.stats.json) that fit this UNet,
+    """The shipped plans (presets/[MODEL/]NAME.json, numbers in NAME.stats.json) that fit this UNet,
     smallest first.  Plans for other models are skipped."""
     from .memory import layer_costs
     from .plan import Plan
@@ -283,7 +344,7 @@ def presets(unet, folder: Path | None = None) -> list[Preset]:
     names = list(quantizable_layers(unet))
     costs = None
     out = []
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(folder.rglob("*.json")):  # a published model's presets live in presets/<model>/
         if path.name.endswith(".stats.json"):
             continue
         try:
