@@ -1,74 +1,26 @@
-"""Published UNet configurations of the models the benchmarks measure.
+"""UNet configurations of the models the benchmarks measure, by short name.
 
 Memory and speed do not depend on weight values, so the benchmarks build these
-architectures with random weights (no hub access here).  The dictionaries are the
-`unet/config.json` files of the published checkpoints, with keys that equal the
-diffusers defaults left out.  Parameter counts are checked by `expected_params`
-(tests/test_bench.py builds the small config only; `bench.run` asserts the count
-for the real ones before it measures anything, so a typo here cannot go unseen).
+architectures with random weights (no hub access here).  The published ones (SDXL-Turbo,
+SD-Turbo, SD1.5) are mixdq.architectures' (the `unet/config.json` files of the published
+checkpoints, with keys that equal the diffusers defaults left out); the tiny ones are
+for tests.  Parameter counts are checked by `expected_params` (tests/test_bench.py builds
+the published ones on the meta device; `bench.run` asserts the count before it measures
+anything, so a typo cannot go unseen).
 """
 from __future__ import annotations
 
 import copy
 
-# stabilityai/sdxl-turbo unet/config.json (= SDXL base 1.0 UNet; turbo only changes
-# sample_size to 64, i.e. 512 px).
-SDXL_TURBO = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    block_out_channels=[320, 640, 1280],
-    layers_per_block=2,
-    attention_head_dim=[5, 10, 20],
-    transformer_layers_per_block=[1, 2, 10],
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32,
-    act_fn="silu",
-    flip_sin_to_cos=True,
-    freq_shift=0,
-)
+from mixdq import architectures
 
-# stabilityai/sd-turbo unet/config.json (= SD 2.1 UNet at 512 px).
-SD_TURBO = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    block_out_channels=[320, 640, 1280, 1280],
-    layers_per_block=2,
-    attention_head_dim=[5, 10, 20, 20],
-    cross_attention_dim=1024,
-    use_linear_projection=True,
-    norm_num_groups=32,
-    act_fn="silu",
-    flip_sin_to_cos=True,
-    freq_shift=0,
-)
-
-# runwayml/stable-diffusion-v1-5 unet/config.json (1x1-conv proj_in/proj_out).
-SD15 = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    block_out_channels=[320, 640, 1280, 1280],
-    layers_per_block=2,
-    attention_head_dim=8,
-    cross_attention_dim=768,
-    use_linear_projection=False,
-    norm_num_groups=32,
-    act_fn="silu",
-    flip_sin_to_cos=True,
-    freq_shift=0,
-)
+# The published architectures live in the library (mixdq/architectures.py: planning without
+# the weights needs them too); the benchmarks name them short.
+SDXL_TURBO = architectures.unet_config("stabilityai/sdxl-turbo")
+SD_TURBO = architectures.unet_config("stabilityai/sd-turbo")
+SD15 = architectures.unet_config("runwayml/stable-diffusion-v1-5")
+HUB_IDS = {"sdxl-turbo": "stabilityai/sdxl-turbo", "sd-turbo": "stabilityai/sd-turbo",
+           "sd15": "runwayml/stable-diffusion-v1-5"}
 
 # A scaled-down SDXL (same block types, text_time conditioning, linear projections,
 # two transformer depths) for tests: builds and steps in well under a second.
@@ -120,14 +72,10 @@ MODELS = {
 }
 
 # Parameter counts of the published checkpoints (float32 state_dict numel).
-EXPECTED_PARAMS = {
-    "sdxl-turbo": 2_567_463_684,
-    "sd-turbo": 865_910_724,
-    "sd15": 859_520_964,
-}
+EXPECTED_PARAMS = {name: architectures.expected_params(hub) for name, hub in HUB_IDS.items()}
 
 # Text-encoder sequence length and pooled size the UNet is conditioned on.
-TEXT_LEN = 77
+TEXT_LEN = architectures.TEXT_LEN
 POOLED_DIM = {"sdxl-turbo": 1280, "tiny-sdxl": 64}
 
 

@@ -229,6 +229,19 @@ def _first(out):
     return getattr(out, "sample", out)
 
 
+def record_act_numel(layers: Mapping[str, torch.nn.Module], into: dict[str, int]) -> list:
+    """Hooks that record into `into` each layer's input-activation elements per UNet sample
+    (its first input's numel over the batch, the largest over all calls): the weights of the
+    allocator's average activation bit-width.  Returns the hook handles, to remove."""
+    def hook_for(name):
+        def hook(_m, args):
+            x = args[0]
+            into[name] = max(into.get(name, 0), x.numel() // max(1, x.shape[0]))
+        return hook
+
+    return [m.register_forward_pre_hook(hook_for(n)) for n, m in layers.items()]
+
+
 class _Reference:
     """Runs the float pipeline once and keeps what every evaluation compares against."""
 
@@ -251,15 +264,9 @@ class _Reference:
         def post(_m, _args, _kwargs, out):
             self.outputs.append(_first(out).detach().clone())
 
-        def numel_hook(name):
-            def hook(_m, args):
-                x = args[0]
-                self.act_numel[name] = max(self.act_numel.get(name, 0), x.numel() // max(1, x.shape[0]))
-            return hook
-
         handles = [unet.register_forward_pre_hook(pre, with_kwargs=True),
                    unet.register_forward_hook(post, with_kwargs=True)]
-        handles += [modules[n].register_forward_pre_hook(numel_hook(n)) for n in layer_names]
+        handles += record_act_numel({n: modules[n] for n in layer_names}, self.act_numel)
 
         def new_batch(_done, _total):
             state["batch_calls"] = 0

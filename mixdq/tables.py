@@ -1,6 +1,15 @@
 """Which sensitivity table a pipeline gets: the one shipped in presets/ for this exact
-model and calibration, else a complete one in the cache, else (load_sensitivity only)
-one measured now.  The CLI and the app ask here, so they agree."""
+model and calibration, else a complete one in the cache, else one published for this
+model by someone else (presets/sdxl-turbo/sensitivity.json: the MixDQ authors'), else
+(load_sensitivity only) one measured now.  The CLI and the app ask here, so they agree.
+
+Two kinds of identity.  A table measured here carries the model's weight fingerprint and
+its calibration's cache key, and only that exact key matches.  A table measured elsewhere
+for a published model (meta["identity"]: hub id + architecture hash, see mixdq.published)
+matches a pipeline of the same architecture (mixdq.architectures.architecture_hash) and
+calibration settings, unless the pipeline is known to be another model (another hub id, or
+a fused LoRA); whoever uses it is told where it comes from and that a fine-tune should be
+measured itself."""
 from __future__ import annotations
 
 import json
@@ -8,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .calibrate import Calibration
+from .published import is_published, origin_text, published_message
 from .resources import shipped
 from .sensitivity_analysis import (DEFAULT_ACT_BITS, DEFAULT_WEIGHT_BITS, Sensitivity, _candidates, _jobs, _read_results,
                           cache_key, cache_root, layer_group, metrics_for, sensitivity)
@@ -16,10 +26,11 @@ from .sensitivity_analysis import (DEFAULT_ACT_BITS, DEFAULT_WEIGHT_BITS, Sensit
 @dataclass
 class SensitivityLookup:
     """What `find_sensitivity` found: the table or None, where it came from ("shipped",
-    "cached" or "none"), and one line for the user saying so.  For "none": `shipped_note` says
-    why the shipped table measured for this model does not apply (if there is one),
-    `shipped_flags` the command-line flags that would select its calibration, and `todo` how
-    many evaluations the analysis still has to run."""
+    "cached", "published" or "none"), and one line for the user saying so (for "published":
+    who measured it, where, and that a fine-tune should be measured with `mixdq sensitivity`).
+    For "none": `shipped_note` says why the shipped table measured for this model does not
+    apply (if there is one), `shipped_flags` the command-line flags that would select its
+    calibration, and `todo` how many evaluations the analysis still has to run."""
     table: object | None          # mixdq.sensitivity_analysis.Sensitivity
     source: str
     message: str
@@ -60,29 +71,77 @@ def _shipped_mismatch(meta: dict, key: str, inputs: dict, name: str) -> tuple[st
     return f"the shipped {name} was measured for this model {how}", flags
 
 
-def find_sensitivity(pipe, calibration=None, presets_dir=None) -> SensitivityLookup:
-    """The sensitivity table for this model and calibration, without measuring anything: the
-    shipped one in presets/ if it was measured for exactly these (the same cache key), else a
-    complete one in the on-disk cache, else none (`message` says why, and what is cached)."""
-    from .quant import quantizable_layers
-
-    calibration = calibration or Calibration.default(pipe)
-    key, inputs = cache_key(pipe, calibration)
-    note = flags = None
-    for path in sorted(Path(presets_dir or shipped("presets")).glob("*.json")):
+def _tables(presets_dir):
+    """(display name, data) of every sensitivity table under the presets folder, subfolders
+    too (presets/sdxl-turbo/sensitivity.json)."""
+    root = Path(presets_dir or shipped("presets"))
+    for path in sorted(root.rglob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
         if not (isinstance(data, dict) and data.get("format") == "mixdq-sensitivity/1"):
             continue
-        meta = data.get("meta") or {}
-        if str(meta.get("model", "")) != inputs["model"][:16]:
-            continue   # another model's table says nothing about this one
         try:
             name = str(path.resolve().relative_to(shipped("presets").parent))
         except ValueError:
             name = str(path)
+        yield name, data
+
+
+def _published_fits(pipe, meta: dict, inputs: dict, architecture: str, name: str) -> tuple[bool, str | None, str | None]:
+    """Whether a published table applies to this pipeline: (fits, why not, flags).  Another
+    architecture is another model (no note); the same architecture with another known
+    identity, or other calibration settings, gets a note saying so."""
+    ident = meta["identity"]
+    if ident.get("architecture") != architecture:
+        return False, None, None
+    model = ident["model"]
+    src = getattr(pipe, "_mixdq_source", None) or {}
+    anyway = f"measure it with `mixdq sensitivity`, or pass --sensitivity {name} to use that table anyway"
+    if src.get("lora"):
+        return False, (f"{name} was measured by {origin_text(meta)} for {model}, but this pipeline has "
+                       f"the LoRA {src['lora']} fused in: {anyway}"), None
+    if src.get("kind") == "hub" and src.get("source") != model:
+        return False, (f"{name} was measured by {origin_text(meta)} for {model}; this is {src.get('source')} "
+                       f"(the same architecture, other weights): {anyway}"), None
+    theirs = meta.get("settings") or {}
+    diff = [k for k in sorted(theirs) if inputs["settings"].get(k) != theirs[k]]
+    if diff:
+        flags = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "height": "--resolution",
+                 "width": "--resolution"}
+        how = ", ".join(f"{k} {theirs[k]} (yours {inputs['settings'].get(k)})" for k in diff)
+        hint = " ".join(dict.fromkeys(f"{flags[k]} {theirs[k]:g}" if isinstance(theirs[k], float) else
+                                      f"{flags[k]} {theirs[k]}" for k in diff if k in flags)) or None
+        return False, f"{name} was measured by {origin_text(meta)} for {model} with {how}", hint
+    return True, None, None
+
+
+def find_sensitivity(pipe, calibration=None, presets_dir=None) -> SensitivityLookup:
+    """The sensitivity table for this model and calibration, without measuring anything: the
+    shipped one in presets/ if it was measured for exactly these (the same cache key), else a
+    complete one in the on-disk cache, else one published for this model's architecture by
+    someone else (see the module doc), else none (`message` says why, and what is cached)."""
+    from .architectures import architecture_hash
+    from .quant import quantizable_layers
+
+    calibration = calibration or Calibration.default(pipe)
+    key, inputs = cache_key(pipe, calibration)
+    note = flags = None
+    published = None
+    architecture = None
+    for name, data in _tables(presets_dir):
+        meta = data.get("meta") or {}
+        if is_published(meta):
+            architecture = architecture or architecture_hash(pipe.unet)
+            fits, why, hint = _published_fits(pipe, meta, inputs, architecture, name)
+            if fits and published is None:
+                published = (name, data)
+            elif why and note is None:
+                note, flags = why, hint
+            continue
+        if str(meta.get("model", "")) != inputs["model"][:16]:
+            continue   # another model's table says nothing about this one
         # Scores measured on other prompts, seed, steps or size answer another question: only
         # the exact cache key (model and calibration) counts.
         if meta.get("key") == key:
@@ -100,12 +159,33 @@ def find_sensitivity(pipe, calibration=None, presets_dir=None) -> SensitivityLoo
         done = _read_results(folder) if folder.is_dir() else {}
         todo = sum(1 for job in jobs if not all(m in done.get(job, {}) for m in metrics_for(groups[job[0]])))
     except (AttributeError, OSError, ValueError, KeyError):  # cache layout changed: recompute
+        todo, jobs = None, None
+    if todo == 0 and (folder / "model.json").is_file():
+        # measured here for these very weights: better than anyone's published table
+        return SensitivityLookup(sensitivity(pipe, calibration, progress=False), "cached",
+                                 f"cached in {folder}")
+    if published is not None:
+        name, data = published
+        return SensitivityLookup(Sensitivity.from_dict(data), "published", published_message(data["meta"], name))
+    if todo is None:
         return SensitivityLookup(None, "none", f"{prefix}the cache in {folder} is unreadable", note, flags)
-    if todo or not (folder / "model.json").is_file():
-        have = "nothing" if todo == len(jobs) else f"{len(jobs) - todo} of {len(jobs)} evaluations"
-        return SensitivityLookup(None, "none", f"{prefix}{have} cached in {folder}", note, flags, todo)
-    return SensitivityLookup(sensitivity(pipe, calibration, progress=False), "cached",
-                             f"cached in {folder}")
+    have = "nothing" if todo == len(jobs) else f"{len(jobs) - todo} of {len(jobs)} evaluations"
+    return SensitivityLookup(None, "none", f"{prefix}{have} cached in {folder}", note, flags, todo)
+
+
+def find_published(model_id: str, presets_dir=None) -> SensitivityLookup:
+    """The table published for the hub id `model_id` (its identity: that id and the published
+    architecture of mixdq.architectures), for planning without the model's weights."""
+    from .architectures import architecture_hash, unet_config
+
+    architecture = architecture_hash(unet_config(model_id))
+    for name, data in _tables(presets_dir):
+        meta = data.get("meta") or {}
+        if is_published(meta) and meta["identity"]["model"] == model_id \
+                and meta["identity"]["architecture"] == architecture:
+            return SensitivityLookup(Sensitivity.from_dict(data), "published", published_message(meta, name))
+    return SensitivityLookup(None, "none", f"no sensitivity table for {model_id} ships in "
+                             f"{presets_dir or shipped('presets')}")
 
 
 def cached_sensitivity(pipe, calibration=None, presets_dir=None):

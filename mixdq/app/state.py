@@ -160,13 +160,16 @@ class Session:
         self.embedded = is_embedded(pipe)
         self.calibration = calibration or mixdq.Calibration.default(pipe)
         self.presets = presets(pipe.unet, presets_dir)
-        # sens_source ("given", "shipped", "cached", "measured" or "none") lets the header say
-        # which, and sens_note why a shipped table of this model was not taken
+        # sens_source ("given", "shipped", "cached", "published", "measured" or "none") lets the
+        # header say which, sens_note why a shipped table of this model was not taken, and
+        # sens_message where a published table comes from
+        self.sens_message = None
         if sensitivity is not None:
             self.sens, self.sens_source, self.sens_note = sensitivity, "given", None
         else:
             found = find_sensitivity(pipe, self.calibration, presets_dir=presets_dir)
             self.sens, self.sens_source, self.sens_note = found.table, found.source, found.shipped_note
+            self.sens_message = found.message
         self.allocator: Allocator | None = None
         self.family: PlanFamily | None = None          # comes with the allocator, for the chart
         if self.sens is not None:

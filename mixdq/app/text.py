@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 TITLE = "MixDQ · mixed-precision quantization of few-step diffusion"
 SENSITIVITY_LABELS = {"shipped": "shipped ✓", "cached": "cached ✓", "measured": "measured ✓ (cached)",
-                      "given": "given ✓"}
+                      "given": "given ✓", "published": "published ✓"}
 # (stats key, label, format) of a preset's numbers measured when it was shipped
 PRESET_STATS = (("ssim", "SSIM", "{:.4f}"), ("psnr", "PSNR", "{:.2f} dB"), ("alignment", "prompt match", "{:.0%}"))
 
@@ -36,6 +36,9 @@ def header_markdown(session: Session) -> str:
     pipe = session.float_pipe
     name = "tiny-sdxl (embedded)" if session.embedded else html.escape(str(session.source))
     sens = SENSITIVITY_LABELS.get(session.sens_source) if session.allocator else None
+    if sens and session.sens_source == "published":
+        # measured elsewhere: say by whom, and that a fine-tune needs its own measurement
+        sens += f" ({html.escape(session.sens_message or '')})"
     if sens is None:
         sens = "not yet measured" + (" (the shipped table is another calibration's)" if session.sens_note else "")
     return (f"# {TITLE}\n"
