@@ -1,7 +1,15 @@
-"""GPU benchmark: float16 vs W8A8 (int8 `torch._int_mm` linears) for one UNet, one run.
+"""GPU benchmark: float16 vs W8A8 (fused Triton kernels) for one UNet, one run.
 
-    python -m bench.gpu --model sdxl-turbo --out $OUT        # on a CUDA machine
-    python -m bench.gpu --model tiny-sdxl --device cpu ...    # the same code path, for tests
+    python -m bench.gpu --out $OUT                             # on a CUDA machine (point 5 of #17)
+    python -m bench.gpu --model tiny-sdxl --device cpu --dry-run ...   # the same code path, for tests
+
+Variants (--variants): float16; W8A8-linears (int8 linears, float16 convs); W8A8
+(linears and convs in int8); FP8 (linears and convs on e4m3 tensor cores); W4A8
+(weights only, for memory).  The int8 variants run --int8-backend (CUDA default:
+triton, mixdq/quant/backends/triton_cuda.py; 'auto': the library's measured choice),
+FP8 runs triton_fp8.  Every variant's output is checked against float16
+(relative L2 error), and each timed row is also written as a RESULTS-gpu.md row
+with the GPU, driver, torch and triton versions.
 
 Stages, cheapest and most informative first; each appends to results-gpu.json
 as soon as it is measured (a time limit can stop the run without losing what
@@ -123,220 +131,383 @@ def _profile(fn, top=12) -> dict:
             "top": [{"kernel": k[:120], "ms": t, "calls": c} for k, t, c in rows[:top]]}
 
 
-def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=None,
-        compile_mode=True, iters=20, log=_log, stages=("eager", "cudagraph", "compiled"),
-        hold_epilogue=False, compile_variants=None, profile_config=None, inductor_mode=None,
-        fuse_int_mm_mul=False, kernel="int_mm"):
-    from mixdq import Plan, model_nbytes, quantize_unet
-    from mixdq.quant import hold_epilogue as hold, kernels, quantizable_layers
+VARIANTS = ("float16", "W8A8-linears", "W8A8", "FP8", "W4A8")
+TIMED = ("float16", "W8A8-linears", "W8A8", "FP8")  # W4A8: memory only (its <8-bit layers dequantize)
 
-    from .models import build_unet, unet_inputs
-    from .common import bench_bos, environment, make_plans, observe_ranges, shared_clone
 
-    t_start = time.perf_counter()
-    device = torch.device(device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    configs = configs or ([(512, 1), (512, 4), (1024, 1)] if device.type == "cuda" else [(128, 1)])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    res = {"env": environment(str(device), sys.argv[1:], prog="python -m bench.gpu"), "models": []}
-    m = {"model": model, "weights": {}, "alloc_delta": {}, "timings": [], "notes": [], "stages_done": []}
-    res["models"].append(m)
+def variant_backends(variant: str, int8_backend: str | None) -> str | None:
+    """MIXDQ_INT8_BACKEND while `variant` is quantized (None: the library's choice)."""
+    if variant == "FP8":
+        return "linear=triton_fp8,conv=triton_fp8"
+    if int8_backend in (None, "auto") or variant not in ("W8A8", "W8A8-linears"):
+        return None
+    return f"linear={int8_backend},conv={int8_backend}" if variant == "W8A8" else f"linear={int8_backend},conv=float"
 
-    def save():
-        m["elapsed_s"] = time.perf_counter() - t_start
-        (out_dir / "results-gpu.json").write_text(json.dumps(res, indent=1, default=str))
 
-    def left():
-        return budget_s - (time.perf_counter() - t_start)
+def _plans(layers: dict, variants) -> dict:
+    from mixdq import Plan
 
-    def alloc():
-        return torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    from .common import make_plans
 
-    # 1. weights
-    a0 = alloc()
-    unet = build_unet(model, dtype=torch.float32 if device.type != "cuda" else torch.float32, device=device)
-    unet = unet.to(dtype)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    m["weights"]["float16" if dtype == torch.float16 else "float32"] = model_nbytes(unet)
-    if dtype != torch.float16:
-        m["weights"]["float16"] = model_nbytes(unet) // 2
-    m["alloc_delta"]["float"] = alloc() - a0
-    inputs = {c: unet_inputs(model, unet, batch=c[1], px=c[0], dtype=dtype, device=device) for c in configs}
-    ranges, t_cal, _ = observe_ranges(unet, inputs[configs[0]])
-    layers = quantizable_layers(unet)
-    linear_names = [n for n, l in layers.items() if isinstance(l, torch.nn.Linear)]
-    plans = {"W8A8": Plan({n: (8, 8) for n in layers}),
-             "W8A8-linears": Plan({n: (8, 8) for n in linear_names}),
-             "W4A8": make_plans(layers, ["W4A8"])["W4A8"]}
-    variants = {}
-    for name, plan in plans.items():
-        a1 = alloc()
-        t = time.perf_counter()
-        clone = shared_clone(unet)
-        with torch.no_grad():
-            quantize_unet(clone, plan, ranges, bos=bench_bos(inputs[configs[0]]),
-                          kernel=None if kernel == "auto" else kernel)
+    linears = [n for n, m in layers.items() if isinstance(m, torch.nn.Linear)]
+    out = {}
+    for v in variants:
+        if v == "W8A8-linears":
+            out[v] = Plan({n: (8, 8) for n in linears})
+        elif v in ("W8A8", "FP8"):
+            out[v] = Plan({n: (8, 8) for n in layers})
+        elif v != "float16":
+            out[v] = make_plans(layers, [v])[v]
+    return out
+
+
+class _env_backend:
+    """MIXDQ_INT8_BACKEND set for one quantization (layers resolve their backend then)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __enter__(self):
+        self.old = os.environ.get("MIXDQ_INT8_BACKEND")
+        if self.value is not None:
+            os.environ["MIXDQ_INT8_BACKEND"] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("MIXDQ_INT8_BACKEND", None)
+        else:
+            os.environ["MIXDQ_INT8_BACKEND"] = self.old
+
+
+def build_variants(unet, ranges, bos, variants, m: dict, device, kernel="int_mm", int8_backend=None,
+                   hold_epilogue=False, log=_log) -> dict:
+    """{variant: quantized clone sharing the float model's other tensors}; bytes, backends
+    and build times into m."""
+    from mixdq import model_nbytes, quantize_unet
+    from mixdq.quant import hold_epilogue as hold, quantizable_layers
+
+    out = {}
+    for name, plan in _plans(quantizable_layers(unet), variants).items():
+        a1, t = _alloc(device), time.perf_counter()
+        clone = _shared_clone(unet)
+        with torch.no_grad(), _env_backend(variant_backends(name, int8_backend)):
+            report = quantize_unet(clone, plan, ranges, bos=bos, kernel=None if kernel == "auto" else kernel)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
         if hold_epilogue:  # epilogue constants as buffers the compiled graph reads
             m.setdefault("epilogue_held_layers", {})[name] = hold(clone)
         m["weights"][name] = model_nbytes(clone)
-        m["alloc_delta"][name] = alloc() - a1
+        m["alloc_delta"][name] = _alloc(device) - a1
         m.setdefault("quantize_s", {})[name] = time.perf_counter() - t
-        variants[name] = clone
-        log(f"{name}: {m['weights'][name] / MiB:.0f} MiB ({plan.summary()})")
-    del variants["W4A8"]  # memory only; its <8-bit layers take the dequant path here
-    m["stages_done"].append("weights")
-    save()
+        m.setdefault("backends", {})[name] = report.backends
+        out[name] = clone
+        log(f"{name}: {m['weights'][name] / MiB:.0f} MiB ({plan.summary()}), backends {report.backends}")
+    return out
 
-    # W8A8-linears: int8 linears, float16 convs (no CUDA int8 conv in torch);
-    # W8A8: convs too hold int8 weights, dequantized per call
-    models = {"float16": unet, "W8A8-linears": variants["W8A8-linears"], "W8A8": variants["W8A8"]}
-    ref_out = {}
 
-    def record(config, variant, mode, ms, ts, peak=None):
+def _alloc(device) -> int:
+    return torch.cuda.memory_allocated() if device.type == "cuda" else 0
+
+
+def _shared_clone(unet):
+    from .common import shared_clone
+
+    return shared_clone(unet)
+
+
+class Run:
+    """One benchmark run's record (results-gpu.json), saved after every measurement."""
+
+    def __init__(self, device, out_dir, budget_s, argv, model):
+        from .common import environment
+
+        self.t0, self.budget_s, self.device = time.perf_counter(), budget_s, device
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        env = environment(str(device), argv, prog="python -m bench.gpu") | gpu_versions(device)
+        self.res = {"env": env, "models": []}
+        self.m = {"model": model, "weights": {}, "alloc_delta": {}, "timings": [], "notes": [], "stages_done": [],
+                  "output_rel_err_vs_float16": {}}
+        self.res["models"].append(self.m)
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.t0)
+
+    def save(self) -> None:
+        self.m["elapsed_s"] = time.perf_counter() - self.t0
+        (self.out_dir / "results-gpu.json").write_text(json.dumps(self.res, indent=1, default=str))
+
+    def record(self, config, variant, mode, ms, ts, peak=None, log=_log) -> None:
         row = {"config": f"{config[0]}px b{config[1]}", "variant": variant, "mode": mode, "ms": ms,
                "times_ms": ts, "peak_bytes": peak}
-        base = [r for r in m["timings"] if r["config"] == row["config"] and r["mode"] == mode
+        base = [r for r in self.m["timings"] if r["config"] == row["config"] and r["mode"] == mode
                 and r["variant"] == "float16"]
         if base and variant != "float16":
             row["speedup_vs_float16"] = base[0]["ms"] / ms
-        m["timings"].append(row)
+        self.m["timings"].append(row)
         log(f"{row['config']} {variant} {mode}: {ms:.2f} ms" +
             (f" ({row['speedup_vs_float16']:.2f}x)" if "speedup_vs_float16" in row else ""))
-        save()
+        self.save()
+        self.append_row(row)
 
-    m["hold_epilogue"] = hold_epilogue
-    m["kernel"] = kernel if kernel != "auto" else kernels.kernel_report(device)
-    # 2. eager
-    for c in (configs[:1] if device.type == "cuda" else configs) if "eager" in stages else []:
+    def append_row(self, row) -> None:
+        """One RESULTS-gpu.md table row per timing (header written once)."""
+        path = self.out_dir / "RESULTS-gpu.md"
+        env = self.res["env"]
+        if not path.exists():
+            path.write_text("| date | GPU | driver | torch | triton | model | config | variant | mode | ms | "
+                            "vs float16 | rel. err vs float16 |\n" + "|---" * 12 + "|\n")
+        err = self.m["output_rel_err_vs_float16"].get(f"{row['config']} {row['variant']}")
+        cells = [env["date_utc"], env.get("gpu") or env["device"], env.get("driver") or "-", env["torch"],
+                 env.get("triton") or "-", self.m["model"], row["config"], row["variant"], row["mode"],
+                 f"{row['ms']:.2f}", f"{row['speedup_vs_float16']:.2f}x" if "speedup_vs_float16" in row else "-",
+                 "-" if err is None else f"{err:.4f}"]
+        with path.open("a") as f:
+            f.write("| " + " | ".join(str(c) for c in cells) + " |\n")
+
+
+def gpu_versions(device) -> dict:
+    """The GPU, its driver and the kernel stack's versions, for every row."""
+    out = {}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["capability"] = "sm%d%d" % torch.cuda.get_device_capability(device)
+        try:
+            import subprocess
+
+            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            out["driver"] = None
+    return out
+
+
+def _step(mod, inputs):
+    def step():
+        with torch.inference_mode():
+            return mod(**inputs).sample
+    return step
+
+
+def check_outputs(run: Run, models: dict, inputs: dict, log=_log) -> None:
+    """Each variant's step output against float16's, per config (relative L2 error)."""
+    for c, inp in inputs.items():
+        ref = _step(models["float16"], inp)().float()
         for name, mod in models.items():
+            if name == "float16":
+                continue
+            out = _step(mod, inp)().float()
+            err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+            run.m["output_rel_err_vs_float16"][f"{c[0]}px b{c[1]} {name}"] = err
+            if name == "W8A8":
+                run.m.setdefault("rel_err_W8A8_vs_float16", err)  # the first config's, as report.py reads it
+            log(f"{c[0]}px b{c[1]} {name}: rel. error vs float16 {err:.4f}")
+    run.save()
+
+
+def time_eager(run: Run, models, inputs, configs, iters, log=_log) -> None:
+    device = run.device
+    for c in configs:
+        for name, mod in models.items():
+            peak = None
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            with torch.inference_mode():
-                out = mod(**inputs[c]).sample
-            ref_out.setdefault(c, {})[name] = out.float()
-            peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
-
-            def step(mod=mod, c=c):
-                with torch.inference_mode():
-                    return mod(**inputs[c]).sample
+            step = _step(mod, inputs[c])
+            step()
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated() - base
             ms, ts = _time_fn(step, device, iters=iters)
-            record(c, name, "eager", ms, ts, peak)
-            wkey = name if name in m["weights"] else next(iter(m["weights"]))
-            m.setdefault("step_peak_total_bytes", {})[name] = m["weights"][wkey] + (peak or 0)
-    if ref_out:
-        o = ref_out[configs[0]]
-        m["rel_err_W8A8_vs_float16"] = float((o["W8A8"] - o["float16"]).norm() / o["float16"].norm())
-        m["stages_done"].append("eager")
-    save()
-    if device.type != "cuda":
-        return res
+            run.record(c, name, "eager", ms, ts, peak, log=log)
+    run.m["stages_done"].append("eager")
 
-    # 3. CUDA graphs of the eager step
-    for c in configs if "cudagraph" in stages else []:
-        if left() < 30:
-            m["notes"].append(f"skipped CUDA-graph eager at {c}: budget")
+
+def time_cudagraph(run: Run, models, inputs, configs, iters, log=_log) -> None:
+    for c in configs:
+        if run.left() < 30:
+            run.m["notes"].append(f"skipped CUDA-graph eager at {c}: budget")
             break
         for name, mod in models.items():
             try:
                 g = Graphed(mod, inputs[c])
-                ms, ts = _time_fn(g, device, iters=iters)
-                record(c, name, "eager+cudagraph", ms, ts)
+                ms, ts = _time_fn(g, run.device, iters=iters)
+                run.record(c, name, "eager+cudagraph", ms, ts, log=log)
                 del g
             except Exception as e:  # noqa: BLE001 - record and go on
-                m["notes"].append(f"cudagraph {name} {c} failed: {e!r}"[:300])
-                save()
-    m["stages_done"].append("cudagraph")
-    save()
+                run.m["notes"].append(f"cudagraph {name} {c} failed: {e!r}"[:300])
+                run.save()
+    run.m["stages_done"].append("cudagraph")
 
-    # 4. regional compile + CUDA graph
-    if compile_variants:
-        models = {k: v for k, v in models.items() if k in compile_variants}
-    if compile_mode and "compiled" in stages:
-        from torch import _dynamo
-        _dynamo.config.cache_size_limit = 64
-        if hasattr(_dynamo.config, "recompile_limit"):
-            _dynamo.config.recompile_limit = 64
-        if fuse_int_mm_mul:
-            # inductor's one-kernel Triton template for _int_mm(a, b) * scale (as in
-            # torchao's int8 recipes): the int32 accumulator never reaches memory
-            import torch._inductor.config as inductor_config
-            inductor_config.force_fuse_int_mm_with_mul = True
-        m["inductor"] = {"mode": inductor_mode, "force_fuse_int_mm_with_mul": fuse_int_mm_mul}
-        kw = {"mode": inductor_mode} if inductor_mode else {}
-        order = [c for c in ((512, 4), (1024, 1), (512, 1)) if c in configs]
+
+def _compile_setup(run: Run, inductor_mode, fuse_int_mm_mul) -> dict:
+    from torch import _dynamo
+
+    _dynamo.config.cache_size_limit = 64
+    if hasattr(_dynamo.config, "recompile_limit"):
+        _dynamo.config.recompile_limit = 64
+    if fuse_int_mm_mul:
+        # inductor's one-kernel Triton template for _int_mm(a, b) * scale (the int_mm backend)
+        import torch._inductor.config as inductor_config
+        inductor_config.force_fuse_int_mm_with_mul = True
+    run.m["inductor"] = {"mode": inductor_mode, "force_fuse_int_mm_with_mul": fuse_int_mm_mul}
+    return {"mode": inductor_mode} if inductor_mode else {}
+
+
+def time_compiled(run: Run, models, inputs, configs, iters, inductor_mode=None, fuse_int_mm_mul=False,
+                  log=_log) -> None:
+    """Regional torch.compile (the repeated transformer blocks, fullgraph; the triton
+    backend's layers are custom ops in them) + one CUDA graph of the whole step."""
+    kw = _compile_setup(run, inductor_mode, fuse_int_mm_mul)
+    for mod in models.values():
+        mod.compile_repeated_blocks(fullgraph=True, dynamic=False, **kw)
+    for c in configs:
+        if run.left() < 90:
+            run.m["notes"].append(f"skipped compiled runs at {c}: budget ({run.left():.0f} s left)")
+            run.save()
+            break
         for name, mod in models.items():
-            mod.compile_repeated_blocks(fullgraph=True, dynamic=False, **kw)
-        for c in order:
-            if left() < 90:
-                m["notes"].append(f"skipped compiled runs at {c}: budget ({left():.0f} s left)")
-                save()
-                break
-            for name, mod in models.items():
-                try:
-                    t = time.perf_counter()
-                    with torch.inference_mode():
-                        mod(**inputs[c])  # compiles the blocks for this shape
-                    torch.cuda.synchronize()
-                    m.setdefault("compile_s", {})[f"{name} {c}"] = time.perf_counter() - t
-                    g = Graphed(mod, inputs[c])
-                    ms, ts = _time_fn(g, device, iters=iters)
-                    record(c, name, "compiled+cudagraph", ms, ts)
-                    del g
-                except Exception as e:  # noqa: BLE001
-                    m["notes"].append(f"compiled {name} {c} failed: {e!r}"[:300])
-                    save()
-        m["stages_done"].append("compiled")
-        if profile_config and left() > 20:
-            c = tuple(profile_config)
-            m["profile_config"] = f"{c[0]}px b{c[1]}, compiled, no CUDA graph"
-            for name, mod in models.items():
-                try:
-                    def step(mod=mod, c=c):
-                        with torch.inference_mode():
-                            return mod(**inputs[c]).sample
-                    m.setdefault("profile", {})[name] = _profile(step)
-                    log(f"profile {name}: " + json.dumps(m["profile"][name]["by_category"]))
-                except Exception as e:  # noqa: BLE001
-                    m["notes"].append(f"profile {name} failed: {e!r}"[:300])
-                save()
-    save()
-    return res
+            try:
+                t = time.perf_counter()
+                _step(mod, inputs[c])()  # compiles the blocks for this shape
+                torch.cuda.synchronize()
+                run.m.setdefault("compile_s", {})[f"{name} {c}"] = time.perf_counter() - t
+                g = Graphed(mod, inputs[c])
+                ms, ts = _time_fn(g, run.device, iters=iters)
+                run.record(c, name, "compiled+cudagraph", ms, ts, log=log)
+                del g
+            except Exception as e:  # noqa: BLE001
+                run.m["notes"].append(f"compiled {name} {c} failed: {e!r}"[:300])
+                run.save()
+    run.m["stages_done"].append("compiled")
 
 
-def main(argv=None):
+def profile_variants(run: Run, models, inputs, config, log=_log) -> None:
+    run.m["profile_config"] = f"{config[0]}px b{config[1]}, compiled, no CUDA graph"
+    for name, mod in models.items():
+        try:
+            run.m.setdefault("profile", {})[name] = _profile(_step(mod, inputs[config]))
+            log(f"profile {name}: " + json.dumps(run.m["profile"][name]["by_category"]))
+        except Exception as e:  # noqa: BLE001
+            run.m["notes"].append(f"profile {name} failed: {e!r}"[:300])
+        run.save()
+
+
+def prepare(model, device, configs, variants, kernel, int8_backend, hold_epilogue, run: Run, log=_log):
+    """The float UNet, its inputs per config, and the quantized variants (ranges observed
+    on the first config)."""
+    from mixdq import model_nbytes
+
+    from .common import bench_bos, observe_ranges
+    from .models import build_unet, unet_inputs
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    a0 = _alloc(device)
+    unet = build_unet(model, dtype=torch.float32, device=device).to(dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    m = run.m
+    m["weights"]["float16" if dtype == torch.float16 else "float32"] = model_nbytes(unet)
+    if dtype != torch.float16:
+        m["weights"]["float16"] = model_nbytes(unet) // 2
+    m["alloc_delta"]["float"] = _alloc(device) - a0
+    inputs = {c: unet_inputs(model, unet, batch=c[1], px=c[0], dtype=dtype, device=device) for c in configs}
+    ranges, _, _ = observe_ranges(unet, inputs[configs[0]])
+    built = build_variants(unet, ranges, bench_bos(inputs[configs[0]]), variants, m, device, kernel,
+                           int8_backend, hold_epilogue, log)
+    models = {"float16": unet} | {k: v for k, v in built.items() if k in TIMED}
+    m["stages_done"].append("weights")
+    run.save()
+    return models, inputs
+
+
+def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=None,
+        compile_mode=True, iters=20, log=_log, stages=("eager", "cudagraph", "compiled"),
+        hold_epilogue=False, compile_variants=None, profile_config=None, inductor_mode=None,
+        fuse_int_mm_mul=False, kernel="int_mm", variants=None, int8_backend="default", dry_run=False):
+    """The whole benchmark (see the module doc).  dry_run: build every variant and check
+    its output against float16 once per config, nothing timed (runs on the CPU)."""
+    from mixdq.quant import kernels
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    configs = [tuple(c) for c in (configs or ([(512, 1), (1024, 1), (512, 4)] if cuda else [(128, 1)]))]
+    variants = list(variants or (VARIANTS if cuda else ("float16", "W8A8-linears", "W8A8", "W4A8")))
+    if int8_backend == "default":
+        int8_backend = "triton" if cuda else None
+    r = Run(device, out_dir, budget_s, sys.argv[1:], model)
+    r.m.update(hold_epilogue=hold_epilogue, int8_backend=int8_backend, variants=variants)
+    models, inputs = prepare(model, device, configs, variants, kernel, int8_backend, hold_epilogue, r, log)
+    r.m["kernel"] = kernel if kernel != "auto" else kernels.kernel_report(device)
+    check_outputs(r, models, inputs if not dry_run else {configs[0]: inputs[configs[0]]}, log)
+    if dry_run:
+        r.save()
+        return r.res
+    if "eager" in stages:
+        time_eager(r, models, inputs, configs[:1] if cuda else configs, iters, log)
+    if cuda and "cudagraph" in stages:
+        time_cudagraph(r, models, inputs, configs, iters, log)
+    if cuda and compile_mode and "compiled" in stages:
+        chosen = {k: v for k, v in models.items() if not compile_variants or k in compile_variants}
+        time_compiled(r, chosen, inputs, configs, iters, inductor_mode, fuse_int_mm_mul, log)
+        if profile_config and r.left() > 20:
+            profile_variants(r, chosen, inputs, tuple(profile_config), log)
+    r.save()
+    return r.res
+
+
+def _config(text: str) -> tuple[int, int]:
+    try:
+        px, batch = (int(v) for v in text.split("x" if "x" in text else ","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"config {text!r}: write PX,BATCH, e.g. 512,1") from None
+    if px % 64 or batch < 1:
+        raise argparse.ArgumentTypeError(f"config {text!r}: pixels a multiple of 64, batch >= 1")
+    return px, batch
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.gpu")
     p.add_argument("--model", default="sdxl-turbo")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--budget-s", type=float, default=420.0)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--configs", type=_config, nargs="+", default=None,
+                   help="PX,BATCH each (CUDA default: 512,1 1024,1 512,4)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
+    p.add_argument("--int8-backend", default="default", choices=["default", "triton", "int_mm", "auto"],
+                   help="what the W8A8 variants run (default: triton on CUDA, the library's choice on CPU)")
+    p.add_argument("--dry-run", action="store_true", help="build the variants and check outputs, time nothing")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--stages", default="eager,cudagraph,compiled")
     p.add_argument("--hold-epilogue", action="store_true",
                    help="linears keep their epilogue constants as buffers (mixdq.quant.hold_epilogue)")
     p.add_argument("--compile-variants", default=None, help="comma list, e.g. float16,W8A8-linears")
-    p.add_argument("--profile", default=None, help="PX,BATCH: profile one compiled step per variant")
+    p.add_argument("--profile", default=None, type=_config, help="PX,BATCH: profile one compiled step per variant")
     p.add_argument("--kernel", default="int_mm", choices=["int_mm", "dequant", "auto"],
-                   help="W8A8 layers' path: int8 GEMM (default: what this benchmark is for), "
+                   help="W8A8 layers' path: int8 kernels (default: what this benchmark is for), "
                         "dequantize + float16 GEMM, or the library's measured choice")
-    p.add_argument("--inductor-mode", default=None,
-                   help="torch.compile mode, e.g. max-autotune-no-cudagraphs (Triton GEMM templates "
-                        "tried against cuBLAS/CUTLASS; minutes more compile time)")
+    p.add_argument("--inductor-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--fuse-int-mm-mul", action="store_true",
-                   help="inductor.config.force_fuse_int_mm_with_mul: int8 GEMM and scale in one kernel")
-    a = p.parse_args(argv)
-    run(model=a.model, device=a.device, out_dir=a.out, budget_s=a.budget_s, compile_mode=not a.no_compile,
-        iters=a.iters, stages=tuple(a.stages.split(",")), hold_epilogue=a.hold_epilogue,
-        compile_variants=a.compile_variants.split(",") if a.compile_variants else None,
-        profile_config=tuple(int(v) for v in a.profile.split(",")) if a.profile else None,
-        inductor_mode=a.inductor_mode, fuse_int_mm_mul=a.fuse_int_mm_mul, kernel=a.kernel)
+                   help="inductor.config.force_fuse_int_mm_with_mul (the int_mm backend's GEMM and scale in one)")
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    run(model=a.model, device=a.device, out_dir=a.out, budget_s=a.budget_s, configs=a.configs,
+        compile_mode=not a.no_compile, iters=a.iters, stages=tuple(a.stages.split(",")),
+        hold_epilogue=a.hold_epilogue, compile_variants=a.compile_variants.split(",") if a.compile_variants else None,
+        profile_config=a.profile, inductor_mode=a.inductor_mode, fuse_int_mm_mul=a.fuse_int_mm_mul,
+        kernel=a.kernel, variants=a.variants, int8_backend=a.int8_backend, dry_run=a.dry_run)
 
 
 if __name__ == "__main__":

@@ -243,6 +243,40 @@ def test_gpu_script_runs_unchanged_on_cpu(tmp_path):
     assert "## GPU" in write_results_md(tmp_path).read_text()
 
 
+def test_gpu_script_arguments():
+    from bench import gpu
+
+    a = gpu.parser().parse_args(["--configs", "512,1", "1024x1", "--variants", "float16", "FP8", "--dry-run"])
+    assert a.configs == [(512, 1), (1024, 1)] and a.variants == ["float16", "FP8"] and a.dry_run
+    with pytest.raises(SystemExit):
+        gpu.parser().parse_args(["--configs", "500,1"])
+    with pytest.raises(SystemExit):
+        gpu.parser().parse_args(["--variants", "W3A3"])
+    assert gpu.variant_backends("W8A8-linears", "triton") == "linear=triton,conv=float"
+    assert gpu.variant_backends("W8A8", "triton") == "linear=triton,conv=triton"
+    assert gpu.variant_backends("FP8", None) == "linear=triton_fp8,conv=triton_fp8"
+    assert gpu.variant_backends("W8A8", "auto") is None
+
+
+def test_gpu_dry_run_builds_triton_variants_on_cpu(tmp_path):
+    """The W8A8 variant as the GPU run builds it (every layer on the triton backend; the
+    CPU runs its kernels in Triton's interpreter), its output checked against float."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install -r requirements-dev.txt)")
+    from bench import gpu
+
+    res = gpu.run(model="tiny-sdxl", device="cpu", out_dir=tmp_path, configs=[(64, 1)],
+                  variants=["float16", "W8A8"], int8_backend="triton", dry_run=True, log=lambda *a: None)
+    m = res["models"][0]
+    assert set(m["backends"]["W8A8"]) == {"triton"} and m["backends"]["W8A8"]["triton"] > 100
+    assert 0 < m["output_rel_err_vs_float16"]["64px b1 W8A8"] < 0.1
+    assert m["timings"] == [] and json.loads((tmp_path / "results-gpu.json").read_text())["env"]["triton"]
+    run = gpu.Run(torch.device("cpu"), tmp_path, 1.0, [], "tiny-sdxl")
+    run.record((64, 1), "float16", "eager", 2.0, [2.0], log=lambda *a: None)
+    run.record((64, 1), "W8A8", "eager", 1.0, [1.0], log=lambda *a: None)
+    rows = (tmp_path / "RESULTS-gpu.md").read_text().splitlines()
+    assert len(rows) == 4 and "| 2.00x |" in rows[-1] and "tiny-sdxl" in rows[-1]
+
+
 def test_results_are_ordered_by_run_number():
     from bench.report import _run_order
 
