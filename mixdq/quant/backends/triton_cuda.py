@@ -37,7 +37,10 @@ NEVER_SATURATES = True  # a true int32 dot (CUDA) or exact integer matmul (inter
 @lru_cache(maxsize=None)
 def available() -> bool:
     """Whether triton is installed (checked without importing it: the library imports without it)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or deliberately hidden install
+        return False
 
 
 def supports(op: str, device, weight_shape=(), groups: int = 1) -> bool:
