@@ -59,34 +59,71 @@ MB = 1_000_000
 # The exact multiple-choice knapsack, independent of models (this is what the brute-force
 # tests check).
 # --------------------------------------------------------------------------------------------
+# Two plans whose objectives differ by at most REL_TOL x the objective's span (the summed
+# best-minus-worst option value over layers) are ties, and the smaller plan wins.  Relative to
+# the span, not to |objective|: raw scores such as SSIM near 1 add a large constant to every
+# plan, and a tolerance scaled by that constant swallowed real differences between plans.
+REL_TOL = 1e-9
+# What Allocator.solve gives CBC-free search and CBC alike by default: an app slider never waits
+# longer, and a plan cut short says how far from optimal it can be (Solution.gap).
+DEFAULT_TIME_LIMIT_S = 1.5
+
+
 @dataclass
 class Solution:
     assign: dict[str, int]               # layer -> chosen option (bits)
     objective: float                     # sum of values of the chosen options
     cost: dict[str, float]               # per capped key (group names / TOTAL) -> cost used
     solve_s: float
+    bound: float | None = None           # proven upper bound on the objective (None: the objective)
+    optimal: bool = True                 # False: the time limit stopped the search first
+
+    def __post_init__(self):
+        if self.bound is None:
+            self.bound = self.objective
+
+    @property
+    def gap(self) -> float:
+        """Relative optimality gap, (bound - objective) / |objective|: no plan is better than this
+        one by more than that fraction.  0 when proven optimal."""
+        d = max(0.0, self.bound - self.objective)
+        if d == 0.0:
+            return 0.0
+        return d / abs(self.objective) if self.objective else math.inf
+
+
+def _cap_slack(cap: float) -> float:
+    return cap + 1e-9 * max(1.0, abs(cap))
 
 
 def solve_choice(values: Mapping[str, Mapping[int, float]], costs: Mapping[str, Mapping[int, float]],
                  caps: Mapping[str, float], groups: Mapping[str, str] | None = None,
                  time_limit: float | None = None) -> Solution:
-    """Pick exactly one option per layer, maximising the summed value, with cost caps.
+    """Pick exactly one option per layer, maximising the summed value, with cost caps; among
+    plans of the optimal value (within REL_TOL of the span) the least costly.
 
     caps: ``{"total": C}`` caps the summed cost of all layers; ``{group: C, ...}`` caps each
     group's summed cost (layers' groups from ``groups``).  Both kinds may be combined.
+    time_limit (seconds, None = none): past it the best plan found so far is returned with
+    ``optimal=False`` and the proven ``bound`` / ``gap``.
     Raises BudgetError when no choice fits (callers check feasibility first and give the
     user-facing range; this is the safety net).
-    """
-    import pulp
 
+    Caps that do not share layers (one total cap, or one cap per group) split the problem into
+    independent one-cap knapsacks, solved exactly without CBC (`_knapsack`); caps that overlap
+    go to CBC.
+    """
     t0 = time.perf_counter()
+    deadline = math.inf if time_limit is None else t0 + max(0.0, time_limit)
     layers = sorted(values)
     if not layers:
         return Solution({}, 0.0, {k: 0.0 for k in caps}, 0.0)
     groups = dict(groups or {})
+    under = {n: [k for k in caps if k == TOTAL or groups.get(n) == k] for n in layers}
 
     # Drop dominated options: same or higher cost with no better value can never be needed,
     # and on exact (cost, value) ties the higher bit-width is kept (deterministic ties).
+    # Each layer's kept options then rise strictly in cost and in value.
     options: dict[str, list[int]] = {}
     for n in layers:
         opts = sorted(values[n], key=lambda b: (costs[n][b], -values[n][b], -b))
@@ -97,72 +134,240 @@ def solve_choice(values: Mapping[str, Mapping[int, float]], costs: Mapping[str, 
                 best = values[n][b]
         options[n] = kept
 
-    # Fast exits: the cheapest choice must fit; if the best-valued choice fits, it is optimal.
     def cost_of(assign):
-        out = {}
-        for key in caps:
-            out[key] = sum(costs[n][b] for n, b in assign.items() if key == TOTAL or groups.get(n) == key)
-        return out
+        return {key: sum(costs[n][b] for n, b in assign.items() if key in under[n]) for key in caps}
 
     def fits(assign):
         c = cost_of(assign)
-        return all(c[k] <= caps[k] + 1e-9 * max(1.0, abs(caps[k])) for k in caps)
+        return all(c[k] <= _cap_slack(caps[k]) for k in caps)
 
     cheapest = {n: options[n][0] for n in layers}
     if not fits(cheapest):
+        used = cost_of(cheapest)
         raise BudgetError("no choice of options fits the caps " + ", ".join(
-            f"{k}: {cost_of(cheapest)[k]:g} > {caps[k]:g}" for k in caps if cost_of(cheapest)[k] > caps[k]))
-    best_val = {n: options[n][-1] for n in layers}  # kept list is increasing in value and cost
-    if fits(best_val):
-        # Still the smallest among optimal: any other option of the same value was pruned
-        # as dominated only if it was not cheaper.
-        obj = sum(values[n][b] for n, b in best_val.items())
-        return Solution(best_val, obj, cost_of(best_val), time.perf_counter() - t0)
+            f"{k}: {used[k]:g} > {caps[k]:g}" for k in caps if used[k] > caps[k]))
 
-    # Rescale values so CBC's absolute tolerances (1e-6 and so on) are far below the
-    # differences that matter: the largest |value| becomes 1e3.
-    vmax = max(abs(values[n][b]) for n in layers for b in options[n]) or 1.0
-    vscale = 1e3 / vmax
+    tol = REL_TOL * sum(values[n][options[n][-1]] - values[n][options[n][0]] for n in layers)
+    if all(len(u) <= 1 for u in under.values()):
+        assign, bound, optimal = {}, 0.0, True
+        for n in layers:
+            if not under[n]:
+                assign[n] = options[n][-1]
+                bound += values[n][assign[n]]
+        for key, cap in caps.items():
+            part = [n for n in layers if under[n] == [key]]
+            a, b, ok = _knapsack(part, values, costs, options, cap, tol, deadline)
+            assign.update(a)
+            bound += b
+            optimal = optimal and ok
+    else:
+        assign, bound, optimal = _solve_cbc(layers, values, costs, options, caps, under, tol, deadline, cheapest)
+
+    if not fits(assign):  # pragma: no cover - a bug in the search, never a user error
+        raise RuntimeError("the allocator returned a plan over its caps; please report this")
+    obj = sum(values[n][b] for n, b in assign.items())
+    return Solution(assign, obj, cost_of(assign), time.perf_counter() - t0,
+                    obj if optimal else max(bound, obj), optimal)
+
+
+def _hull_greedy(layers, values, costs, options, cap):
+    """The LP relaxation of a one-cap multiple-choice knapsack, and a plan next to it.
+
+    The LP optimum takes, from the cheapest plan up, the upgrades along each layer's convex
+    hull of (cost, value) in order of value per cost, until the first one that does not fit
+    (the break); its slope `lam` is the LP's dual price of the cap.  Returns (plan, its value,
+    lam, U) where the plan keeps taking later upgrades that still fit, and U = the LP optimum,
+    an upper bound on every plan's value (Lagrangian: sum of max(v - lam c) + lam cap)."""
+    choice = {n: options[n][0] for n in layers}
+    used = sum(costs[n][options[n][0]] for n in layers)
+    steps = []
+    for i, n in enumerate(layers):
+        o = options[n]
+        hull = [0]
+        for k in range(1, len(o)):
+            while len(hull) >= 2:
+                a, b = o[hull[-2]], o[hull[-1]]
+                s_ab = (values[n][b] - values[n][a]) / (costs[n][b] - costs[n][a])
+                s_bk = (values[n][o[k]] - values[n][b]) / (costs[n][o[k]] - costs[n][b])
+                if s_ab >= s_bk:
+                    break
+                hull.pop()  # b lies under the chord a-k: never an LP choice
+            hull.append(k)
+        for j in range(1, len(hull)):
+            a, b = o[hull[j - 1]], o[hull[j]]
+            dc = costs[n][b] - costs[n][a]
+            # (-slope, layer, step): a layer's steps stay in order, slopes being non-increasing
+            steps.append((-(values[n][b] - values[n][a]) / dc, i, j, n, b, dc))
+    steps.sort()
+    lam, blocked, room = None, set(), _cap_slack(cap)
+    for neg_slope, _, _, n, b, dc in steps:
+        if n in blocked:
+            continue
+        if used + dc <= room:
+            used += dc
+            choice[n] = b
+        else:
+            if lam is None:
+                lam = -neg_slope
+            blocked.add(n)  # its later steps start from the option it did not reach
+    lam = lam or 0.0
+    value = sum(values[n][choice[n]] for n in layers)
+    upper = sum(max(values[n][b] - lam * costs[n][b] for b in options[n]) for n in layers) + lam * cap
+    return choice, value, lam, max(upper, value)
+
+
+def _knapsack(layers, values, costs, options, cap, tol, deadline):
+    """Exact one-cap multiple-choice knapsack: (plan, bound, proven optimal).
+
+    Every plan's value is U - R - lam * (unused cap), R >= 0 the summed reduced costs
+    max(v - lam c) - (v - lam c) of its options (lam, U from `_hull_greedy`).  So a plan
+    within G of U uses only options of reduced cost <= G: at full size almost every layer has
+    one such option, and the few left (the "core") are searched exhaustively (`_core_search`).
+    G starts small and grows; a search that finds a plan within G of U has found the optimum.
+    Past the deadline the best plan so far comes back with U as its bound."""
+    if not layers:
+        return {}, 0.0, True
+    best = {n: options[n][-1] for n in layers}
+    if sum(costs[n][b] for n, b in best.items()) <= _cap_slack(cap):
+        return best, sum(values[n][b] for n, b in best.items()), True
+    incumbent, low, lam, upper = _hull_greedy(layers, values, costs, options, cap)
+    full = upper - low
+    g = min(full, max(tol, full / 64))
+    while True:
+        found = _core_search(layers, values, costs, options, cap, lam, g + tol, tol, deadline)
+        if found is None:
+            return incumbent, upper, False
+        plan, vmax = found
+        if plan is not None and (vmax >= upper - g or g >= full):
+            return plan, vmax, True
+        if plan is None and g >= full:  # pragma: no cover - the hull plan is always within `full`
+            return incumbent, upper, False
+        g = upper - vmax if plan is not None else min(full, 2 * g)
+
+
+def _core_search(layers, values, costs, options, cap, lam, g, tol, deadline):
+    """All plans whose summed reduced cost is <= g, searched layer by layer over the
+    non-dominated (cost, value) partial plans.  Returns (the least costly plan within tol of
+    the best value, the best value), (None, -inf) if no plan is within g, or None when the
+    deadline passed."""
+    import numpy as np
+
+    base_c = base_v = 0.0
+    fixed, free = {}, []
+    for n in layers:
+        red = [values[n][b] - lam * costs[n][b] for b in options[n]]
+        top = max(red)
+        ok = [(b, top - s) for b, s in zip(options[n], red) if top - s <= g]
+        if len(ok) == 1:
+            fixed[n] = ok[0][0]
+            base_c += costs[n][ok[0][0]]
+            base_v += values[n][ok[0][0]]
+        else:
+            free.append((n, [b for b, _ in ok], np.array([costs[n][b] for b, _ in ok], dtype=float),
+                         np.array([values[n][b] for b, _ in ok], dtype=float),
+                         np.array([r for _, r in ok], dtype=float)))
+    room = _cap_slack(cap)
+    # cheapest / dearest completion of the layers not yet searched
+    min_rest, max_rest = [0.0] * (len(free) + 1), [0.0] * (len(free) + 1)
+    for i in range(len(free) - 1, -1, -1):
+        min_rest[i] = min_rest[i + 1] + free[i][2].min()
+        max_rest[i] = max_rest[i + 1] + free[i][2].max()
+    c, v, r = np.array([base_c]), np.array([base_v]), np.zeros(1)
+    back = []
+    for i, (n, bits, oc, ov, orr) in enumerate(free):
+        if time.perf_counter() > deadline:
+            return None
+        k = len(bits)
+        C, V, R = (c[:, None] + oc).ravel(), (v[:, None] + ov).ravel(), (r[:, None] + orr).ravel()
+        # a completion leaves at least this much of the cap unused, which costs lam per unit
+        unused = np.maximum(0.0, cap - C - max_rest[i + 1])
+        keep = np.flatnonzero((C <= room - min_rest[i + 1]) & (R + lam * unused <= g))
+        if keep.size == 0:
+            return None, -math.inf
+        C, V, R = C[keep], V[keep], R[keep]
+        # dominance: a partial plan no cheaper and no better than another is dropped
+        # (np.lexsort is stable, so equal (cost, value) keep the first: deterministic)
+        order = np.lexsort((-V, C))
+        C, V, R, keep = C[order], V[order], R[order], keep[order]
+        best_before = np.maximum.accumulate(V)
+        nd = np.ones(len(V), dtype=bool)
+        nd[1:] = V[1:] > best_before[:-1]
+        c, v, r, keep = C[nd], V[nd], R[nd], keep[nd]
+        back.append((keep // k, keep % k))
+    if c[0] > room:
+        return None, -math.inf
+    vmax = float(v.max())
+    j = int(np.argmax(v >= vmax - tol))   # v rises with cost: the first is the least costly
+    plan = dict(fixed)
+    for i in range(len(free) - 1, -1, -1):
+        parent, opt = back[i]
+        plan[free[i][0]] = free[i][1][int(opt[j])]
+        j = int(parent[j])
+    return plan, vmax
+
+
+def _solve_cbc(layers, values, costs, options, caps, under, tol, deadline, start):
+    """Caps that share layers: CBC, warm-started from `start` (a plan that fits), then a second
+    stage for the least costly plan within tol of the optimum.  Returns (plan, bound, optimal);
+    when the time limit stops CBC the bound is the best one-cap LP bound (each cap alone,
+    the others dropped)."""
+    import pulp
+
+    # Per-layer shift (one option per layer, so it changes no choice) and scale: the objective's
+    # span becomes 1e3, far above CBC's absolute tolerances (1e-6 and so on).
+    top = {n: values[n][options[n][-1]] for n in layers}
+    span = sum(top[n] - values[n][options[n][0]] for n in layers) or 1.0
+    vscale = 1e3 / span
     prob = pulp.LpProblem("mixdq_bits", pulp.LpMaximize)
     x = {(n, b): prob.add_variable(f"x_{i}_{b}", 0, 1, cat="Integer")
          for i, n in enumerate(layers) for b in options[n]}
-    value_expr = pulp.lpSum(vscale * values[n][b] * x[n, b] for n in layers for b in options[n])
+    value_expr = pulp.lpSum(vscale * (values[n][b] - top[n]) * x[n, b] for n in layers for b in options[n])
     prob += value_expr
     for i, n in enumerate(layers):
         prob += pulp.lpSum(x[n, b] for b in options[n]) == 1, f"one_{i}"
     for key, cap in caps.items():
-        expr = pulp.lpSum(costs[n][b] * x[n, b] for n in layers for b in options[n]
-                          if key == TOTAL or groups.get(n) == key)
-        prob += expr <= cap, f"cap_{key}"
+        prob += pulp.lpSum(costs[n][b] * x[n, b] for n in layers for b in options[n] if key in under[n]) <= cap, \
+            f"cap_{key}"
 
-    def run():
+    def run(plan):
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return False
+        for (n, b), var in x.items():
+            var.setInitialValue(1 if plan[n] == b else 0)
         with warnings.catch_warnings():
             # PuLP 3.3 flags its bundled CBC as deprecated for 4.0; it is still the solver we ship with.
             warnings.simplefilter("ignore", DeprecationWarning)
-            solver = pulp.PULP_CBC_CMD(msg=False, gapRel=0, gapAbs=0, timeLimit=time_limit, threads=1)
+            solver = pulp.PULP_CBC_CMD(msg=False, gapRel=0, gapAbs=0, threads=1, warmStart=True,
+                                       timeLimit=None if math.isinf(left) else left)
             status = prob.solve(solver)
         if pulp.LpStatus[status] != "Optimal":
             raise BudgetError(f"the integer program is {pulp.LpStatus[status].lower()} for caps {dict(caps)}")
+        return prob.sol_status == pulp.LpSolutionOptimal
 
-    run()
+    def read():
+        return {n: next(b for b in options[n] if (x[n, b].value() or 0) > 0.5) for n in layers}
+
+    def bound():
+        out = math.inf
+        for key, cap in caps.items():
+            part = [n for n in layers if key in under[n]]
+            rest = sum(top[n] for n in layers if key not in under[n])
+            out = min(out, rest + _hull_greedy(part, values, costs, options, cap)[3] if part else rest)
+        return out
+
+    if not run(start):
+        plan = read() if prob.sol_status == pulp.LpSolutionIntegerFeasible else start
+        return plan, bound(), False
+    plan = read()
     opt = pulp.value(value_expr)
-    # Second, lexicographic stage on the same model: among optimal plans take the least cost.
-    tol = 1e-6 * max(1.0, abs(opt))
-    prob += value_expr >= opt - tol, "optimal_value"
+    prob += value_expr >= opt - tol * vscale, "optimal_value"
     prob.sense = pulp.LpMinimize
     prob.setObjective(pulp.lpSum(costs[n][b] * x[n, b] for n in layers for b in options[n]))
-    run()
-
-    assign = {}
-    for n in layers:
-        chosen = [b for b in options[n] if (x[n, b].value() or 0) > 0.5]
-        if len(chosen) != 1:  # pragma: no cover - CBC returned a non-integral point
-            raise RuntimeError(f"CBC returned {len(chosen)} choices for layer {n!r}")
-        assign[n] = chosen[0]
-    if not fits(assign):  # pragma: no cover - numerical slack in CBC
-        raise RuntimeError("CBC returned a plan over its caps; please report this")
-    obj = sum(values[n][b] for n, b in assign.items())
-    return Solution(assign, obj, cost_of(assign), time.perf_counter() - t0)
+    # the value is proven optimal already; a second stage cut short only leaves a costlier tie
+    if run(plan) or prob.sol_status == pulp.LpSolutionIntegerFeasible:
+        plan = read()
+    return plan, None, True
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,18 +516,22 @@ class Allocation:
     predicted: dict[str, float]           # normalised predicted loss per group (+ "total")
     solve_s: float
     measured: dict[str, float] = field(default_factory=dict)
+    optimal: bool = True                  # False: the time limit stopped the weight program first
+    gap: float = 0.0                      # then: the predicted loss is within this fraction of the best
 
     def to_dict(self) -> dict:
         return {"budget_mb": self.budget_mb, "size_mb": self.size_mb, "ratio": self.ratio,
                 "predicted": self.predicted, "solve_s": self.solve_s, "measured": self.measured,
-                "summary": self.plan.summary()}
+                "optimal": self.optimal, "gap": self.gap, "summary": self.plan.summary()}
 
 
 @dataclass
 class Allocator:
     """Holds one sensitivity table + cost table and answers budget queries.
 
-    The activation program is solved once at construction (it does not depend on the budget).
+    The activation program is solved once at construction (it does not depend on the budget),
+    within `act_time_limit` seconds (a weight program's limit is `solve`'s) (`act_optimal` / `act_gap` say how it
+    ended).
     """
     sens: object
     costs: object
@@ -331,6 +540,7 @@ class Allocator:
     act_avg_bits: float | None = 8.0
     act_floor: int | None = None
     decoupled: bool = True
+    act_time_limit: float | None = DEFAULT_TIME_LIMIT_S
 
     def __post_init__(self):
         self.weight_candidates = _normalise_candidates(
@@ -349,14 +559,14 @@ class Allocator:
         # Layers the model has but sensitivity did not score stay float; they still cost bytes.
         self.unscored = [n for n in self.costs.float_bytes if n not in set(self.layers)]
         self.groups = {n: self.sens.group[n] for n in self.layers}
-        self.act_bits, self.act_solve_s = self._solve_activations()
+        self.act_bits, self.act_solve_s, self.act_optimal, self.act_gap = self._solve_activations()
         self.wvalues, self.wscales = normalised_values(self.sens, "weight", self.weight_candidates, self.decoupled)
         self.wcosts = weight_costs(self.costs, self.layers, self.act_bits, self.weight_candidates, self.groups)
         self.fixed_bytes = int(self.costs.fixed_bytes) + sum(int(self.costs.float_bytes[n]) for n in self.unscored)
         self.weight_numel = {n: int(self.costs.weight_numel[n]) for n in self.layers}
 
     # ---- activations
-    def _solve_activations(self) -> tuple[dict[str, int], float]:
+    def _solve_activations(self) -> tuple[dict[str, int], float, bool, float]:
         values, _ = normalised_values(self.sens, "act", self.act_candidates, self.decoupled)
         numel = {n: int(self.sens.act_numel[n]) for n in self.layers}
         costs = {n: {a: a * numel[n] for a in self.act_candidates[self.groups[n]]} for n in self.layers}
@@ -369,8 +579,8 @@ class Allocator:
                 raise BudgetError(f"activation average of {self.act_avg_bits:g} bits is below the smallest "
                                   f"possible {lo:.3g} with candidates {self.act_candidates}; raise the "
                                   "average (--act-avg-bits) or allow lower activation bits")
-        sol = solve_choice(values, costs, {TOTAL: cap})
-        return sol.assign, sol.solve_s
+        sol = solve_choice(values, costs, {TOTAL: cap}, time_limit=self.act_time_limit)
+        return sol.assign, sol.solve_s, sol.optimal, sol.gap
 
     # ---- feasibility
     def feasible_range_mb(self) -> tuple[float, float]:
@@ -406,7 +616,13 @@ class Allocator:
         cap_c = min(max(want_c, lo), hi)
         return {CONTENT: cap_c, QUALITY: avail - cap_c}
 
-    def solve(self, budget_mb: float, ratio: float | None = None, time_limit: float | None = None) -> Allocation:
+    def solve(self, budget_mb: float, ratio: float | None = None,
+              time_limit: float | None = DEFAULT_TIME_LIMIT_S) -> Allocation:
+        """The plan of least predicted loss that fits `budget_mb` (see the module doc).
+
+        time_limit: seconds for the weight program (None: no limit).  A solve cut short
+        returns the best plan found, with ``Allocation.optimal`` False and ``gap`` its proven
+        relative distance from the optimum (also in the plan's meta)."""
         self.check_budget(budget_mb)
         # whole bytes; the 1e-6 absorbs decimal MB not representable in binary (0.513384 MB)
         avail = math.floor(budget_mb * MB + 1e-6) - self.fixed_bytes
@@ -419,13 +635,15 @@ class Allocator:
         plan = Plan(plan_layers, meta={
             "budget_mb": budget_mb, "size_mb": round(size_mb, 6), "ratio": ratio,
             "decoupled": self.decoupled, "act_avg_bits": self.act_avg_bits,
-            "predicted_loss": predicted, "model": getattr(self.sens, "meta", {}).get("model")})
+            "predicted_loss": predicted, "model": getattr(self.sens, "meta", {}).get("model"),
+            "optimal": sol.optimal, "gap": sol.gap})
         # The core library's own count is the truth the budget promises; check it agrees.
         reported = self.costs.total_mb(plan)
         if abs(reported - size_mb) * MB > 0.5 or reported * MB > budget_mb * MB + 0.5:
             raise RuntimeError(f"cost model mismatch: allocator counted {size_mb:.6f} MB, "
                                f"layer_costs reports {reported:.6f} MB for budget {budget_mb} MB")
-        return Allocation(plan, budget_mb, size_mb, ratio, predicted, sol.solve_s + self.act_solve_s)
+        return Allocation(plan, budget_mb, size_mb, ratio, predicted, sol.solve_s + self.act_solve_s,
+                          optimal=sol.optimal, gap=sol.gap)
 
     def _predicted(self, weight_bits: Mapping[str, int]) -> dict[str, float]:
         """Predicted loss per group and "total" of one weight width per scored layer."""
