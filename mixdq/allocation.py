@@ -18,9 +18,11 @@ Scores.  Sensitivity gives, per layer and bit-width, SSIM of final images (conte
 SQNR dB of the UNet output (quality group).  Both become a *loss* that is 0 for float:
 ``1 - SSIM`` and the noise-to-signal power ratio ``10^(-SQNR/10)`` (independent layer noises
 add in power, so summing NSR is the right additive model; summing dB is not).  Each group's
-losses are divided by the group's total loss at its lowest candidate bits, so both groups
-live on [0, 1] and can share one objective ("group-normalised").  The objective maximised is
-``-sum(normalised loss)``.
+losses are divided by the group's total loss with every layer at a reference width of the
+table (4 bits, `NORM_REF_BITS`), so a group's whole loss at 4 bits is 1 and both groups share
+one objective ("group-normalised").  The reference is the table's, never the candidate set's:
+offering or withdrawing a bit-width leaves every other option's value as it was.  The
+objective maximised is ``-sum(normalised loss)``.
 
 Decoupling.  Like the paper, the available bytes can be split between the groups by a ratio
 ``k``: content bits-per-weight = k x quality bits-per-weight.  ``k=None`` solves one joint
@@ -28,8 +30,16 @@ program with a single budget.  Sweeping k (and the budget) gives a family of pla
 keeps the non-dominated ones (size vs predicted loss) and `select` picks the final plan by
 *measured* metrics over several prompts, never one image.
 
-Ties are resolved lexicographically: among plans with the optimal objective, the smallest
-one wins (a second solve), and equal (cost, score) options keep the higher bit-width.
+Solving.  Both programs are multiple-choice knapsacks with one cap (or one cap per group,
+which splits into one knapsack per group).  Their LP relaxation is solved exactly by the
+convex-hull greedy; it bounds every plan, fixes almost every layer by reduced cost, and the few
+layers left are searched exhaustively, so plans are proven optimal (794 SDXL layers: tens of
+milliseconds).  A time limit (`DEFAULT_TIME_LIMIT_S`) bounds every solve; one cut short
+returns the best plan found with its proven gap.  CBC is used only for caps that overlap.
+
+Ties are resolved lexicographically: among plans with the optimal objective (within
+`REL_TOL` of the objective's span), the smallest one wins, and equal (cost, score) options
+keep the higher bit-width.
 """
 from __future__ import annotations
 
@@ -53,6 +63,9 @@ DEFAULT_ACT_CANDIDATES = {CONTENT: (4, 8, 16), QUALITY: (4, 8, 16)}
 # Content/quality ratios swept for the Pareto family (the paper's k is around 0.6 for weights).
 DEFAULT_RATIOS = (0.5, 0.6, 0.8, 1.0, 1.25, None)
 MB = 1_000_000
+# The width every group's losses are normalised at (see the module doc); a table without it
+# for some layer of a group normalises that group at its lowest width scored for every layer.
+NORM_REF_BITS = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,16 +411,17 @@ def normalised_values(sens, kind: str, candidates: Mapping[str, Sequence[int]],
                       decoupled: bool = True) -> tuple[dict, dict]:
     """Per layer and candidate bit: value = -(loss / group scale).  Returns (values, scales).
 
-    kind: "weight" or "act".  Float (16) has loss 0 without being measured.  Without
-    decoupling there is one group, so one normalisation."""
+    kind: "weight" or "act".  Float (16) has loss 0 without being measured.  A group's scale
+    is its summed loss at the reference width (`reference_bits`), from the table alone, so
+    it does not depend on `candidates`.  Without decoupling there is one group, so one
+    normalisation."""
     table = sens.scores[kind]
     values, raw = {}, {}
     for n in sens.layers:
         g = sens.group[n]
         metric = group_metric(g, decoupled)
-        cands = candidates[g]
         raw[n] = {}
-        for b in cands:
+        for b in candidates[g]:
             if b == FLOAT_BITS:
                 raw[n][b] = 0.0
                 continue
@@ -418,16 +432,41 @@ def normalised_values(sens, kind: str, candidates: Mapping[str, Sequence[int]],
                     f"sensitivity has no {metric} score for layer {n!r} at {kind} bits {b}; "
                     f"rerun `python -m mixdq sensitivity` with these candidate bits") from None
     norm_group = (lambda n: sens.group[n]) if decoupled else (lambda n: TOTAL)
-    scales: dict[str, float] = {}
+    members: dict[str, list[str]] = {}
     for n in sens.layers:
-        scales[norm_group(n)] = scales.get(norm_group(n), 0.0) + max(raw[n].values())
-    for k, s in scales.items():
-        if not (s > 0 and math.isfinite(s)):
-            scales[k] = 1.0 if s == 0 else s
+        members.setdefault(norm_group(n), []).append(n)
+    # a group offered float alone has nothing to weigh, and its table may score nothing
+    scales = {k: _group_scale(sens, kind, layers, decoupled)
+              if any(b != FLOAT_BITS for n in layers for b in raw[n]) else 1.0 for k, layers in members.items()}
     for n in sens.layers:
         s = scales[norm_group(n)]
         values[n] = {b: -(l / s) if math.isfinite(l) else -1e6 for b, l in raw[n].items()}
     return values, scales
+
+
+def reference_bits(sens, kind: str, layers: Sequence[str], decoupled: bool = True) -> int:
+    """The width a group of `layers` is normalised at: NORM_REF_BITS when the table scores
+    every one of them there (with its group's metric), else the lowest width it scores for
+    all of them."""
+    common = None
+    for n in layers:
+        metric = group_metric(sens.group[n], decoupled)
+        have = {b for b, m in sens.scores[kind].get(n, {}).items() if b != FLOAT_BITS and metric in m}
+        common = have if common is None else common & have
+    if not common:
+        raise PlanError(f"the sensitivity table scores no {kind} bit-width for every layer of a group "
+                        f"(it is normalised at one width, {NORM_REF_BITS} bits by default); rerun "
+                        "`python -m mixdq sensitivity` with the same candidate bits for every layer")
+    return NORM_REF_BITS if NORM_REF_BITS in common else min(common)
+
+
+def _group_scale(sens, kind, layers, decoupled) -> float:
+    ref = reference_bits(sens, kind, layers, decoupled)
+    losses = [loss_from_score(group_metric(sens.group[n], decoupled), sens.scores[kind][n][ref][
+        group_metric(sens.group[n], decoupled)]) for n in layers]
+    # a layer that breaks the model at the reference width (SQNR -inf) says nothing of scale
+    s = sum(l for l in losses if math.isfinite(l))
+    return s if s > 0 else 1.0
 
 
 def _normalise_candidates(cands, allowed, what) -> dict[str, tuple[int, ...]]:

@@ -258,7 +258,7 @@ def test_predicted_loss_of_any_plan_matches_what_solve_predicts(decoupled):
 
 
 def test_predicted_loss_is_on_the_normalised_scale_and_refuses_what_it_cannot_predict():
-    # monotone scores: each group's lowest candidate bits carry the group's whole loss, 1
+    # monotone scores; a group's whole loss with every layer at the reference width (4 bits) is 1
     names = ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q", "up_blocks.0.resnets.0.conv1",
              "up_blocks.0.resnets.0.conv2"]
     scores = {"weight": {n: {b: {"ssim": 1 - 0.1 / b, "sqnr": 6.0 * b} for b in (2, 4, 8)} for n in names},
@@ -266,8 +266,10 @@ def test_predicted_loss_is_on_the_normalised_scale_and_refuses_what_it_cannot_pr
     sens = Sensitivity(names, {n: layer_group(n) for n in names}, scores, {n: 100 for n in names})
     alloc = Allocator(sens, _costs({n: 1024 for n in names}))
     content, q1, q2 = names
-    got = alloc.predicted_loss(Plan({content: (2, 8), q1: (4, 8), q2: (4, 8)}))
+    got = alloc.predicted_loss(Plan({content: (4, 8), q1: (4, 8), q2: (4, 8)}))
     assert got == {CONTENT: pytest.approx(1.0), QUALITY: pytest.approx(1.0), TOTAL: pytest.approx(2.0)}
+    # 2 bits lose twice what 4 bits do here (0.1 / b), on the same scale
+    assert alloc.predicted_loss(Plan({content: (2, 8)}))[CONTENT] == pytest.approx(2.0)
     half = alloc.predicted_loss(Plan({q1: (4, 8)}))         # the other quality layer, equal scores, float
     assert half == {CONTENT: 0.0, QUALITY: pytest.approx(0.5), TOTAL: pytest.approx(0.5)}
     with pytest.raises(PlanError, match="weight bits 7, not a candidate"):
