@@ -320,10 +320,13 @@ def _core_search(layers, values, costs, options, cap, lam, g, tol, deadline):
 
 
 def _solve_cbc(layers, values, costs, options, caps, under, tol, deadline, start):
-    """Caps that share layers: CBC, warm-started from `start` (a plan that fits), then a second
-    stage for the least costly plan within tol of the optimum.  Returns (plan, bound, optimal);
-    when the time limit stops CBC the bound is the best one-cap LP bound (each cap alone,
-    the others dropped)."""
+    """Caps that share layers: CBC, then a second stage for the least costly plan within tol of
+    the optimum.  Returns (plan, bound, optimal); when the time limit stops CBC the plan is the
+    best it found (else `start`, a plan that fits) and the bound the best one-cap LP bound
+    (each cap alone, the others dropped).
+
+    No warm start: PuLP's (PULP_CBC_CMD(warmStart=True)) made CBC return the starting plan as
+    optimal on a four-layer instance (test_overlapping_caps_equal_brute_force[0])."""
     import pulp
 
     # Per-layer shift (one option per layer, so it changes no choice) and scale: the objective's
@@ -342,16 +345,14 @@ def _solve_cbc(layers, values, costs, options, caps, under, tol, deadline, start
         prob += pulp.lpSum(costs[n][b] * x[n, b] for n in layers for b in options[n] if key in under[n]) <= cap, \
             f"cap_{key}"
 
-    def run(plan):
+    def run():
         left = deadline - time.perf_counter()
         if left <= 0:
             return False
-        for (n, b), var in x.items():
-            var.setInitialValue(1 if plan[n] == b else 0)
         with warnings.catch_warnings():
             # PuLP 3.3 flags its bundled CBC as deprecated for 4.0; it is still the solver we ship with.
             warnings.simplefilter("ignore", DeprecationWarning)
-            solver = pulp.PULP_CBC_CMD(msg=False, gapRel=0, gapAbs=0, threads=1, warmStart=True,
+            solver = pulp.PULP_CBC_CMD(msg=False, gapRel=0, gapAbs=0, threads=1,
                                        timeLimit=None if math.isinf(left) else left)
             status = prob.solve(solver)
         if pulp.LpStatus[status] != "Optimal":
@@ -369,7 +370,7 @@ def _solve_cbc(layers, values, costs, options, caps, under, tol, deadline, start
             out = min(out, rest + _hull_greedy(part, values, costs, options, cap)[3] if part else rest)
         return out
 
-    if not run(start):
+    if not run():
         plan = read() if prob.sol_status == pulp.LpSolutionIntegerFeasible else start
         return plan, bound(), False
     plan = read()
@@ -378,7 +379,7 @@ def _solve_cbc(layers, values, costs, options, caps, under, tol, deadline, start
     prob.sense = pulp.LpMinimize
     prob.setObjective(pulp.lpSum(costs[n][b] * x[n, b] for n in layers for b in options[n]))
     # the value is proven optimal already; a second stage cut short only leaves a costlier tie
-    if run(plan) or prob.sol_status == pulp.LpSolutionIntegerFeasible:
+    if run() or prob.sol_status == pulp.LpSolutionIntegerFeasible:
         plan = read()
     return plan, None, True
 

@@ -104,6 +104,119 @@ def test_allocator_weight_program_is_optimal(seed, ratio):
     assert round(a.size_mb * 1e6) == want_size + alloc.fixed_bytes
 
 
+def _ssim_like_instance(rng: random.Random, n_layers: int, raw: bool):
+    """Layers with options 2/4/8/16 bits, losses ~1e-5..1e-3 falling with bits, byte costs
+    rising with bits.  raw=True: values are the SSIM scores themselves (1 - loss, all close
+    to 1), as a caller that does not normalise would pass them."""
+    values, costs = {}, {}
+    for i in range(n_layers):
+        k = rng.choice([256, 1024, 4096])
+        loss2 = 10 ** rng.uniform(-4, -3)
+        losses = {2: loss2, 4: loss2 * rng.uniform(0.05, 0.3), 8: 10 ** rng.uniform(-5.5, -5), 16: 0.0}
+        values[f"l{i}"] = {b: (1.0 - l) if raw else -l for b, l in losses.items()}
+        costs[f"l{i}"] = {b: k * b // 8 + 64 for b in losses}
+    return values, costs
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("raw", [False, True])
+def test_bigger_instances_equal_brute_force(seed, raw):
+    """Eight layers with four options each (65536 plans): the search over the LP core is
+    exact on instances where many layers are in the core, with one cap or one per group."""
+    rng = random.Random(500 + seed)
+    values, costs = _ssim_like_instance(rng, 8, raw)
+    layers = sorted(values)
+    groups = {l: (CONTENT, QUALITY)[i % 2] for i, l in enumerate(layers)}
+    lo = sum(min(c.values()) for c in costs.values())
+    hi = sum(max(c.values()) for c in costs.values())
+    if seed % 2:
+        caps = {TOTAL: lo + (hi - lo) * rng.uniform(0.1, 0.7)}
+    else:
+        caps = {g: sum(min(costs[l].values()) for l in layers if groups[l] == g) + rng.randint(200, 3000)
+                for g in (CONTENT, QUALITY)}
+    sol = solve_choice(values, costs, caps, groups)
+    want_val, want_size = _brute_force(values, costs, caps, groups)
+    assert sol.optimal and sol.gap == 0.0
+    assert sol.objective == pytest.approx(want_val, rel=0, abs=1e-12)
+    assert sum(costs[l][b] for l, b in sol.assign.items()) == want_size
+
+
+def test_tie_tolerance_is_relative_to_the_objectives_span_not_its_size():
+    """Raw SSIM values (all near 1): the objective is ~n, its differences ~1e-5.  A tolerance
+    of 1e-6 x |objective| took a cheaper plan 4e-6 below the optimum as a tie."""
+    values = {f"l{i}": {4: 1 - 2e-4, 8: 1 - 1e-5} for i in range(5)}
+    costs = {f"l{i}": {4: 100, 8: 200} for i in range(5)}
+    # l0's 4-bit option is only 4e-6 worse than its 8-bit one, but still worse
+    values["l0"] = {4: 1 - 1.4e-5, 8: 1 - 1e-5}
+    # and l5 cannot afford its 8 bits: the optimum is l0..l4 at 8 bits, l5 at 4
+    values["l5"], costs["l5"] = {4: 1 - 1e-3, 8: 1 - 1e-5}, {4: 100, 8: 10_000}
+    cap = 5 * 200 + 150
+    for vals in (values, {n: {b: v * 1000 for b, v in per.items()} for n, per in values.items()}):
+        sol = solve_choice(vals, costs, {TOTAL: cap})
+        assert sol.assign == {**{f"l{i}": 8 for i in range(5)}, "l5": 4}
+    # and random raw-SSIM instances against brute force, to the last 1e-12
+    for seed in range(8):
+        vals, cst = _ssim_like_instance(random.Random(900 + seed), 7, raw=True)
+        lo, hi = sum(min(c.values()) for c in cst.values()), sum(max(c.values()) for c in cst.values())
+        caps = {TOTAL: (lo + hi) / 2}
+        want_val, want_size = _brute_force(vals, cst, caps, {})
+        sol = solve_choice(vals, cst, caps)
+        assert sol.objective == pytest.approx(want_val, rel=0, abs=1e-12)
+        assert sum(cst[l][b] for l, b in sol.assign.items()) == want_size
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_overlapping_caps_equal_brute_force(seed):
+    """A total cap and per-group caps together share layers: that program goes to CBC."""
+    rng = random.Random(700 + seed)
+    layers = [f"l{i}" for i in range(rng.randint(3, 6))]
+    groups = {l: rng.choice([CONTENT, QUALITY]) for l in layers}
+    values = {l: {b: -rng.random() for b in rng.sample([2, 4, 8, 16], 3)} for l in layers}
+    costs = {l: {b: rng.randint(1, 100) for b in values[l]} for l in layers}
+    caps = {g: sum(min(costs[l].values()) for l in layers if groups[l] == g) + rng.randint(0, 80)
+            for g in (CONTENT, QUALITY)}
+    caps[TOTAL] = sum(min(c.values()) for c in costs.values()) + rng.randint(0, 100)
+    sol = solve_choice(values, costs, caps, groups)
+    want_val, want_size = _brute_force(values, costs, caps, groups)
+    assert sol.optimal
+    assert sol.objective == pytest.approx(want_val, abs=1e-9)
+    assert sum(costs[l][b] for l, b in sol.assign.items()) == want_size
+
+
+def test_time_limit_returns_a_fitting_plan_with_a_proven_gap():
+    rng = random.Random(42)
+    values, costs = _ssim_like_instance(rng, 300, raw=False)
+    lo, hi = sum(min(c.values()) for c in costs.values()), sum(max(c.values()) for c in costs.values())
+    caps = {TOTAL: lo + (hi - lo) * 0.3}
+    exact = solve_choice(values, costs, caps)
+    assert exact.optimal and exact.bound == exact.objective
+    cut = solve_choice(values, costs, caps, time_limit=0)
+    assert not cut.optimal
+    assert cut.cost[TOTAL] <= caps[TOTAL]
+    assert cut.objective <= exact.objective + 1e-12 <= cut.bound + 2e-12
+    assert 0 < cut.gap == pytest.approx((cut.bound - cut.objective) / abs(cut.objective))
+    assert cut.gap < 0.05   # the LP-guided plan is close even when the search never ran
+    # overlapping caps (CBC) stop at the limit too, with a bound from the caps taken one by one
+    groups = {l: (CONTENT, QUALITY)[i % 2] for i, l in enumerate(sorted(values))}
+    both = {TOTAL: caps[TOTAL], CONTENT: caps[TOTAL] * 0.6}
+    cut = solve_choice(values, costs, both, groups, time_limit=0)
+    assert not cut.optimal and cut.bound >= exact.objective - 1e-12 and cut.cost[TOTAL] <= caps[TOTAL]
+
+
+def test_allocation_reports_the_gap_when_the_time_limit_stops_it():
+    sens, costs = _random_instance(random.Random(8), n_layers=6)
+    alloc = Allocator(sens, costs)
+    lo, hi = alloc.feasible_range_mb()
+    a = alloc.solve(lo + (hi - lo) * 0.4)
+    assert a.optimal and a.gap == 0.0 and a.plan.meta["optimal"] is True and a.plan.meta["gap"] == 0.0
+    assert a.to_dict()["optimal"] is True
+    cut = alloc.solve(lo + (hi - lo) * 0.4, time_limit=0)
+    assert cut.size_mb <= lo + (hi - lo) * 0.4
+    assert cut.plan.meta["optimal"] == cut.optimal and cut.plan.meta["gap"] == cut.gap == cut.to_dict()["gap"]
+    if not cut.optimal:
+        assert cut.gap > 0 and cut.predicted[TOTAL] >= a.predicted[TOTAL] - 1e-12
+
+
 def test_infeasible_budget_names_the_feasible_range():
     sens, costs = _random_instance(random.Random(7))
     alloc = Allocator(sens, costs)
@@ -199,6 +312,49 @@ def test_losses_and_group_normalisation():
     assert vals[names[0]][4] == pytest.approx(-0.5) and set(scales) == {TOTAL}
     with pytest.raises(PlanError, match="rerun"):
         normalised_values(sens, "weight", {CONTENT: (2, 16), QUALITY: (4, 16)})
+
+
+@pytest.mark.parametrize("kind", ["weight", "act"])
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_normalisation_does_not_depend_on_the_candidate_bits(kind, decoupled):
+    """Offering 2-bit quality weights (or withdrawing 2-bit content ones, or float) leaves every
+    other option's value unchanged: a group's scale comes from the table, not the candidates."""
+    sens, _ = _random_instance(random.Random(13), n_layers=6)
+    measured = (2, 4, 8) if kind == "weight" else (4, 8)
+    base = {CONTENT: measured[1:] + (16,), QUALITY: measured[1:] + (16,)}
+    variants = [{CONTENT: measured + (16,), QUALITY: measured[1:] + (16,)},
+                {CONTENT: measured + (16,), QUALITY: measured + (16,)},
+                {CONTENT: measured[1:], QUALITY: measured[1:]},
+                {CONTENT: measured[-1:], QUALITY: measured[1:]}]
+    ref, ref_scales = normalised_values(sens, kind, base, decoupled)
+    for cands in variants:
+        vals, scales = normalised_values(sens, kind, cands, decoupled)
+        assert scales == ref_scales
+        for n in sens.layers:
+            for b in set(vals[n]) & set(ref[n]):
+                assert vals[n][b] == ref[n][b], (cands, n, b)
+    # the scale is the group's summed loss at 4 bits
+    metric = {CONTENT: "ssim", QUALITY: "sqnr"}
+    for g in (CONTENT, QUALITY) if decoupled else (TOTAL,):
+        layers = [n for n in sens.layers if not decoupled or sens.group[n] == g]
+        want = sum(loss_from_score(metric[sens.group[n]] if decoupled else "sqnr", sens.scores[kind][n][4][
+            metric[sens.group[n]] if decoupled else "sqnr"]) for n in layers)
+        assert ref_scales[g] == pytest.approx(want)
+
+
+def test_normalisation_falls_back_to_the_lowest_width_every_layer_has():
+    names = ["a.attn2.to_q", "b.attn2.to_k"]
+    scores = {"weight": {names[0]: {2: {"ssim": 0.5}, 8: {"ssim": 0.9}},
+                         names[1]: {2: {"ssim": 0.7}, 8: {"ssim": 0.95}, 6: {"ssim": 0.9}}}}
+    sens = Sensitivity(names, {n: CONTENT for n in names}, scores, {})
+    vals, scales = normalised_values(sens, "weight", {CONTENT: (8, 16), QUALITY: (16,)})
+    assert scales[CONTENT] == pytest.approx(0.5 + 0.3)          # 2 bits: scored for both, 4 for neither
+    assert vals[names[0]][8] == pytest.approx(-0.1 / 0.8)
+    # one normalisation over every layer (no decoupling), scored at no common width
+    scores = {"weight": {names[0]: {8: {"sqnr": 20.0}}, "c.resnets.0.conv1": {6: {"sqnr": 20.0}}}}
+    sens = Sensitivity([names[0], "c.resnets.0.conv1"], {names[0]: CONTENT, "c.resnets.0.conv1": QUALITY}, scores, {})
+    with pytest.raises(PlanError, match="no weight bit-width for every layer"):
+        normalised_values(sens, "weight", {CONTENT: (8, 16), QUALITY: (6, 16)}, decoupled=False)
 
 
 def test_grouping_rule():
