@@ -48,10 +48,13 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 from .errors import BudgetError, PlanError
 from .plan import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, LayerBits, Plan
+
+if TYPE_CHECKING:  # only PlanEvaluator's annotation; torch loads when a plan is measured
+    import torch
 
 CONTENT, QUALITY = "content", "quality"
 GROUPS = (CONTENT, QUALITY)
@@ -160,8 +163,13 @@ def solve_choice(values: Mapping[str, Mapping[int, float]], costs: Mapping[str, 
         raise BudgetError("no choice of options fits the caps " + ", ".join(
             f"{k}: {used[k]:g} > {caps[k]:g}" for k in caps if used[k] > caps[k]))
 
+    best_val = {n: options[n][-1] for n in layers}  # kept options rise in value and cost
     tol = REL_TOL * sum(values[n][options[n][-1]] - values[n][options[n][0]] for n in layers)
-    if all(len(u) <= 1 for u in under.values()):
+    if fits(best_val):
+        # every layer's best fits: optimal, and the least costly of that value (an option of
+        # equal value was pruned only if it was not cheaper)
+        assign, bound, optimal = best_val, None, True
+    elif all(len(u) <= 1 for u in under.values()):
         assign, bound, optimal = {}, 0.0, True
         for n in layers:
             if not under[n]:
