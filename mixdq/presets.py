@@ -286,6 +286,7 @@ def make_published_presets(model: str = "stabilityai/sdxl-turbo", out: Path | No
     alloc = Allocator(sens, costs, act_candidates=A8_WITH_FLOAT, act_avg_bits=act_avg)
     theirs = set(sens.meta.get("origin", {}).get("float16_activations") or ())
     ours = sorted(n for n, a in alloc.act_bits.items() if a == 16)
+    total_act = sum(sens.act_numel.values())
     lo, hi = alloc.feasible_range_mb()
     written = []
     for b in bits:
@@ -302,8 +303,12 @@ def make_published_presets(model: str = "stabilityai/sdxl-turbo", out: Path | No
             "predicted_loss": best.predicted, "summary": plan.summary(), "ilp_solve_s": round(best.solve_s, 3),
             "selection": "least predicted loss (made without the weights: no images to measure)",
             "sizes_from": f"layer_costs of the published {model} UNet config (float32 float parts)",
-            "activations": {"avg_bits": round(act_avg, 4), "float16": ours,
-                            "publication_float16": sorted(theirs), "in_both": len(theirs & set(ours))},
+            "activations": {"avg_bits": round(act_avg, 4), "float16": ours, "in_both": len(theirs & set(ours)),
+                            # why the program keeps or quantizes each of the publication's float16
+                            # activations: its 8-bit scores and its share of all activation elements
+                            "publication_float16": {n: {"kept": n in ours, "scores_at_8": sens.scores["act"][n][8],
+                                                        "share": sens.act_numel[n] / total_act}
+                                                    for n in sorted(theirs)}},
             "sensitivity": sens.meta.get("origin", {}).get("repository"),
         }
         (out / f"{name}.stats.json").write_text(json.dumps(stats, indent=1))
@@ -333,18 +338,28 @@ class Preset:
     stats: dict = field(default_factory=dict)   # presets/NAME.stats.json, measured when shipped
 
 
+def presets_folder(unet) -> Path:
+    """Where this UNet's shipped presets are: presets/<model>/ for a published architecture
+    (its presets are made from that model's table), else presets/ (the embedded model's).
+    Layer names alone cannot tell: the embedded model's are a subset of SDXL's."""
+    from .architectures import published_model_for
+
+    model = published_model_for(unet)
+    return PRESETS_DIR / PUBLISHED_PRESETS[model] if model in PUBLISHED_PRESETS else PRESETS_DIR
+
+
 def presets(unet, folder: Path | None = None) -> list[Preset]:
-    """The shipped plans (presets/[MODEL/]NAME.json, numbers in NAME.stats.json) that fit this UNet,
-    smallest first.  Plans for other models are skipped."""
+    """The shipped plans (NAME.json, numbers in NAME.stats.json) in `folder` (default: this
+    UNet's `presets_folder`) that fit this UNet, smallest first."""
     from .memory import layer_costs
     from .plan import Plan
     from .quant import quantizable_layers
 
-    folder = Path(folder or PRESETS_DIR)
+    folder = Path(folder or presets_folder(unet))
     names = list(quantizable_layers(unet))
     costs = None
     out = []
-    for path in sorted(folder.rglob("*.json")):  # a published model's presets live in presets/<model>/
+    for path in sorted(folder.glob("*.json")):
         if path.name.endswith(".stats.json"):
             continue
         try:
