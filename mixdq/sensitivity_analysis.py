@@ -542,3 +542,100 @@ def sensitivity(pipe, calibration=None, *, weight_bits=None, act_bits=None,
             "world_size": world, "wall_s": round(wall, 2),
             "group_fn": getattr(group_fn, "__qualname__", str(group_fn))}
     return Sensitivity(list(names), groups, scores, {n: int(act_numel[n]) for n in names}, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# What the analysis would cost here, before starting it.
+# --------------------------------------------------------------------------------------------
+# A UNet this large (SDXL: 2.6 G parameters) is a GPU job for the analysis: thousands of image
+# generations, each a full float UNet pass on the calibration prompts.
+GPU_JOB_PARAMS = 1_500_000_000
+
+
+@dataclass
+class AnalysisEstimate:
+    """How long `sensitivity` would take on this pipeline's device: `evaluations` to run,
+    `seconds_per_evaluation` timed here on one prompt and scaled to the calibration's prompts
+    (None when not timed), `seconds` in all, and `gpu_job` for an SDXL-size UNet on a CPU
+    (not timed: one evaluation alone would take minutes).  `message` says it in one line."""
+    evaluations: int
+    prompts: int
+    device: str
+    gpu_job: bool
+    seconds_per_evaluation: float | None = None
+    seconds: float | None = None
+
+    @property
+    def message(self) -> str:
+        what = f"{self.evaluations} evaluations (one layer at one bit-width each, {self.prompts} prompts)"
+        if self.gpu_job:
+            return (f"the sensitivity analysis of this SDXL-size model is a GPU job: {what}, each a full "
+                    f"generation of the calibration images, which on this CPU ({cpu_name()}) would take days")
+        return (f"the sensitivity analysis would take about {_duration(self.seconds)} here ({what}; one "
+                f"evaluation timed at {self.seconds_per_evaluation:.2f} s on {self.device})")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _time_one(pipe, calibration, layer: str, group: str) -> tuple[float, float]:
+    """Seconds of the float reference and of one evaluation of `layer` (lowest weight bits)."""
+    from .plan import Plan
+    from .quant import replace_layers, restore_layers
+
+    t0 = time.perf_counter()
+    ref = _Reference(pipe, calibration, [layer], progress=False)
+    t_ref = time.perf_counter() - t0
+    originals = replace_layers(pipe.unet, Plan({layer: (min(DEFAULT_WEIGHT_BITS[group]), FLOAT_BITS)}))
+    try:
+        t0 = time.perf_counter()
+        _evaluate(pipe, ref, metrics_for(group))
+        return t_ref, time.perf_counter() - t0
+    finally:
+        restore_layers(pipe.unet, originals)
+
+
+@torch.inference_mode()
+def estimate_analysis(pipe, calibration=None, evaluations: int | None = None) -> AnalysisEstimate:
+    """Time one layer's measurement on this pipeline's device (the float reference, then one
+    content layer quantized and scored) and scale it to the whole analysis: `evaluations`
+    measurements (default: every layer at the default candidate bits) on the calibration's
+    prompts, plus the float reference and the activation ranges.  Timed on one prompt; where
+    that is quick, again on one batch as the analysis runs it (small models are dominated by
+    per-call overhead, so one prompt would overstate them).  On a CPU an SDXL-size UNet is
+    not timed: it is reported as a GPU job."""
+    from .calibrate import Calibration
+    from .quant import quantizable_layers
+
+    calibration = calibration or Calibration.default(pipe)
+    unet = pipe.unet
+    names = list(quantizable_layers(unet))
+    groups = {n: layer_group(n) for n in names}
+    if evaluations is None:
+        evaluations = sum(1 for _ in _jobs(names, groups, _candidates(None, DEFAULT_WEIGHT_BITS),
+                                           _candidates(None, DEFAULT_ACT_BITS)))
+    n = len(calibration.prompts)
+    device = str(unet.device)
+    if unet.device.type == "cpu" and sum(p.numel() for p in unet.parameters()) > GPU_JOB_PARAMS:
+        return AnalysisEstimate(evaluations, n, device, gpu_job=True)
+    layer = next((x for x in names if groups[x] == CONTENT), names[0])
+    batch = calibration.batch_size if unet.device.type == "cuda" else min(32, n)   # as sensitivity() runs
+    undo = [_vae_channels_last(pipe), _memo_encode_prompt(pipe)]
+    try:
+        t_ref, t_eval = _time_one(pipe, dataclasses.replace(calibration, prompts=calibration.prompts[:1],
+                                                             batch_size=1), layer, groups[layer])
+        per_prompt = (t_ref / 1, t_eval / 1)
+        if batch > 1 and t_eval * batch < 10:
+            cal = dataclasses.replace(calibration, prompts=calibration.prompts[:batch], batch_size=batch)
+            per_prompt = tuple(t / batch for t in _time_one(pipe, cal, layer, groups[layer]))
+    finally:
+        for u in undo:
+            u()
+    per_eval = per_prompt[1] * n
+    # the float reference and the activation ranges each cost about one float pass
+    return AnalysisEstimate(evaluations, n, device, False, per_eval, per_eval * evaluations + 2 * per_prompt[0] * n)
