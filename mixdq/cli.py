@@ -132,7 +132,27 @@ def add_sensitivity_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--recompute", action="store_true", help="ignore cached measurements")
     parser.add_argument("--out", default=None, help="also write the scores to this JSON file")
     parser.add_argument("--show", action="store_true", help="print the per-layer table")
+    parser.add_argument("--import-mixdq", default=None, metavar="DIR",
+                        help="instead of measuring: import the MixDQ authors' published sensitivity files in "
+                             "DIR (weight-ssim.yaml, weight-sqnr.yaml, act-ssim.yaml, act-sqnr.yaml) for --model "
+                             "(default stabilityai/sdxl-turbo), checked against its published architecture; "
+                             "needs --out")
     return parser
+
+
+def import_sensitivity(args) -> Sensitivity:
+    """`mixdq sensitivity --import-mixdq DIR --out PATH`: no model, no measuring."""
+    from .published import import_mixdq_tables, origin_text
+
+    if not args.out:
+        raise PlanError("--import-mixdq needs --out PATH, the sensitivity table to write "
+                        "(e.g. presets/sdxl-turbo/sensitivity.json)")
+    sens = import_mixdq_tables(args.import_mixdq, args.model or "stabilityai/sdxl-turbo")
+    sens.save(args.out)
+    n_c = sum(1 for g in sens.group.values() if g == CONTENT)
+    _log(f"wrote {args.out}: {len(sens.layers)} layers ({n_c} content, {len(sens.layers) - n_c} quality) of "
+         f"{sens.meta['identity']['model']}, scores at 2, 4, 8 bits, measured by {origin_text(sens.meta)}")
+    return sens
 
 
 def run_sensitivity(args) -> Sensitivity:
@@ -141,6 +161,8 @@ def run_sensitivity(args) -> Sensitivity:
     from .loading import load_pipeline
     from .plan import ACT_BITS
 
+    if args.import_mixdq:
+        return import_sensitivity(args)
     for what, bits, allowed in (("--weight-bits", args.weight_bits, WEIGHT_BITS), ("--act-bits", args.act_bits, ACT_BITS)):
         bad = [b for b in bits or [] if b not in allowed]
         if bad:
@@ -222,7 +244,7 @@ def add_allocate_args(parser):
 
 def run_allocate(args) -> Allocation | None:
     from . import planning
-    from .loading import load_pipeline
+    from .defaults import default_dtype
 
     if args.budget_mb is None and not args.range and not args.pareto:
         raise PlanError("give --budget-mb MB (see the feasible range with --range)")
@@ -231,23 +253,36 @@ def run_allocate(args) -> Allocation | None:
     if args.eval_prompts < 1:
         raise PlanError("--eval-prompts must be >= 1")
     candidates = planning.weight_candidates(args.content_bits, args.quality_bits)
-    pipe = load_pipeline(args.model, device=args.device)
-    cal = calibration_from_args(pipe, args)
-    alloc = planning.allocator_for(
-        pipe, cal, sensitivity=args.sensitivity, candidates=candidates, act_avg_bits=args.act_avg_bits or None,
-        act_floor=args.act_floor, decoupled=not args.single_metric, budget_mb=args.budget_mb,
-        lower_bits_how=f" (--content-bits / --quality-bits, down to {min(WEIGHT_BITS)})", log=_log)
+    solver = dict(sensitivity=args.sensitivity, candidates=candidates, act_avg_bits=args.act_avg_bits or None,
+                  act_floor=args.act_floor, decoupled=not args.single_metric, budget_mb=args.budget_mb,
+                  lower_bits_how=f" (--content-bits / --quality-bits, down to {min(WEIGHT_BITS)})", log=_log)
+    pipe = _pipeline_to_plan(args)
+    if pipe is None:
+        # sizes in the dtype the model would be loaded in on --device (default: this machine's)
+        dtype = default_dtype(args.device) if args.device else None
+        alloc = planning.allocator_without_weights(args.model, dtype=dtype, **solver)
+        whence = f"; from the published architecture of {args.model}, without its weights"
+    else:
+        cal = calibration_from_args(pipe, args)
+        alloc = planning.allocator_for(pipe, cal, **solver)
+        whence = ""
+    float_mb = alloc.costs.float_mb()
     if args.range:
         lo, hi = alloc.feasible_range_mb()
         print(f"feasible budgets: {math.ceil(lo * 1000) / 1000:.3f} .. {math.floor(hi * 1000) / 1000:.3f} MB "
-              f"(float UNet {alloc.costs.float_mb():.3f} MB)")
+              f"(float UNet {float_mb:.3f} MB{whence})")
         return None
     if args.pareto:
         _print_pareto(planning.pareto_plans(alloc, args.pareto, args.ratio))
         return None
-    evaluate = None if args.no_select else planning.plan_evaluator(pipe, cal, args.eval_prompts)
+    evaluate = None if args.no_select or pipe is None else planning.plan_evaluator(pipe, cal, args.eval_prompts)
     best, family = planning.plan_budget(alloc, args.budget_mb, args.ratio, evaluate)
     _print_candidates(family, best)
+    if pipe is None:
+        _log(f"no image-based selection without the model's weights: the plan with the least predicted loss, "
+             f"{best.size_mb:.4f} MB ({best.size_mb / float_mb:.3f}x the float UNet's {float_mb:.1f} MB), "
+             f"predicted loss {best.predicted[TOTAL]:.4e} (content {best.predicted.get(CONTENT, math.nan):.4e}, "
+             f"quality {best.predicted.get(QUALITY, math.nan):.4e}){whence}")
     if args.out:
         best.plan.save(args.out)
         _log(f"wrote {args.out}: {best.size_mb:.4f} MB <= {args.budget_mb} MB, {best.plan.summary()}")
@@ -258,6 +293,35 @@ def run_allocate(args) -> Allocation | None:
 
 def _log(line: str) -> None:
     print(line, file=sys.stderr)
+
+
+_CALIBRATION_FLAGS = ("prompts", "prompts_file", "steps", "guidance", "resolution")
+
+
+def _pipeline_to_plan(args):
+    """The pipeline `allocate` plans for, or None to plan a published model without its weights
+    (its architecture and a published sensitivity table ship): always for --range, --pareto
+    and --no-select (loading gigabytes of weights would only give the same byte counts), and
+    when the model cannot be loaded here (not in the Hugging Face cache, no network)."""
+    from . import planning
+    from .errors import ModelNotFoundError
+    from .loading import load_pipeline
+
+    if not planning.plans_without_weights(args.model):
+        return load_pipeline(args.model, device=args.device)
+    given = [f"--{k.replace('_', '-')}" for k in _CALIBRATION_FLAGS if getattr(args, k) is not None]
+    if not (args.range or args.pareto or args.no_select):
+        try:
+            return load_pipeline(args.model, device=args.device)
+        except ModelNotFoundError:
+            if given:
+                raise
+            _log(f"{args.model} is neither in the local Hugging Face cache nor downloadable here: planning it "
+                 "without its weights")
+    if given:
+        raise PlanError(f"{' '.join(given)} set a calibration, which only the model's weights can measure; "
+                        f"planning {args.model} without them takes the published table as measured")
+    return None
 
 
 def _print_pareto(front) -> None:

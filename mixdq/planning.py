@@ -87,3 +87,50 @@ def pareto_plans(allocator: Allocator, n_budgets: int, ratios: Sequence[float | 
     lo, hi = allocator.feasible_range_mb()
     budgets = [lo + (hi - lo) * i / (n_budgets - 1) for i in range(n_budgets)]
     return pareto(allocator.family(budgets, list(ratios or DEFAULT_RATIOS), progress=progress))
+
+
+def plans_without_weights(model: str | None, presets_dir=None) -> bool:
+    """Whether `model` can be planned without its weights: a hub id whose architecture is
+    published (mixdq.architectures) and for which a sensitivity table ships."""
+    from .architectures import known_models
+    from .tables import find_published
+
+    return model in known_models() and find_published(model, presets_dir).table is not None
+
+
+def allocator_without_weights(model: str, *, sensitivity: str | Sensitivity | None = None,
+                              candidates: dict | None = None, act_avg_bits: float | None = 8.0,
+                              act_floor: int | None = None, decoupled: bool = True,
+                              budget_mb: float | None = None, dtype=None, presets_dir=None,
+                              lower_bits_how: str = "", log: Callable[[str], None] | None = None) -> Allocator:
+    """The Allocator of the published model `model` (a hub id) without its weights: exact
+    layer costs of its published architecture built on the meta device (in `dtype`: default
+    the one `load_pipeline` would load it in here, so sizes are the loaded model's), and the
+    sensitivity table published for it (`tables.find_published`), or the one given.  There are
+    no images to select a plan by: `plan_budget(..., evaluate=None)` takes the least
+    predicted loss."""
+    from .architectures import meta_unet
+    from .memory import layer_costs
+    from .tables import find_published
+
+    candidates = candidates or weight_candidates()
+    costs = layer_costs(meta_unet(model, dtype))
+    if budget_mb is not None:
+        check_budget_range(budget_mb, *budget_bounds(costs, candidates), candidates, lower_bits_how)
+    if isinstance(sensitivity, Sensitivity):
+        table = sensitivity
+    elif sensitivity is not None:
+        table = Sensitivity.load(sensitivity)
+        if log:
+            log(f"sensitivity: read from {sensitivity}")
+    else:
+        found = find_published(model, presets_dir)
+        if found.table is None:
+            raise PlanError(f"{found.message}: planning {model} without its weights needs a published "
+                            "sensitivity table; load the model to measure it (`mixdq sensitivity`), or pass "
+                            "--sensitivity FILE")
+        table = found.table
+        if log:
+            log(f"sensitivity: {found.message}")
+    return Allocator(table, costs, weight_candidates=candidates, act_avg_bits=act_avg_bits,
+                     act_floor=act_floor, decoupled=decoupled)

@@ -114,8 +114,8 @@ def _find_file(folder: Path, name: str, pub: Publication | None) -> Path:
     if pub is not None and (folder / pub.files[name][0]).is_file():
         return folder / pub.files[name][0]
     where = f" or {pub.files[name][0]}" if pub is not None else ""
-    raise FileNotFoundError(f"{folder} has no {name}.yaml{where}: give the folder that holds the "
-                            "four files weight-ssim, weight-sqnr, act-ssim, act-sqnr")
+    raise PublishedTableError(f"{folder} has no {name}.yaml{where}: give the folder that holds the "
+                              "four files weight-ssim, weight-sqnr, act-ssim, act-sqnr")
 
 
 def _read_yaml(path: Path) -> dict[str, tuple[float, float, float]]:
@@ -180,8 +180,8 @@ def import_mixdq_tables(folder, model: str = "stabilityai/sdxl-turbo", *, unet=N
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{str(folder)!r} is not a folder; give the folder with the MixDQ "
-                                "sensitivity YAML files")
+        raise PublishedTableError(f"{str(folder)!r} is not a folder; give the folder with the MixDQ "
+                                  "sensitivity YAML files")
     pub = PUBLICATIONS.get(model)
     if source is None and pub is None:
         raise PublishedTableError(f"no known publication of MixDQ sensitivity for {model!r} (known: "
@@ -276,9 +276,8 @@ def origin_text(meta: dict) -> str:
     return f"{who} ({where})" if where else str(who)
 
 
-def published_message(meta: dict, name: str) -> str:
+def published_message(meta: dict, name: str, how: str = "matched by its architecture (not by weights)") -> str:
     """What the CLI and the app say whenever a published table is used."""
     model = meta["identity"]["model"]
-    return (f"{name}, measured by {origin_text(meta)} for {model}, matched by its architecture "
-            f"(not by weights); a fine-tune of {model} has other sensitivities: measure it with "
-            "`mixdq sensitivity`")
+    return (f"{name}, measured by {origin_text(meta)} for {model}, {how}; a fine-tune of {model} "
+            "has other sensitivities: measure it with `mixdq sensitivity`")

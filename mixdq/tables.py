@@ -183,7 +183,8 @@ def find_published(model_id: str, presets_dir=None) -> SensitivityLookup:
         meta = data.get("meta") or {}
         if is_published(meta) and meta["identity"]["model"] == model_id \
                 and meta["identity"]["architecture"] == architecture:
-            return SensitivityLookup(Sensitivity.from_dict(data), "published", published_message(meta, name))
+            return SensitivityLookup(Sensitivity.from_dict(data), "published",
+                                     published_message(meta, name, "found by its hub id"))
     return SensitivityLookup(None, "none", f"no sensitivity table for {model_id} ships in "
                              f"{presets_dir or shipped('presets')}")
 

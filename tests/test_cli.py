@@ -195,3 +195,58 @@ def test_presets_command_regenerates_the_presets(tmp_path, monkeypatch):
     assert len(dict(plan.items())) > 0
     with pytest.raises(SystemExit):  # refused at parsing, before any work
         main(["presets", "--out", str(tmp_path), "--eval-prompts", "0"])
+
+
+# ---------------------------------------------------------------------------
+# A published model: its sensitivity imported, its plans made without its weights
+# ---------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+AUTHORS = ROOT.parent / "shared" / "mixdq-official-sdxl-turbo"   # not on a clean clone
+
+
+def test_sensitivity_imports_the_mixdq_authors_tables(tmp_path):
+    # files that are not the authors' are refused, naming the publication they are not
+    for name in ("weight-ssim", "weight-sqnr", "act-ssim", "act-sqnr"):
+        (tmp_path / f"{name}.yaml").write_text("model.conv_in: [1.0, 2.0, 3.0]\n")
+    p = run("sensitivity", "--import-mixdq", str(tmp_path), "--out", str(tmp_path / "s.json"), check=False)
+    assert p.returncode == 2 and "is not the file the MixDQ authors (thu-nics/MixDQ @ 4f6b32a" in p.stderr
+    assert not (tmp_path / "s.json").exists()
+    if not AUTHORS.is_dir():
+        pytest.skip(f"the MixDQ authors' files are not in {AUTHORS}")
+    out = tmp_path / "sdxl-turbo.json"
+    p = run("sensitivity", "--import-mixdq", str(AUTHORS), "--model", "stabilityai/sdxl-turbo", "--out", str(out))
+    assert "794 layers (420 content, 374 quality) of stabilityai/sdxl-turbo" in p.stderr
+    # the shipped table is exactly this command's output
+    assert out.read_bytes() == (ROOT / "presets" / "sdxl-turbo" / "sensitivity.json").read_bytes()
+
+
+def test_allocate_a_published_model_without_its_weights(tmp_path):
+    """No network, nothing in the Hugging Face cache: allocate plans SDXL-Turbo from its
+    published architecture (meta device) and the shipped published table, with exact sizes."""
+    import torch
+
+    import mixdq
+    from mixdq.architectures import meta_unet
+    from mixdq.plan import Plan
+
+    env = dict(HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
+               MIXDQ_CACHE=str(tmp_path / "mixdq"), CUDA_VISIBLE_DEVICES="")
+    p = run("allocate", "--model", "stabilityai/sdxl-turbo", "--range", timeout=300, **env)
+    costs = mixdq.layer_costs(meta_unet("stabilityai/sdxl-turbo", torch.float32))
+    assert f"(float UNet {costs.float_mb():.3f} MB; from the published architecture of stabilityai/sdxl-turbo" in p.stdout
+    assert "measured by the MixDQ authors (thu-nics/MixDQ @ 4f6b32a, 2024-11-27)" in p.stderr
+    assert "`mixdq sensitivity`" in p.stderr
+    out = tmp_path / "plan.json"
+    p = run("allocate", "--model", "stabilityai/sdxl-turbo", "--budget-mb", "2600", "--ratio", "joint",
+            "--out", str(out), timeout=300, **env)
+    assert "neither in the local Hugging Face cache nor downloadable here" in p.stderr
+    assert "no image-based selection without the model's weights" in p.stderr
+    plan = Plan.load(out)
+    assert 700 < len(plan) and set(dict(plan.items())) <= set(costs.float_bytes)   # W16A16 layers are left out
+    size = costs.total_mb(plan)
+    assert 2500 < size <= 2600 and f"{size:.4f} MB" in p.stderr and "predicted loss" in p.stderr
+    assert not (tmp_path / "mixdq" / "sensitivity").exists()
+    # a calibration needs the weights: refused, not silently ignored
+    p = run("allocate", "--model", "stabilityai/sdxl-turbo", "--budget-mb", "2600", "--steps", "4", "--no-select",
+            check=False, timeout=300, **env)
+    assert p.returncode == 2 and "--steps set a calibration, which only the model's weights can measure" in p.stderr

@@ -177,7 +177,7 @@ def test_import_credits_only_the_files_it_knows(embedded, tmp_path):
     # files that say they are the authors' SDXL-Turbo files must be those files, byte for byte
     with pytest.raises(P.PublishedTableError, match=r"is not the file the MixDQ authors \(thu-nics/MixDQ @ 4f6b32a"):
         P.import_mixdq_tables(folder, SDXL)
-    with pytest.raises(FileNotFoundError, match="has no weight-ssim.yaml or weight/ssim/bs32_split_ssim_weight"):
+    with pytest.raises(P.PublishedTableError, match="has no weight-ssim.yaml or weight/ssim/bs32_split_ssim_weight"):
         P.import_mixdq_tables(tmp_path, SDXL)
 
 
