@@ -11,7 +11,7 @@ The flow, one verb per step:
     pipe = load_quantized("out/")            # or, with mixdq imported, DiffusionPipeline.from_pretrained("out/")
 """
 from .calibrate import Calibration, bos_embedding, float_ranges
-from .errors import BudgetError, ExportError, MixDQError, ModelNotFoundError, PlanError, SlowPathWarning
+from .errors import BudgetError, ExportError, GPUJobError, MixDQError, ModelNotFoundError, PlanError, SlowPathWarning
 from .defaults import generation_defaults
 from .loading import load_pipeline
 from .memory import LayerCosts, layer_costs, model_nbytes, stored_nbytes
@@ -23,7 +23,7 @@ __all__ = [
     "load_pipeline", "generation_defaults", "Calibration", "float_ranges", "quantize",
     "QuantReport", "QuantState", "quantize_unet", "current_plan", "bos_embedding", "Plan", "LayerBits", "quantizable_layers",
     "layer_costs", "LayerCosts", "model_nbytes", "stored_nbytes", "MixDQError", "PlanError", "BudgetError",
-    "ModelNotFoundError", "ExportError", "SlowPathWarning",
+    "ModelNotFoundError", "ExportError", "GPUJobError", "SlowPathWarning",
 ]
 from .export import export_archive, import_archive, load_quantized, save_quantized  # noqa: E402
 from .sensitivity_analysis import Sensitivity, sensitivity  # noqa: E402

@@ -155,6 +155,20 @@ def import_sensitivity(args) -> Sensitivity:
     return sens
 
 
+def _say_what_the_analysis_costs(pipe, cal, args) -> None:
+    """Before a default analysis starts, how long it will take here (a GPU job says so)."""
+    from .sensitivity_analysis import estimate_analysis
+    from .tables import find_sensitivity
+
+    if args.recompute or args.layers or args.weight_bits or args.act_bits or args.cache_dir:
+        return   # a custom analysis: the default one's count would mislead
+    found = find_sensitivity(pipe, cal)
+    if found.source == "none" and found.todo:
+        estimate = estimate_analysis(pipe, cal, found.todo)
+        _log(f"sensitivity: {estimate.message}" + ("; starting anyway, as asked (resumable: stop with Ctrl-C "
+                                                    "and rerun to continue)" if estimate.gpu_job else ""))
+
+
 def run_sensitivity(args) -> Sensitivity:
     import torch
 
@@ -172,6 +186,7 @@ def run_sensitivity(args) -> Sensitivity:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per rank
     pipe = load_pipeline(args.model, device=device)
     cal = calibration_from_args(pipe, args)
+    _say_what_the_analysis_costs(pipe, cal, args)
     sens = sensitivity(pipe, cal, weight_bits=args.weight_bits, act_bits=args.act_bits, layers=args.layers,
                        cache_dir=args.cache_dir, recompute=args.recompute)
     rank = int(os.environ.get("RANK", "0"))
@@ -225,9 +240,10 @@ def add_allocate_args(parser):
                         help="do not measure the candidates; take the best predicted plan")
     parser.add_argument("--eval-prompts", type=int, default=16, metavar="N",
                         help="prompts used to measure candidate plans (default 16)")
-    parser.add_argument("--act-avg-bits", type=float, default=8.0,
-                        help="average activation bits (weighted by activation size; default 8); "
-                             "0 leaves activations unconstrained")
+    parser.add_argument("--act-avg-bits", type=float, default=None,
+                        help="average activation bits (weighted by activation size; default 8, and for a "
+                             "published table 8 with float16 where it matters, at the publication's "
+                             "average); 0 leaves activations unconstrained")
     parser.add_argument("--act-floor", type=int, default=None, help="no activation below this many bits")
     parser.add_argument("--content-bits", type=_bits_list, default=None, metavar="B,B",
                         help="weight candidates for content layers (default 2,4,8,16)")
@@ -253,7 +269,7 @@ def run_allocate(args) -> Allocation | None:
     if args.eval_prompts < 1:
         raise PlanError("--eval-prompts must be >= 1")
     candidates = planning.weight_candidates(args.content_bits, args.quality_bits)
-    solver = dict(sensitivity=args.sensitivity, candidates=candidates, act_avg_bits=args.act_avg_bits or None,
+    solver = dict(sensitivity=args.sensitivity, candidates=candidates, act_avg_bits=args.act_avg_bits,
                   act_floor=args.act_floor, decoupled=not args.single_metric, budget_mb=args.budget_mb,
                   lower_bits_how=f" (--content-bits / --quality-bits, down to {min(WEIGHT_BITS)})", log=_log)
     pipe = _pipeline_to_plan(args)
@@ -337,8 +353,9 @@ def _print_candidates(family, best) -> None:
     fmt = {"ssim": ".6f", "psnr": ".2f", "size_mb": ".4f", "alignment": ".3f"}
     for a in family:
         meas = " ".join(f"{k}={v:{fmt.get(k, '.4g')}}" for k, v in a.measured.items())
+        cut = "" if a.optimal else f" (time limit: within {a.gap:.2%} of optimal)"
         _log(f"{'*' if a is best else ' '} ratio={a.ratio if a.ratio is not None else 'joint':>5} "
-             f"size={a.size_mb:.4f} MB predicted loss={a.predicted[TOTAL]:.3e} {meas}")
+             f"size={a.size_mb:.4f} MB predicted loss={a.predicted[TOTAL]:.3e}{cut} {meas}")
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,11 @@ class ModelNotFoundError(MixDQError, FileNotFoundError):
     """A model source could not be found locally and cannot be downloaded."""
 
 
+class GPUJobError(MixDQError):
+    """A step would run for days on this device (the sensitivity analysis of an SDXL-size
+    model on a CPU); the message says what to use instead."""
+
+
 class ExportError(MixDQError):
     """An exported folder could not be written or read back."""
 

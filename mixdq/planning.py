@@ -9,7 +9,8 @@ from typing import Callable, Sequence
 from .allocation import (CONTENT, DEFAULT_RATIOS, DEFAULT_WEIGHT_CANDIDATES, QUALITY, TOTAL, Allocation, Allocator,
                          PlanEvaluator, _normalise_candidates, budget_bounds, check_budget_range,
                          default_eval_prompts, pareto, select)
-from .errors import PlanError
+from .errors import GPUJobError, PlanError
+from .published import activation_options
 from .plan import WEIGHT_BITS, Plan
 from .sensitivity_analysis import Sensitivity
 
@@ -25,33 +26,69 @@ def weight_candidates(content_bits: Sequence[int] | None = None,
     return _normalise_candidates(cands, WEIGHT_BITS, "weight")
 
 
+def alternatives(pipe, presets_dir=None) -> str:
+    """What to use instead of measuring this model's sensitivity here: its shipped presets,
+    the published tables, and measuring on a GPU."""
+    from .architectures import known_models
+    from .presets import presets
+    from .tables import find_published
+
+    shipped_plans = [p.name for p in presets(pipe.unet)]
+    published = [m for m in known_models() if find_published(m, presets_dir).table is not None]
+    out = []
+    if shipped_plans:
+        out.append(f"the shipped presets fit this model and need no analysis ({', '.join(shipped_plans)}: "
+                   "`--plan NAME`, or the app's buttons)")
+    if published:
+        out.append(f"published sensitivity tables ship for {', '.join(published)} (used for those models as "
+                   "published, and without weights: `mixdq allocate --model ID --budget-mb N`)")
+    out.append("or measure it on a GPU: `mixdq sensitivity --device cuda` (cached, resumable; copy the "
+               "cache folder here or pass --sensitivity FILE)")
+    return "; ".join(out)
+
+
+def _given_table(sensitivity: str | Sensitivity | None, log) -> Sensitivity | None:
+    if sensitivity is None or isinstance(sensitivity, Sensitivity):
+        return sensitivity
+    if log:
+        log(f"sensitivity: read from {sensitivity}")
+    return Sensitivity.load(sensitivity)
+
+
+def _allocator(table, costs, candidates, act_avg_bits, act_floor, decoupled) -> Allocator:
+    return Allocator(table, costs, weight_candidates=candidates, act_floor=act_floor, decoupled=decoupled,
+                     **activation_options(table, act_avg_bits))
+
+
+def _check_early(budget_mb, costs, candidates, lower_bits_how) -> None:
+    # These bounds contain the allocator's exact range (the low end is exact; the high end
+    # assumes the widest activation choice), so they never refuse a feasible budget.
+    if budget_mb is not None:
+        check_budget_range(budget_mb, *budget_bounds(costs, candidates), candidates, lower_bits_how)
+
+
 def allocator_for(pipe, calibration, *, sensitivity: str | Sensitivity | None = None,
-                  candidates: dict | None = None, act_avg_bits: float | None = 8.0,
+                  candidates: dict | None = None, act_avg_bits: float | None = None,
                   act_floor: int | None = None, decoupled: bool = True, budget_mb: float | None = None,
                   lower_bits_how: str = "", log: Callable[[str], None] | None = None) -> Allocator:
     """The Allocator of this pipeline: its exact layer costs and a sensitivity table, the one
-    given (a Sensitivity or a JSON path) or `tables.load_sensitivity`'s (shipped, cached, or
-    measured now).  With `budget_mb`, a budget no plan can meet is refused before a table is
-    measured: the feasible range depends only on the layer costs and the candidate bits."""
+    given (a Sensitivity or a JSON path) or `tables.load_sensitivity`'s (shipped, cached,
+    published, or measured now).  With `budget_mb`, a budget no plan can meet is refused before
+    a table is measured: the feasible range depends only on the layer costs and the candidate
+    bits.  `act_avg_bits`: see `activation_options`."""
     from .memory import layer_costs
     from .tables import load_sensitivity
 
     candidates = candidates or weight_candidates()
     costs = layer_costs(pipe.unet)
-    if isinstance(sensitivity, Sensitivity):
-        table = sensitivity
-    elif sensitivity is not None:
-        table = Sensitivity.load(sensitivity)
-        if log:
-            log(f"sensitivity: read from {sensitivity}")
-    else:
-        if budget_mb is not None:
-            # These bounds contain the allocator's exact range (the low end is exact; the high
-            # end assumes the widest activation choice), so they never refuse a feasible budget.
-            check_budget_range(budget_mb, *budget_bounds(costs, candidates), candidates, lower_bits_how)
-        table = load_sensitivity(pipe, calibration, log=log)
-    return Allocator(table, costs, weight_candidates=candidates, act_avg_bits=act_avg_bits,
-                     act_floor=act_floor, decoupled=decoupled)
+    table = _given_table(sensitivity, log)
+    if table is None:
+        _check_early(budget_mb, costs, candidates, lower_bits_how)
+        try:
+            table = load_sensitivity(pipe, calibration, log=log)
+        except GPUJobError as e:
+            raise GPUJobError(f"{e}; instead: {alternatives(pipe)}") from None
+    return _allocator(table, costs, candidates, act_avg_bits, act_floor, decoupled)
 
 
 def plan_budget(allocator: Allocator, budget_mb: float, ratios: Sequence[float | None] | None = None,
@@ -99,7 +136,7 @@ def plans_without_weights(model: str | None, presets_dir=None) -> bool:
 
 
 def allocator_without_weights(model: str, *, sensitivity: str | Sensitivity | None = None,
-                              candidates: dict | None = None, act_avg_bits: float | None = 8.0,
+                              candidates: dict | None = None, act_avg_bits: float | None = None,
                               act_floor: int | None = None, decoupled: bool = True,
                               budget_mb: float | None = None, dtype=None, presets_dir=None,
                               lower_bits_how: str = "", log: Callable[[str], None] | None = None) -> Allocator:
@@ -115,15 +152,9 @@ def allocator_without_weights(model: str, *, sensitivity: str | Sensitivity | No
 
     candidates = candidates or weight_candidates()
     costs = layer_costs(meta_unet(model, dtype))
-    if budget_mb is not None:
-        check_budget_range(budget_mb, *budget_bounds(costs, candidates), candidates, lower_bits_how)
-    if isinstance(sensitivity, Sensitivity):
-        table = sensitivity
-    elif sensitivity is not None:
-        table = Sensitivity.load(sensitivity)
-        if log:
-            log(f"sensitivity: read from {sensitivity}")
-    else:
+    _check_early(budget_mb, costs, candidates, lower_bits_how)
+    table = _given_table(sensitivity, log)
+    if table is None:
         found = find_published(model, presets_dir)
         if found.table is None:
             raise PlanError(f"{found.message}: planning {model} without its weights needs a published "
@@ -132,5 +163,4 @@ def allocator_without_weights(model: str, *, sensitivity: str | Sensitivity | No
         table = found.table
         if log:
             log(f"sensitivity: {found.message}")
-    return Allocator(table, costs, weight_candidates=candidates, act_avg_bits=act_avg_bits,
-                     act_floor=act_floor, decoupled=decoupled)
+    return _allocator(table, costs, candidates, act_avg_bits, act_floor, decoupled)

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .allocation import (CONTENT, DEFAULT_RATIOS, QUALITY, TOTAL, Allocator, PlanEvaluator, default_eval_prompts,
+from .allocation import (DEFAULT_RATIOS, TOTAL, Allocator, PlanEvaluator, default_eval_prompts,
                        select, selection_score)
 from .calibrate import Calibration
 from .errors import MixDQError
@@ -253,17 +253,6 @@ def make_evidence(model=None, path: Path | None = None, eval_prompts: int = 16, 
 # Presets of a published model, from its architecture and a published table: no weights,
 # no images, so each preset is the plan of least predicted loss at its budget.
 PUBLISHED_PRESETS = {"stabilityai/sdxl-turbo": "sdxl-turbo"}
-# A8 with float16 kept where the scores say it matters: activations may take 8 or 16 bits.
-A8_WITH_FLOAT = {CONTENT: (8, 16), QUALITY: (8, 16)}
-
-
-def published_act_avg_bits(sens) -> float:
-    """The average activation bits of the publication's own W*A8 choice (8 bits, with its
-    float16 list kept at 16), weighted by activation size: the activation budget the presets
-    give the integer program, which then picks the float16 layers from the published scores."""
-    keep = set(sens.meta.get("origin", {}).get("float16_activations") or ())
-    total = sum(sens.act_numel.values())
-    return 8.0 + 8.0 * sum(n for name, n in sens.act_numel.items() if name in keep) / total
 
 
 def make_published_presets(model: str = "stabilityai/sdxl-turbo", out: Path | None = None,
@@ -271,8 +260,11 @@ def make_published_presets(model: str = "stabilityai/sdxl-turbo", out: Path | No
     """Presets for a published model at the sizes of uniform W{b}A8, from the published
     architecture on the meta device (exact layer costs) and the table shipped beside them
     (`out`/sensitivity.json, or `sens`); writes NAME.json + NAME.stats.json into `out`."""
+    import torch
+
     from .architectures import meta_unet
     from .memory import layer_costs
+    from .published import activation_options
     from .quant import quantizable_layers
     from .sensitivity_analysis import Sensitivity
 
@@ -280,10 +272,11 @@ def make_published_presets(model: str = "stabilityai/sdxl-turbo", out: Path | No
         raise MixDQError(f"no published presets for {model!r}; published: {sorted(PUBLISHED_PRESETS)}")
     out = Path(out or PRESETS_DIR / PUBLISHED_PRESETS[model])
     sens = sens or Sensitivity.load(out / "sensitivity.json")
-    unet = meta_unet(model)
+    unet = meta_unet(model, torch.float32)   # sizes as loaded for a CPU; stats say so
     costs, names = layer_costs(unet), list(quantizable_layers(unet))
-    act_avg = published_act_avg_bits(sens)
-    alloc = Allocator(sens, costs, act_candidates=A8_WITH_FLOAT, act_avg_bits=act_avg)
+    options = activation_options(sens)
+    act_avg = options["act_avg_bits"]
+    alloc = Allocator(sens, costs, **options)
     theirs = set(sens.meta.get("origin", {}).get("float16_activations") or ())
     ours = sorted(n for n, a in alloc.act_bits.items() if a == 16)
     total_act = sum(sens.act_numel.values())

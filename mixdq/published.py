@@ -281,3 +281,27 @@ def published_message(meta: dict, name: str, how: str = "matched by its architec
     model = meta["identity"]["model"]
     return (f"{name}, measured by {origin_text(meta)} for {model}, {how}; a fine-tune of {model} "
             "has other sensitivities: measure it with `mixdq sensitivity`")
+
+
+# A published table plans A8 the way its authors did: every activation 8-bit, with float16
+# where the scores say it matters most, within the activation budget of their own float16 list.
+A8_WITH_FLOAT = {CONTENT: (8, 16), QUALITY: (8, 16)}
+
+
+def activation_options(table: Sensitivity, act_avg_bits: float | None = None) -> dict:
+    """The Allocator's activation settings for this table: `act_avg_bits` as given (0: no
+    cap), else 8 bits on average over the default candidates, or, for a published table, 8 or
+    16 bits at the average of the publication's own float16 list (`published_act_avg_bits`)."""
+    if act_avg_bits is not None:
+        return {"act_avg_bits": act_avg_bits or None}
+    if is_published(table.meta):
+        return {"act_candidates": A8_WITH_FLOAT, "act_avg_bits": published_act_avg_bits(table)}
+    return {"act_avg_bits": 8.0}
+
+
+def published_act_avg_bits(table: Sensitivity) -> float:
+    """The average activation bits of the publication's own W*A8 choice (8 bits, its float16
+    list at 16), weighted by activation size."""
+    keep = set(table.meta.get("origin", {}).get("float16_activations") or ())
+    total = sum(table.act_numel.values())
+    return 8.0 + 8.0 * sum(n for name, n in table.act_numel.items() if name in keep) / total

@@ -195,20 +195,27 @@ def cached_sensitivity(pipe, calibration=None, presets_dir=None):
     return find_sensitivity(pipe, calibration, presets_dir).table
 
 
-def load_sensitivity(pipe, calibration=None, presets_dir=None, log=None):
-    """`find_sensitivity`, else the analysis (resuming what is cached).  `log` (default: print
-    to stderr) gets one line saying which.  The command line takes its table from here, so it
-    finds what the app finds."""
+def load_sensitivity(pipe, calibration=None, presets_dir=None, log=None, allow_gpu_job: bool = False):
+    """`find_sensitivity`, else the analysis (resuming what is cached), after saying what it
+    will cost here (`estimate_analysis`).  An analysis that is a GPU job on this CPU is refused
+    (GPUJobError; `planning.alternatives` says what to use instead), unless `allow_gpu_job`.  `log` (default: print to
+    stderr) gets one line saying which table.  The command line takes its table from here, so
+    it finds what the app finds."""
     import sys
 
-    
+    from .errors import GPUJobError
+    from .sensitivity_analysis import estimate_analysis
+
     log = log or (lambda text: print(text, file=sys.stderr))
     calibration = calibration or Calibration.default(pipe)
     found = find_sensitivity(pipe, calibration, presets_dir)
     if found.table is not None:
         log(f"sensitivity: {found.message}")
         return found.table
+    estimate = estimate_analysis(pipe, calibration, found.todo)
+    if estimate.gpu_job and not allow_gpu_job:
+        raise GPUJobError(f"{found.message}, and {estimate.message}")
     hint = f"; {found.shipped_flags} would use the shipped table instead" if found.shipped_flags else ""
-    log(f"sensitivity: {found.message}: measuring {found.todo or 'the missing'} evaluations, every layer at "
-        f"every candidate bit-width, once (resumable, then cached){hint}")
+    log(f"sensitivity: {found.message}: {estimate.message}; measuring it now, once (resumable, then "
+        f"cached){hint}")
     return sensitivity(pipe, calibration)

@@ -606,7 +606,9 @@ def test_cli_takes_the_shipped_sensitivity_only_for_its_calibration(tmp_path, mo
     err = capsys.readouterr().err
     assert ("sensitivity: the shipped presets/sensitivity.json was measured for this model with prompts 32 "
             "(yours 8), seed 0 (yours 3); nothing cached in ") in err
-    assert "measuring 882 evaluations" in err and "--prompts 32 --seed 0 would use the shipped table" in err
+    # what the analysis would cost here, timed before it starts
+    assert "the sensitivity analysis would take about" in err and "882 evaluations" in err
+    assert "measuring it now" in err and "--prompts 32 --seed 0 would use the shipped table" in err
     assert not (cache / "sensitivity").exists()
 
 

@@ -10,12 +10,14 @@ MODEL = "stabilityai/sdxl-turbo"
 @pytest.fixture(scope="module")
 def sdxl_turbo():
     """The meta-device UNet, its exact layer costs and the shipped published table."""
+    import torch
+
     import mixdq
     from mixdq.architectures import meta_unet
     from mixdq.presets import PRESETS_DIR
     from mixdq.sensitivity_analysis import Sensitivity
 
-    unet = meta_unet(MODEL)
+    unet = meta_unet(MODEL, torch.float32)   # the presets' sizes are for float32 float parts
     return unet, mixdq.layer_costs(unet), Sensitivity.load(PRESETS_DIR / "sdxl-turbo" / "sensitivity.json")
 
 
@@ -38,13 +40,14 @@ def test_shipped_presets_are_what_the_published_table_gives(sdxl_turbo, tmp_path
 
 def test_each_preset_fits_its_budget_with_its_exact_size_and_predicted_loss(sdxl_turbo):
     from mixdq.allocation import Allocator
-    from mixdq.presets import A8_WITH_FLOAT, presets, published_act_avg_bits
+    from mixdq.published import activation_options
+    from mixdq.presets import presets
 
     unet, costs, sens = sdxl_turbo
     found = presets(unet)
     assert [p.name for p in found] == ["mixdq-w3a8-size", "mixdq-w4a8-size", "mixdq-w5a8-size",
                                        "mixdq-w8a8-size"]  # smallest first; the embedded model's are not listed
-    alloc = Allocator(sens, costs, act_candidates=A8_WITH_FLOAT, act_avg_bits=published_act_avg_bits(sens))
+    alloc = Allocator(sens, costs, **activation_options(sens))
     lo, hi = alloc.feasible_range_mb()
     for p in found:
         assert p.size_mb == pytest.approx(p.stats["size_mb"], abs=1e-6)   # layer_costs of the meta UNet

@@ -14,15 +14,17 @@ from pathlib import Path
 
 import mixdq
 from mixdq import measure
-from mixdq.allocation import budget_bounds
-from mixdq.presets import presets
-from mixdq.tables import find_sensitivity
+from mixdq.allocation import TOTAL, Allocation, Allocator, budget_bounds, pareto
 from mixdq.defaults import is_embedded
-from mixdq.allocation import TOTAL, Allocation, Allocator, pareto
-from mixdq.errors import BudgetError, MixDQError, PlanError
+from mixdq.errors import BudgetError, GPUJobError, MixDQError, PlanError
 from mixdq.memory import MB
 from mixdq.plan import Plan
+from mixdq.planning import alternatives
+from mixdq.presets import presets
+from mixdq.published import activation_options
+from mixdq.sensitivity_analysis import estimate_analysis
 from mixdq.sensitivity_analysis import sensitivity as compute_sensitivity
+from mixdq.tables import find_sensitivity
 
 from .charts import ParetoPoints
 from .text import fmt_mb, loaded_from
@@ -224,15 +226,20 @@ class Session:
 
     # ---- the flow: allocate -> quantize -> generate & measure
     def measure_sensitivity(self, progress, warn=ignore) -> None:
-        warn("Measuring layer sensitivity once for this model (cached afterwards): this takes a "
-             "while on a CPU. Presets are instant.")
+        progress(0.0, desc="sensitivity: timing one layer's measurement first")
+        estimate = estimate_analysis(self.float_pipe, self.calibration)
+        if estimate.gpu_job:
+            raise GPUJobError(f"No sensitivity table for this model, and {estimate.message}. Instead: "
+                              f"{alternatives(self.float_pipe)}")
+        warn(f"Measuring layer sensitivity once for this model (cached afterwards): {estimate.message}. "
+             "Presets are instant.")
         progress(0.0, desc="sensitivity: measuring every layer once (cached for next time)")
         self._use(compute_sensitivity(self.float_pipe, self.calibration, progress=True))
         self.sens_source = "measured"
 
     def _use(self, sens) -> None:
         self.sens = sens
-        self.allocator = Allocator(sens, self.costs)
+        self.allocator = Allocator(sens, self.costs, **activation_options(sens))
         self.family = PlanFamily(self.allocator)
 
     def plan_for(self, budget: float, progress, warn=ignore) -> tuple[Plan, str, Allocation | None]:
@@ -252,7 +259,8 @@ class Session:
             budget, note = hi, " (the widest plan)"
         progress(0.05, desc=f"allocate: integer program for {fmt_mb(budget)}")
         alloc = self.allocator.solve(budget)
-        return alloc.plan, f"allocated for **{fmt_mb(budget)}**{note} (ILP, {alloc.solve_s:.2f} s)", alloc
+        cut = "" if alloc.optimal else f", time limit: within {alloc.gap:.2%} of optimal"
+        return alloc.plan, f"allocated for **{fmt_mb(budget)}**{note} (ILP, {alloc.solve_s:.2f} s{cut})", alloc
 
     def quantize(self, plan: Plan, how: str, progress) -> QuantizedModel:
         """A quantized copy of the float model for `plan` (the current one if it already is)."""
