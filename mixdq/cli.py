@@ -33,22 +33,28 @@ from .sensitivity_analysis import Sensitivity, sensitivity
 PRESETS = shipped("presets")
 
 
+def _preset_names() -> list[str]:
+    """Every shipped preset, as `--plan` takes it: presets/NAME.json and presets/MODEL/NAME.json
+    are both NAME; which file a name means follows from the model (`presets.presets_folder`)."""
+    return sorted({p.stem for p in PRESETS.glob("**/*.json")
+                   if not p.stem.endswith(".stats") and p.stem != "sensitivity"})
+
+
 def _plan_arg(text: str):
-    """A plan file, a preset name (presets/NAME.json) or a uniform spec like W8A8."""
+    """A plan file, a preset name or a uniform spec like W8A8."""
     from .plan import Plan
 
     m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", text)
     if m:
         return ("uniform", int(m.group(1)), int(m.group(2)))
     path = Path(text)
-    if not path.is_file() and (PRESETS / f"{text}.json").is_file():
-        path = PRESETS / f"{text}.json"
-    if not path.is_file():
-        names = sorted(p.stem for p in PRESETS.glob("*.json") if not p.stem.endswith(".stats"))
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither a plan file, a preset ({', '.join(names) or 'none shipped'}) "
-            "nor a uniform spec like W8A8")
-    return Plan.load(path)
+    if path.is_file():
+        return Plan.load(path)
+    if text in _preset_names():
+        return ("preset", text)
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a plan file, a preset ({', '.join(_preset_names()) or 'none shipped'}) "
+        "nor a uniform spec like W8A8")
 
 
 def _weight_bits_map(text: str) -> dict[int, int]:
@@ -64,7 +70,15 @@ def _resolve_plan(spec, unet, weight_bits_map=None):
     from .plan import Plan
     from .quant import quantizable_layers
 
-    if isinstance(spec, tuple):
+    if isinstance(spec, tuple) and spec[0] == "preset":
+        from .presets import presets, presets_folder
+
+        found = {p.name: p.plan for p in presets(unet)}
+        if spec[1] not in found:
+            raise PlanError(f"the preset {spec[1]!r} does not ship for this model (its presets, in "
+                            f"{presets_folder(unet)}: {', '.join(found) or 'none'})")
+        spec = found[spec[1]]
+    elif isinstance(spec, tuple):
         _, w, a = spec
         spec = Plan.uniform(quantizable_layers(unet), w, a)
     return spec.with_weight_bits(weight_bits_map) if weight_bits_map else spec

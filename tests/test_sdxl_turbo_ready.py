@@ -128,3 +128,22 @@ def test_app_times_the_analysis_before_starting_it(no_table, tmp_path, monkeypat
     with pytest.raises(AssertionError, match="the analysis started"):
         session.plan_for(round((lo + hi) / 2, 3), lambda *a, **k: None, warned.append)
     assert len(warned) == 1 and "would take about" in warned[0] and "evaluations" in warned[0]
+
+
+def test_plan_takes_a_preset_name_for_the_model_at_hand(sdxl_turbo_like):
+    """`--plan mixdq-w4a8-size` is the SDXL-Turbo preset for an SDXL-Turbo UNet and the
+    embedded model's for the embedded model: the same name, the model decides the file."""
+    import argparse
+
+    from mixdq.cli import _plan_arg, _resolve_plan
+    from mixdq.plan import Plan
+    from mixdq.presets import PRESETS_DIR
+
+    pipe, _ = sdxl_turbo_like
+    spec = _plan_arg("mixdq-w4a8-size")
+    assert dict(_resolve_plan(spec, pipe.unet).items()) == dict(
+        Plan.load(PRESETS_DIR / "sdxl-turbo" / "mixdq-w4a8-size.json").items())
+    embedded = mixdq.load_pipeline().unet
+    assert dict(_resolve_plan(spec, embedded).items()) == dict(Plan.load(PRESETS_DIR / "mixdq-w4a8-size.json").items())
+    with pytest.raises(argparse.ArgumentTypeError, match="neither a plan file, a preset .*mixdq-w3a8-size"):
+        _plan_arg("mixdq-w9a8-size")
