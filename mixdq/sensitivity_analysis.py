@@ -403,6 +403,89 @@ def _dist_state():
     return 0, 1, (lambda: None)
 
 
+def _select_layers(unet, layers, group_fn) -> tuple[list[str], list[str], dict[str, str]]:
+    """(every quantizable layer, the ones to score, their groups)."""
+    from .errors import PlanError
+    from .quant import quantizable_layers
+
+    all_layers = list(quantizable_layers(unet))
+    if layers is None:
+        names = all_layers
+    else:
+        pats = list(layers)
+        names = [n for n in all_layers if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+        if not names:
+            raise PlanError(f"no quantizable layer matches {pats}; list them with "
+                            "`mixdq.quantizable_layers(pipe.unet)`")
+    groups = {}
+    for n in names:
+        g = group_fn(n)
+        if g not in (CONTENT, QUALITY):
+            raise ValueError(f"group_fn returned {g!r} for {n!r}; expected 'content' or 'quality'")
+        groups[n] = g
+    return all_layers, names, groups
+
+
+def _append_line(part: Path):
+    """The part file opened for appending, after any line a kill cut short."""
+    fh = part.open("a+")
+    fh.seek(0, os.SEEK_END)
+    if fh.tell() > 0:
+        fh.seek(fh.tell() - 1)
+        if fh.read(1) != "\n":
+            fh.write("\n")  # a line cut by a kill must not swallow the next record
+    return fh
+
+
+def _measure(pipe, calibration, todo, all_layers, groups, folder: Path, info_path: Path, rank: int, world: int,
+             batch_size: int | None, progress: bool) -> int:
+    """Run the float reference and every job in `todo`, appending each result to this rank's
+    part file as it comes (a killed run resumes from there).  Returns how many it measured."""
+    from tqdm.auto import tqdm
+
+    from .calibrate import bos_embedding, float_ranges
+    from .plan import Plan
+    from .quant import replace_layers, restore_layers
+
+    unet = pipe.unet
+    computed = 0
+    undo = [_vae_channels_last(pipe), _memo_encode_prompt(pipe)]
+    try:
+        if world > 1 and unet.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        if batch_size is None:
+            batch_size = calibration.batch_size if unet.device.type == "cuda" else min(32, len(calibration.prompts))
+        eval_cal = dataclasses.replace(calibration, batch_size=max(1, int(batch_size)))
+        ref = _Reference(pipe, eval_cal, all_layers, progress=progress and rank == 0)
+        if rank == 0:
+            _atomic_write(info_path, json.dumps({"act_numel": ref.act_numel, "images": list(ref.images.shape)}))
+        ranges = bos = None
+        if any(k == "act" for _, k, _ in todo):
+            ranges = float_ranges(pipe, eval_cal, progress=progress and rank == 0)
+        if any(n.endswith(("attn2.to_k", "attn2.to_v")) for n, _, _ in todo):
+            bos = bos_embedding(pipe)
+        bar = tqdm(total=len(todo), desc=f"sensitivity [{rank + 1}/{world}]" if world > 1 else "sensitivity",
+                   unit="eval", disable=not progress, position=rank, dynamic_ncols=True)
+        with _append_line(folder / f"part-{rank}-{os.getpid()}.jsonl") as fh:
+            for n, kind, b in todo:
+                bits = (b, FLOAT_BITS) if kind == "weight" else (FLOAT_BITS, b)
+                originals = replace_layers(unet, Plan({n: bits}), ranges=ranges, bos_embedding=bos)
+                try:
+                    res = _evaluate(pipe, ref, metrics_for(groups[n]))
+                finally:
+                    restore_layers(unet, originals)
+                fh.write(json.dumps({"layer": n, "kind": kind, "bits": b, "metrics": res}) + "\n")
+                fh.flush()  # written as it goes: a killed run resumes from here
+                computed += 1
+                bar.set_postfix_str(f"{'.'.join(n.split('.')[-2:])} {kind}{b}", refresh=False)
+                bar.update(1)
+        bar.close()
+    finally:
+        for u in undo:
+            u()
+    return computed
+
+
 def sensitivity(pipe, calibration=None, *, weight_bits=None, act_bits=None,
                 layers: Iterable[str] | None = None, group_fn: Callable[[str], str] = layer_group,
                 cache_dir: str | os.PathLike | None = None, recompute: bool = False,
@@ -420,32 +503,16 @@ def sensitivity(pipe, calibration=None, *, weight_bits=None, act_bits=None,
         models there (1.75x faster than batches of 8 on the tiny test model).  Batching does not
         change which noise a prompt gets (seed + i per prompt), so it is not part of the key.
     """
-    from .calibrate import Calibration, bos_embedding, float_ranges
+    from .calibrate import Calibration
     from .errors import PlanError
-    from .plan import Plan
-    from .quant import quantizable_layers, quantized_layers, replace_layers, restore_layers
+    from .quant import quantized_layers
 
     t_start = time.perf_counter()
-    unet = pipe.unet
-    if quantized_layers(unet):
+    if quantized_layers(pipe.unet):
         raise PlanError("sensitivity needs the float model, but this UNet is already quantized; "
                         "load it again with mixdq.load_pipeline")
     calibration = calibration or Calibration.default(pipe)
-    all_layers = list(quantizable_layers(unet))
-    if layers is None:
-        names = all_layers
-    else:
-        pats = list(layers)
-        names = [n for n in all_layers if any(fnmatch.fnmatchcase(n, p) for p in pats)]
-        if not names:
-            raise PlanError(f"no quantizable layer matches {pats}; list them with "
-                            "`mixdq.quantizable_layers(pipe.unet)`")
-    groups = {}
-    for n in names:
-        g = group_fn(n)
-        if g not in (CONTENT, QUALITY):
-            raise ValueError(f"group_fn returned {g!r} for {n!r}; expected 'content' or 'quality'")
-        groups[n] = g
+    all_layers, names, groups = _select_layers(pipe.unet, layers, group_fn)
     wbits = _candidates(weight_bits, DEFAULT_WEIGHT_BITS)
     abits = _candidates(act_bits, DEFAULT_ACT_BITS)
 
@@ -464,56 +531,14 @@ def sensitivity(pipe, calibration=None, *, weight_bits=None, act_bits=None,
         return [j for j in _jobs(names, groups, wbits, abits)
                 if not all(m in done.get(j, {}) for m in metrics_for(groups[j[0]]))]
 
-    done = _read_results(folder)
-    todo_all = needed(done)
+    todo_all = needed(_read_results(folder))
     info_path = folder / "model.json"
     computed = 0
     my_layers = _shard(todo_all, groups, world)[rank]
     todo = [j for j in todo_all if j[0] in my_layers]
     if todo or (rank == 0 and not info_path.is_file()):
-        undo = [_vae_channels_last(pipe), _memo_encode_prompt(pipe)]
-        try:
-            if world > 1 and unet.device.type == "cpu":
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-            if batch_size is None:
-                batch_size = calibration.batch_size if unet.device.type == "cuda" else min(32, len(calibration.prompts))
-            eval_cal = dataclasses.replace(calibration, batch_size=max(1, int(batch_size)))
-            ref = _Reference(pipe, eval_cal, all_layers, progress=progress and rank == 0)
-            if rank == 0:
-                _atomic_write(info_path, json.dumps({"act_numel": ref.act_numel,
-                                                     "images": list(ref.images.shape)}))
-            ranges = bos = None
-            if any(k == "act" for _, k, _ in todo):
-                ranges = float_ranges(pipe, eval_cal, progress=progress and rank == 0)
-            if any(n.endswith(("attn2.to_k", "attn2.to_v")) for n, _, _ in todo):
-                bos = bos_embedding(pipe)
-            from tqdm.auto import tqdm
-
-            part = folder / f"part-{rank}-{os.getpid()}.jsonl"
-            bar = tqdm(total=len(todo), desc=f"sensitivity [{rank + 1}/{world}]" if world > 1 else "sensitivity",
-                       unit="eval", disable=not progress, position=rank, dynamic_ncols=True)
-            with part.open("a+") as fh:
-                fh.seek(0, os.SEEK_END)
-                if fh.tell() > 0:
-                    fh.seek(fh.tell() - 1)
-                    if fh.read(1) != "\n":
-                        fh.write("\n")  # a line cut by a kill must not swallow the next record
-                for n, kind, b in todo:
-                    bits = (b, FLOAT_BITS) if kind == "weight" else (FLOAT_BITS, b)
-                    originals = replace_layers(unet, Plan({n: bits}), ranges=ranges, bos_embedding=bos)
-                    try:
-                        res = _evaluate(pipe, ref, metrics_for(groups[n]))
-                    finally:
-                        restore_layers(unet, originals)
-                    fh.write(json.dumps({"layer": n, "kind": kind, "bits": b, "metrics": res}) + "\n")
-                    fh.flush()  # written as it goes: a killed run resumes from here
-                    computed += 1
-                    bar.set_postfix_str(f"{'.'.join(n.split('.')[-2:])} {kind}{b}", refresh=False)
-                    bar.update(1)
-            bar.close()
-        finally:
-            for u in undo:
-                u()
+        computed = _measure(pipe, calibration, todo, all_layers, groups, folder, info_path, rank, world,
+                            batch_size, progress)
     barrier()
     if rank == 0 and any(folder.glob("part-*.jsonl")):
         _merge_parts(folder)
@@ -521,7 +546,7 @@ def sensitivity(pipe, calibration=None, *, weight_bits=None, act_bits=None,
         # what the last computing run cost, for reports (docs/evidence.md)
         _atomic_write(folder / "timing.json", json.dumps({
             "wall_s": round(time.perf_counter() - t_start, 2), "world_size": world,
-            "computed": len(todo_all), "device": str(unet.device), "threads": torch.get_num_threads(),
+            "computed": len(todo_all), "device": str(pipe.unet.device), "threads": torch.get_num_threads(),
             "cpu": cpu_name(), "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}))
     barrier()
 
@@ -534,14 +559,13 @@ def sensitivity(pipe, calibration=None, *, weight_bits=None, act_bits=None,
     for (n, kind, b), m in done.items():
         if n in groups and b in (wbits if kind == "weight" else abits)[groups[n]]:
             scores[kind][n][b] = {k: v for k, v in m.items() if k in metrics_for(groups[n])}
-    wall = time.perf_counter() - t_start
     meta = {"cache": str(folder), "key": key, "model": inputs["model"][:16],
             "prompts": len(calibration.prompts), "seed": calibration.seed, "settings": inputs["settings"],
             "dtype": inputs["dtype"], "device_type": inputs["device_type"],
             "weight_bits": {g: list(v) for g, v in wbits.items()},
             "act_bits": {g: list(v) for g, v in abits.items()},
             "computed": len(todo_all), "computed_here": computed,
-            "world_size": world, "wall_s": round(wall, 2),
+            "world_size": world, "wall_s": round(time.perf_counter() - t_start, 2),
             "group_fn": getattr(group_fn, "__qualname__", str(group_fn))}
     return Sensitivity(list(names), groups, scores, {n: int(act_numel[n]) for n in names}, meta)
 
