@@ -30,15 +30,9 @@ def build_unet(name: str, dtype=torch.float32, device="cpu", seed: int = 0, mate
     materialize=False returns it on the meta device (no memory), for counting or for
     building quantized variants layer by layer.
     """
-    from diffusers import UNet2DConditionModel
+    from mixdq.architectures import build_meta
 
-    cfg = config(name)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**cfg)
-    n = sum(p.numel() for p in unet.parameters())
-    want = expected_params(name)
-    if want is not None and n != want:
-        raise AssertionError(f"{name}: built {n} parameters, published checkpoint has {want}")
+    unet = build_meta(config(name), expected_params(name), name)
     if not materialize:
         return unet
     unet = unet.to_empty(device=device)

@@ -125,21 +125,26 @@ def expected_params(model_id: str) -> int | None:
     return EXPECTED_PARAMS.get(model_id)
 
 
+def build_meta(config: dict, expected: int | None = None, name: str = "this config"):
+    """A UNet2DConditionModel of `config` on the meta device (float32), checked against the
+    `expected` parameter count of the published checkpoint when one is known."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    n = sum(p.numel() for p in unet.parameters())
+    if expected is not None and n != expected:
+        raise AssertionError(f"{name}: built {n} parameters, the published checkpoint has {expected}")
+    return unet
+
+
 def meta_unet(model_id: str, dtype: torch.dtype | None = None):
     """The published UNet of `model_id` on the meta device: every layer with its true shape
     and dtype, no memory.  dtype: default the one `mixdq.load_pipeline` would load it in on
     this machine (float16 with CUDA, else float32), so its byte counts are the loaded model's."""
-    from diffusers import UNet2DConditionModel
-
     from .defaults import default_device, default_dtype
 
-    cfg = unet_config(model_id)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**cfg)
-    n = sum(p.numel() for p in unet.parameters())
-    want = expected_params(model_id)
-    if want is not None and n != want:
-        raise AssertionError(f"{model_id}: built {n} parameters, the published checkpoint has {want}")
+    unet = build_meta(unet_config(model_id), expected_params(model_id), model_id)
     dtype = dtype or default_dtype(default_device())
     if dtype != torch.float32:
         # nn.Module.to, not ModelMixin.to: the latter warns about float32-kept modules, which
