@@ -1,6 +1,6 @@
 """Bit allocation: the integer program that turns sensitivities and a memory budget into a Plan.
 
-Two programs, solved exactly with PuLP's bundled CBC:
+Two integer programs, solved exactly (see Solving below):
 
 * **activation program** (first): one binary per (layer, activation bits); maximise the
   summed, group-normalised activation score subject to an *average activation bit-width*
