@@ -86,11 +86,22 @@ class QuantReport:
         extra = self.held_bytes - self.quantized_bytes
         return f"; held with prepacked copies: {self.held_bytes / MB:.2f} MB" if extra > 0 else ""
 
+    def kernel_times(self) -> str:
+        """The measurement behind the backend choice, where the machine made one (a GPU: its
+        `times_s` per layer type; a CPU without VNNI: `linear_s` / `conv_s`), fastest first."""
+        times = self.kernel.get("times_s") or {
+            k[:-2]: self.kernel[k] for k in ("linear_s", "conv_s") if isinstance(self.kernel.get(k), dict)}
+        return "; ".join(f"{kind}: " + ", ".join(f"{name} {t * 1e3:.3g} ms" for name, t in
+                                                 sorted(paths.items(), key=lambda item: item[1]))
+                         for kind, paths in times.items())
+
     def __str__(self) -> str:
+        measured = self.kernel_times()
         return (f"UNet {self.float_bytes / MB:.2f} MB -> {self.quantized_bytes / MB:.2f} MB "
                 f"({self.ratio:.3f}x{self._held()}), {self.plan.summary()}, "
                 f"backends: {', '.join(f'{k} {v}' for k, v in sorted(self.backends.items()))}, "
                 f"quantize {self.seconds_quantize:.2f}s + calibrate {self.seconds_calibrate:.2f}s"
+                + (f"\nbackends measured here: {measured}" if measured else "")
                 + "".join(f"\nnote: {n}" for n in self.notes))
 
 
