@@ -75,8 +75,8 @@ def _resolve_plan(spec, unet, weight_bits_map=None):
 
         found = {p.name: p.plan for p in presets(unet)}
         if spec[1] not in found:
-            raise PlanError(f"the preset {spec[1]!r} does not ship for this model (its presets, in "
-                            f"{presets_folder(unet)}: {', '.join(found) or 'none'})")
+            raise PlanError(f"the preset {spec[1]!r} does not ship for this model (its presets: "
+                            f"{', '.join(found) or 'none'}, in {presets_folder(unet) or 'no folder'})")
         spec = found[spec[1]]
     elif isinstance(spec, tuple):
         _, w, a = spec

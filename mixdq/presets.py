@@ -331,14 +331,20 @@ class Preset:
     stats: dict = field(default_factory=dict)   # presets/NAME.stats.json, measured when shipped
 
 
-def presets_folder(unet) -> Path:
+def presets_folder(unet) -> Path | None:
     """Where this UNet's shipped presets are: presets/<model>/ for a published architecture
-    (its presets are made from that model's table), else presets/ (the embedded model's).
-    Layer names alone cannot tell: the embedded model's are a subset of SDXL's."""
-    from .architectures import published_model_for
+    (its presets are made from that model's table), presets/ for the embedded model's
+    architecture, None for any other (no presets ship for it).  Layer names alone cannot
+    tell: the embedded model's are a subset of SDXL's."""
+    from .architectures import architecture_hash, published_model_for
 
     model = published_model_for(unet)
-    return PRESETS_DIR / PUBLISHED_PRESETS[model] if model in PUBLISHED_PRESETS else PRESETS_DIR
+    if model in PUBLISHED_PRESETS:
+        return PRESETS_DIR / PUBLISHED_PRESETS[model]
+    embedded = shipped("assets", "tiny-sdxl", "unet", "config.json")
+    if embedded.is_file() and architecture_hash(unet) == architecture_hash(json.loads(embedded.read_text())):
+        return PRESETS_DIR
+    return None
 
 
 def presets(unet, folder: Path | None = None) -> list[Preset]:
@@ -348,7 +354,10 @@ def presets(unet, folder: Path | None = None) -> list[Preset]:
     from .plan import Plan
     from .quant import quantizable_layers
 
-    folder = Path(folder or presets_folder(unet))
+    folder = folder or presets_folder(unet)
+    if folder is None:
+        return []
+    folder = Path(folder)
     names = list(quantizable_layers(unet))
     costs = None
     out = []

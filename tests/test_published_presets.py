@@ -78,3 +78,15 @@ def test_published_presets_refuse_a_model_without_a_publication(tmp_path):
 
     with pytest.raises(MixDQError, match="no published presets for 'someone/else'.*stabilityai/sdxl-turbo"):
         make_published_presets("someone/else", out=tmp_path)
+
+
+def test_another_architecture_gets_no_presets_even_where_its_layer_names_fit(tiny_sdxl_pipe):
+    """The embedded model's layer names are a subset of SDXL's: presets are found by the
+    architecture (published, or the embedded one), never by names alone."""
+    from mixdq.architectures import build_meta, unet_config
+    from mixdq.presets import PRESETS_DIR, presets, presets_folder
+
+    assert presets_folder(tiny_sdxl_pipe.unet) is None and presets(tiny_sdxl_pipe.unet) == []
+    sdxl_base = build_meta({**unet_config(MODEL), "sample_size": 128})    # SDXL 1.0 base: 1024 px
+    assert presets_folder(sdxl_base) is None and presets(sdxl_base) == []
+    assert [p.name for p in presets(sdxl_base, PRESETS_DIR / "sdxl-turbo")]  # an explicit folder is taken
