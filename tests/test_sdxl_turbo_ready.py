@@ -147,3 +147,19 @@ def test_plan_takes_a_preset_name_for_the_model_at_hand(sdxl_turbo_like):
     assert dict(_resolve_plan(spec, embedded).items()) == dict(Plan.load(PRESETS_DIR / "mixdq-w4a8-size.json").items())
     with pytest.raises(argparse.ArgumentTypeError, match="neither a plan file, a preset .*mixdq-w3a8-size"):
         _plan_arg("mixdq-w9a8-size")
+
+
+def test_app_without_the_model_says_it_can_be_planned_without_weights(tmp_path):
+    """`python app.py --model stabilityai/sdxl-turbo` with no network and an empty cache:
+    the error names how to get the model, and that planning needs no weights."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.run([sys.executable, str(root / "app.py"), "--model", MODEL], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 2
+    assert "not in the local Hugging Face cache" in proc.stderr
+    assert f"python -m mixdq allocate --model {MODEL} --budget-mb N` plans it without its weights" in proc.stderr

@@ -13,7 +13,7 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 import mixdq  # noqa: E402
-from mixdq.errors import MixDQError  # noqa: E402
+from mixdq.errors import MixDQError, ModelNotFoundError  # noqa: E402
 
 from .ui import CSS, build_app  # noqa: E402
 
@@ -52,6 +52,13 @@ def _float_app(model):
                   f"`python -m mixdq generate --model {model}`", file=sys.stderr)
             return None
         return build_app(pipe)
+    except ModelNotFoundError as e:
+        from mixdq.planning import plans_without_weights
+
+        hint = (f"; meanwhile `python -m mixdq allocate --model {model} --budget-mb N` plans it without its "
+                "weights (published sensitivity and architecture ship)") if plans_without_weights(model) else ""
+        print(f"error: {str(e).rstrip('.')}{hint}", file=sys.stderr)
+        return None
     except MixDQError as e:
         print(f"error: {e}", file=sys.stderr)
         return None
