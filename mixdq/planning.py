@@ -1,7 +1,9 @@
 """The allocate step for one model, from a pipeline to the plan a user takes home: which
-sensitivity table (given, shipped, cached or measured), refusing an impossible budget before
-any measuring, the Pareto family over content/quality ratios, and the image-based selection
-among its candidates.  `python -m mixdq allocate` is these calls and its printing."""
+sensitivity table (given, shipped, cached, published or measured), refusing an impossible
+budget before any measuring, the Pareto family over content/quality ratios, and the
+image-based selection among its candidates; or, for a published model, the same without its
+weights (`allocator_without_weights`).  `python -m mixdq allocate` is these calls and its
+printing."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -10,8 +12,8 @@ from .allocation import (CONTENT, DEFAULT_RATIOS, DEFAULT_WEIGHT_CANDIDATES, QUA
                          PlanEvaluator, _normalise_candidates, budget_bounds, check_budget_range,
                          default_eval_prompts, pareto, select)
 from .errors import GPUJobError, PlanError
-from .published import activation_options
 from .plan import WEIGHT_BITS, Plan
+from .published import activation_options
 from .sensitivity_analysis import Sensitivity
 
 
