@@ -609,32 +609,36 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _time_one(pipe, calibration, layer: str, group: str) -> tuple[float, float]:
-    """Seconds of the float reference and of one evaluation of `layer` (lowest weight bits)."""
+def _time_one(pipe, calibration, layers: Mapping[str, str]) -> tuple[float, dict[str, float]]:
+    """Seconds of the float reference, and of one evaluation per group of its layer in
+    `layers` ({group: layer}, at the group's lowest weight bits): a content layer is scored
+    on generated images, a quality layer on UNet outputs only, so their costs differ."""
     from .plan import Plan
     from .quant import replace_layers, restore_layers
 
     t0 = time.perf_counter()
-    ref = _Reference(pipe, calibration, [layer], progress=False)
-    t_ref = time.perf_counter() - t0
-    originals = replace_layers(pipe.unet, Plan({layer: (min(DEFAULT_WEIGHT_BITS[group]), FLOAT_BITS)}))
-    try:
-        t0 = time.perf_counter()
-        _evaluate(pipe, ref, metrics_for(group))
-        return t_ref, time.perf_counter() - t0
-    finally:
-        restore_layers(pipe.unet, originals)
+    ref = _Reference(pipe, calibration, list(layers.values()), progress=False)
+    t_ref, t_eval = time.perf_counter() - t0, {}
+    for group, layer in layers.items():
+        originals = replace_layers(pipe.unet, Plan({layer: (min(DEFAULT_WEIGHT_BITS[group]), FLOAT_BITS)}))
+        try:
+            t0 = time.perf_counter()
+            _evaluate(pipe, ref, metrics_for(group))
+            t_eval[group] = time.perf_counter() - t0
+        finally:
+            restore_layers(pipe.unet, originals)
+    return t_ref, t_eval
 
 
 @torch.inference_mode()
 def estimate_analysis(pipe, calibration=None, evaluations: int | None = None) -> AnalysisEstimate:
-    """Time one layer's measurement on this pipeline's device (the float reference, then one
-    content layer quantized and scored) and scale it to the whole analysis: `evaluations`
-    measurements (default: every layer at the default candidate bits) on the calibration's
-    prompts, plus the float reference and the activation ranges.  Timed on one prompt; where
-    that is quick, again on one batch as the analysis runs it (small models are dominated by
-    per-call overhead, so one prompt would overstate them).  On a CPU an SDXL-size UNet is
-    not timed: it is reported as a GPU job."""
+    """Time one layer's measurement per group on this pipeline's device (the float reference,
+    then a content and a quality layer quantized and scored) and scale it to the whole
+    analysis: `evaluations` measurements (default: every layer at the default candidate bits,
+    in the groups' shares of those jobs) on the calibration's prompts, plus the float reference
+    and the activation ranges.  Timed on one prompt; where that is quick, again on one batch as
+    the analysis runs it (small models are dominated by per-call overhead, so one prompt would
+    overstate them).  On a CPU an SDXL-size UNet is not timed: it is reported as a GPU job."""
     from .calibrate import Calibration
     from .quant import quantizable_layers
 
@@ -642,26 +646,26 @@ def estimate_analysis(pipe, calibration=None, evaluations: int | None = None) ->
     unet = pipe.unet
     names = list(quantizable_layers(unet))
     groups = {n: layer_group(n) for n in names}
-    if evaluations is None:
-        evaluations = sum(1 for _ in _jobs(names, groups, _candidates(None, DEFAULT_WEIGHT_BITS),
-                                           _candidates(None, DEFAULT_ACT_BITS)))
+    jobs = list(_jobs(names, groups, _candidates(None, DEFAULT_WEIGHT_BITS), _candidates(None, DEFAULT_ACT_BITS)))
+    evaluations = len(jobs) if evaluations is None else evaluations
     n = len(calibration.prompts)
     device = str(unet.device)
     if unet.device.type == "cpu" and sum(p.numel() for p in unet.parameters()) > GPU_JOB_PARAMS:
         return AnalysisEstimate(evaluations, n, device, gpu_job=True)
-    layer = next((x for x in names if groups[x] == CONTENT), names[0])
+    share = {g: sum(1 for job in jobs if groups[job[0]] == g) / len(jobs) for g in (CONTENT, QUALITY)}
+    layers = {g: next(x for x in names if groups[x] == g) for g in share if share[g]}
     batch = calibration.batch_size if unet.device.type == "cuda" else min(32, n)   # as sensitivity() runs
     undo = [_vae_channels_last(pipe), _memo_encode_prompt(pipe)]
     try:
-        t_ref, t_eval = _time_one(pipe, dataclasses.replace(calibration, prompts=calibration.prompts[:1],
-                                                             batch_size=1), layer, groups[layer])
-        per_prompt = (t_ref / 1, t_eval / 1)
-        if batch > 1 and t_eval * batch < 10:
-            cal = dataclasses.replace(calibration, prompts=calibration.prompts[:batch], batch_size=batch)
-            per_prompt = tuple(t / batch for t in _time_one(pipe, cal, layer, groups[layer]))
+        one = dataclasses.replace(calibration, prompts=calibration.prompts[:1], batch_size=1)
+        t_ref, t_eval = _time_one(pipe, one, layers)
+        if batch > 1 and max(t_eval.values()) * batch < 10:
+            t_ref, t_eval = _time_one(pipe, dataclasses.replace(calibration, prompts=calibration.prompts[:batch],
+                                                                batch_size=batch), layers)
+            t_ref, t_eval = t_ref / batch, {g: t / batch for g, t in t_eval.items()}
     finally:
         for u in undo:
             u()
-    per_eval = per_prompt[1] * n
+    per_eval = sum(share[g] * t for g, t in t_eval.items()) * n
     # the float reference and the activation ranges each cost about one float pass
-    return AnalysisEstimate(evaluations, n, device, False, per_eval, per_eval * evaluations + 2 * per_prompt[0] * n)
+    return AnalysisEstimate(evaluations, n, device, False, per_eval, per_eval * evaluations + 2 * t_ref * n)
