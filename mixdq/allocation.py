@@ -19,7 +19,8 @@ SQNR dB of the UNet output (quality group).  Both become a *loss* that is 0 for 
 ``1 - SSIM`` and the noise-to-signal power ratio ``10^(-SQNR/10)`` (independent layer noises
 add in power, so summing NSR is the right additive model; summing dB is not).  Each group's
 losses are divided by the group's total loss with every layer at a reference width of the
-table (4 bits, `NORM_REF_BITS`), so a group's whole loss at 4 bits is 1 and both groups share
+table (`NORM_REF_BITS`: the lowest width MixDQ offers the group by default, weights content 2
+and quality 4 bits, activations 4), so a group's whole loss there is 1 and both groups share
 one objective ("group-normalised").  The reference is the table's, never the candidate set's:
 offering or withdrawing a bit-width leaves every other option's value as it was.  The
 objective maximised is ``-sum(normalised loss)``.
@@ -66,9 +67,12 @@ DEFAULT_ACT_CANDIDATES = {CONTENT: (4, 8, 16), QUALITY: (4, 8, 16)}
 # Content/quality ratios swept for the Pareto family (the paper's k is around 0.6 for weights).
 DEFAULT_RATIOS = (0.5, 0.6, 0.8, 1.0, 1.25, None)
 MB = 1_000_000
-# The width every group's losses are normalised at (see the module doc); a table without it
-# for some layer of a group normalises that group at its lowest width scored for every layer.
-NORM_REF_BITS = 4
+# The width each group's losses are normalised at (see the module doc): the lowest width MixDQ
+# offers the group by default, a constant of the group, never of the candidate set.  A table
+# without it for some layer of a group normalises that group at its lowest width scored for
+# every layer.  (Both groups at 4 bits weighed content ~9x more in the joint program; on the
+# embedded model that lost 4.3 dB PSNR at the W4A8 size.)
+NORM_REF_BITS = {"weight": {CONTENT: 2, QUALITY: 4}, "act": {CONTENT: 4, QUALITY: 4}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,28 +457,36 @@ def normalised_values(sens, kind: str, candidates: Mapping[str, Sequence[int]],
     return values, scales
 
 
-def reference_bits(sens, kind: str, layers: Sequence[str], decoupled: bool = True) -> int:
-    """The width a group of `layers` is normalised at: NORM_REF_BITS when the table scores
-    every one of them there (with its group's metric), else the lowest width it scores for
-    all of them."""
+def reference_bits(sens, kind: str, group: str, layers: Sequence[str], decoupled: bool = True) -> int:
+    """The width the `group` layers among `layers` are normalised at: NORM_REF_BITS[kind][group]
+    when the table scores every one of them there (with its group's metric), else the lowest
+    width it scores for all of them."""
     common = None
     for n in layers:
         metric = group_metric(sens.group[n], decoupled)
         have = {b for b, m in sens.scores[kind].get(n, {}).items() if b != FLOAT_BITS and metric in m}
         common = have if common is None else common & have
+    want = NORM_REF_BITS[kind][group]
     if not common:
         raise PlanError(f"the sensitivity table scores no {kind} bit-width for every layer of a group "
-                        f"(it is normalised at one width, {NORM_REF_BITS} bits by default); rerun "
+                        f"(the {group} group is normalised at one width, {want} bits by default); rerun "
                         "`python -m mixdq sensitivity` with the same candidate bits for every layer")
-    return NORM_REF_BITS if NORM_REF_BITS in common else min(common)
+    return want if want in common else min(common)
 
 
 def _group_scale(sens, kind, layers, decoupled) -> float:
-    ref = reference_bits(sens, kind, layers, decoupled)
-    losses = [loss_from_score(group_metric(sens.group[n], decoupled), sens.scores[kind][n][ref][
-        group_metric(sens.group[n], decoupled)]) for n in layers]
-    # a layer that breaks the model at the reference width (SQNR -inf) says nothing of scale
-    s = sum(l for l in losses if math.isfinite(l))
+    """Summed loss of `layers`, each group's at its reference width (one normalisation over
+    both groups without decoupling still takes each layer at its own group's width)."""
+    s = 0.0
+    for group in GROUPS:
+        members = [n for n in layers if sens.group[n] == group]
+        if not members:
+            continue
+        ref = reference_bits(sens, kind, group, members, decoupled)
+        losses = [loss_from_score(group_metric(group, decoupled), sens.scores[kind][n][ref][
+            group_metric(group, decoupled)]) for n in members]
+        # a layer that breaks the model at the reference width (SQNR -inf) says nothing of scale
+        s += sum(l for l in losses if math.isfinite(l))
     return s if s > 0 else 1.0
 
 

@@ -355,7 +355,7 @@ def _pipeline_to_plan(args):
 
 
 def _print_pareto(front) -> None:
-    # losses are normalised per group: 1 = the whole group at 4 bits (allocation.NORM_REF_BITS)
+    # losses are normalised per group: 1 = the whole group at its reference width (allocation.NORM_REF_BITS)
     print(f"{'size MB':>10} {'content loss':>13} {'quality loss':>13} {'total':>10}  ratio  plan")
     for a in front:
         print(f"{a.size_mb:10.4f} {a.predicted.get(CONTENT, float('nan')):13.3e} "

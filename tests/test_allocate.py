@@ -7,7 +7,7 @@ import random
 import pytest
 
 from mixdq.allocation import (CONTENT, QUALITY, TOTAL, Allocator, budget_bounds, loss_from_score, normalised_values,
-                            pareto, select, solve_choice)
+                              pareto, reference_bits, select, solve_choice)
 from mixdq.errors import BudgetError, PlanError
 from mixdq.memory import LayerCosts
 from mixdq.plan import Plan
@@ -333,12 +333,15 @@ def test_normalisation_does_not_depend_on_the_candidate_bits(kind, decoupled):
         for n in sens.layers:
             for b in set(vals[n]) & set(ref[n]):
                 assert vals[n][b] == ref[n][b], (cands, n, b)
-    # the scale is the group's summed loss at 4 bits
+    # the scale is the group's summed loss, each layer at its group's reference width (weights:
+    # content 2, quality 4 bits; activations 4)
     metric = {CONTENT: "ssim", QUALITY: "sqnr"}
+    ref_bits = {"weight": {CONTENT: 2, QUALITY: 4}, "act": {CONTENT: 4, QUALITY: 4}}[kind]
     for g in (CONTENT, QUALITY) if decoupled else (TOTAL,):
         layers = [n for n in sens.layers if not decoupled or sens.group[n] == g]
-        want = sum(loss_from_score(metric[sens.group[n]] if decoupled else "sqnr", sens.scores[kind][n][4][
-            metric[sens.group[n]] if decoupled else "sqnr"]) for n in layers)
+        want = sum(loss_from_score(metric[sens.group[n]] if decoupled else "sqnr",
+                                   sens.scores[kind][n][ref_bits[sens.group[n]]][
+                                       metric[sens.group[n]] if decoupled else "sqnr"]) for n in layers)
         assert ref_scales[g] == pytest.approx(want)
 
 
@@ -350,11 +353,16 @@ def test_normalisation_falls_back_to_the_lowest_width_every_layer_has():
     vals, scales = normalised_values(sens, "weight", {CONTENT: (8, 16), QUALITY: (16,)})
     assert scales[CONTENT] == pytest.approx(0.5 + 0.3)          # 2 bits: scored for both, 4 for neither
     assert vals[names[0]][8] == pytest.approx(-0.1 / 0.8)
-    # one normalisation over every layer (no decoupling), scored at no common width
+    # one normalisation over every layer (no decoupling): each layer still at its own group's
+    # width, so groups scored at different widths are fine; a group with no common width is not
     scores = {"weight": {names[0]: {8: {"sqnr": 20.0}}, "c.resnets.0.conv1": {6: {"sqnr": 20.0}}}}
     sens = Sensitivity([names[0], "c.resnets.0.conv1"], {names[0]: CONTENT, "c.resnets.0.conv1": QUALITY}, scores, {})
-    with pytest.raises(PlanError, match="no weight bit-width for every layer"):
-        normalised_values(sens, "weight", {CONTENT: (8, 16), QUALITY: (6, 16)}, decoupled=False)
+    _, scales = normalised_values(sens, "weight", {CONTENT: (8, 16), QUALITY: (6, 16)}, decoupled=False)
+    assert scales == {TOTAL: pytest.approx(0.01 + 0.01)}
+    scores["weight"][names[1]] = {6: {"sqnr": 20.0}}
+    sens = Sensitivity([names[0], names[1]], {n: CONTENT for n in names}, scores, {})
+    with pytest.raises(PlanError, match="no weight bit-width for every layer of a group"):
+        reference_bits(sens, "weight", CONTENT, names, decoupled=False)
 
 
 def test_grouping_rule():
@@ -414,7 +422,8 @@ def test_predicted_loss_of_any_plan_matches_what_solve_predicts(decoupled):
 
 
 def test_predicted_loss_is_on_the_normalised_scale_and_refuses_what_it_cannot_predict():
-    # monotone scores; a group's whole loss with every layer at the reference width (4 bits) is 1
+    # monotone scores; a group's whole loss with every layer at its reference width (content
+    # weights 2 bits, quality 4) is 1
     names = ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q", "up_blocks.0.resnets.0.conv1",
              "up_blocks.0.resnets.0.conv2"]
     scores = {"weight": {n: {b: {"ssim": 1 - 0.1 / b, "sqnr": 6.0 * b} for b in (2, 4, 8)} for n in names},
@@ -422,10 +431,10 @@ def test_predicted_loss_is_on_the_normalised_scale_and_refuses_what_it_cannot_pr
     sens = Sensitivity(names, {n: layer_group(n) for n in names}, scores, {n: 100 for n in names})
     alloc = Allocator(sens, _costs({n: 1024 for n in names}))
     content, q1, q2 = names
-    got = alloc.predicted_loss(Plan({content: (4, 8), q1: (4, 8), q2: (4, 8)}))
+    got = alloc.predicted_loss(Plan({content: (2, 8), q1: (4, 8), q2: (4, 8)}))
     assert got == {CONTENT: pytest.approx(1.0), QUALITY: pytest.approx(1.0), TOTAL: pytest.approx(2.0)}
-    # 2 bits lose twice what 4 bits do here (0.1 / b), on the same scale
-    assert alloc.predicted_loss(Plan({content: (2, 8)}))[CONTENT] == pytest.approx(2.0)
+    # 4 bits lose half what 2 bits do here (0.1 / b), on the same scale
+    assert alloc.predicted_loss(Plan({content: (4, 8)}))[CONTENT] == pytest.approx(0.5)
     half = alloc.predicted_loss(Plan({q1: (4, 8)}))         # the other quality layer, equal scores, float
     assert half == {CONTENT: 0.0, QUALITY: pytest.approx(0.5), TOTAL: pytest.approx(0.5)}
     with pytest.raises(PlanError, match="weight bits 7, not a candidate"):
