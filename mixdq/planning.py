@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from .allocation import (CONTENT, DEFAULT_RATIOS, DEFAULT_WEIGHT_CANDIDATES, QUALITY, TOTAL, Allocation, Allocator,
                          PlanEvaluator, _normalise_candidates, budget_bounds, check_budget_range,
                          default_eval_prompts, pareto, select)
-from .errors import GPUJobError, PlanError
+from .errors import PlanError
 from .plan import WEIGHT_BITS, Plan
 from .published import activation_options
 from .sensitivity_analysis import Sensitivity
@@ -26,27 +26,6 @@ def weight_candidates(content_bits: Sequence[int] | None = None,
     if quality_bits:
         cands[QUALITY] = tuple(quality_bits)
     return _normalise_candidates(cands, WEIGHT_BITS, "weight")
-
-
-def alternatives(pipe, presets_dir=None) -> str:
-    """What to use instead of measuring this model's sensitivity here: its shipped presets,
-    the published tables, and measuring on a GPU."""
-    from .architectures import known_models
-    from .presets import presets
-    from .tables import find_published
-
-    shipped_plans = [p.name for p in presets(pipe.unet)]
-    published = [m for m in known_models() if find_published(m, presets_dir).table is not None]
-    out = []
-    if shipped_plans:
-        out.append(f"the shipped presets fit this model and need no analysis ({', '.join(shipped_plans)}: "
-                   "`--plan NAME`, or the app's buttons)")
-    if published:
-        out.append(f"published sensitivity tables ship for {', '.join(published)} (used for those models as "
-                   "published, and without weights: `mixdq allocate --model ID --budget-mb N`)")
-    out.append("or measure it on a GPU: `mixdq sensitivity --device cuda` (cached, resumable; copy the "
-               "cache folder here or pass --sensitivity FILE)")
-    return "; ".join(out)
 
 
 def _given_table(sensitivity: str | Sensitivity | None, log) -> Sensitivity | None:
@@ -86,10 +65,7 @@ def allocator_for(pipe, calibration, *, sensitivity: str | Sensitivity | None = 
     table = _given_table(sensitivity, log)
     if table is None:
         _check_early(budget_mb, costs, candidates, lower_bits_how)
-        try:
-            table = load_sensitivity(pipe, calibration, log=log)
-        except GPUJobError as e:
-            raise GPUJobError(f"{e}; instead: {alternatives(pipe)}") from None
+        table = load_sensitivity(pipe, calibration, log=log)
     return _allocator(table, costs, candidates, act_avg_bits, act_floor, decoupled)
 
 

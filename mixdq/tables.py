@@ -195,12 +195,33 @@ def cached_sensitivity(pipe, calibration=None, presets_dir=None):
     return find_sensitivity(pipe, calibration, presets_dir).table
 
 
-def load_sensitivity(pipe, calibration=None, presets_dir=None, log=None, allow_gpu_job: bool = False):
+def alternatives(pipe, presets_dir=None) -> str:
+    """What to use instead of measuring this model's sensitivity here: its shipped presets,
+    the published tables, and measuring on a GPU."""
+    from .architectures import known_models
+    from .presets import presets
+
+    shipped_plans = [p.name for p in presets(pipe.unet)]
+    published = [m for m in known_models() if find_published(m, presets_dir).table is not None]
+    out = []
+    if shipped_plans:
+        out.append(f"the shipped presets fit this model and need no analysis ({', '.join(shipped_plans)}: "
+                   "`--plan NAME`, or the app's buttons)")
+    if published:
+        out.append(f"published sensitivity tables ship for {', '.join(published)} (used for those models as "
+                   "published, and without weights: `mixdq allocate --model ID --budget-mb N`)")
+    out.append("or measure it on a GPU: `mixdq sensitivity --device cuda` (cached, resumable; copy the "
+               "cache folder here or pass --sensitivity FILE)")
+    return "; ".join(out)
+
+
+def load_sensitivity(pipe, calibration=None, presets_dir=None, log=None):
     """`find_sensitivity`, else the analysis (resuming what is cached), after saying what it
     will cost here (`estimate_analysis`).  An analysis that is a GPU job on this CPU is refused
-    (GPUJobError; `planning.alternatives` says what to use instead), unless `allow_gpu_job`.  `log` (default: print to
-    stderr) gets one line saying which table.  The command line takes its table from here, so
-    it finds what the app finds."""
+    (GPUJobError, saying what to use instead: `alternatives`); `mixdq sensitivity` runs it
+    anyway when asked.  `log` (default: print to stderr) gets one line saying which table, or
+    what the analysis will cost, before it starts.  The command line and the app take their
+    table from here, so they agree."""
     import sys
 
     from .errors import GPUJobError
@@ -213,8 +234,8 @@ def load_sensitivity(pipe, calibration=None, presets_dir=None, log=None, allow_g
         log(f"sensitivity: {found.message}")
         return found.table
     estimate = estimate_analysis(pipe, calibration, found.todo)
-    if estimate.gpu_job and not allow_gpu_job:
-        raise GPUJobError(f"{found.message}, and {estimate.message}")
+    if estimate.gpu_job:
+        raise GPUJobError(f"{found.message}, and {estimate.message}; instead: {alternatives(pipe, presets_dir)}")
     hint = f"; {found.shipped_flags} would use the shipped table instead" if found.shipped_flags else ""
     log(f"sensitivity: {found.message}: {estimate.message}; measuring it now, once (resumable, then "
         f"cached){hint}")

@@ -165,8 +165,7 @@ def embedded_app(tmp_path_factory):
     """`python app.py` on a fresh clone: the embedded model and what ships in presets/, with an
     empty MIXDQ_CACHE.  Any sensitivity analysis the app would start is recorded and refused
     (it takes minutes; it must not be needed)."""
-    from mixdq import app
-    from mixdq.app import state
+    from mixdq import app, tables
     from mixdq.loading import EMBEDDED
     from test_app import free_port
 
@@ -181,7 +180,7 @@ def embedded_app(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MIXDQ_CACHE", str(cache))
-        mp.setattr(state, "compute_sensitivity", no_analysis)
+        mp.setattr(tables, "sensitivity", no_analysis)   # where the app starts an analysis
         demo = app.build_app(None, workdir=tmp_path_factory.mktemp("embedded-app") / "work")
         port = free_port()
         app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)

@@ -75,8 +75,7 @@ def no_table(tmp_path, monkeypatch):
     def started(*a, **k):
         raise AssertionError("the analysis started")
 
-    monkeypatch.setattr(tables, "sensitivity", started)
-    monkeypatch.setattr("mixdq.app.state.compute_sensitivity", started)
+    monkeypatch.setattr(tables, "sensitivity", started)   # where the CLI and the app start it
     folder = build_tiny_sdxl(tmp_path / "m")
     (tmp_path / "presets").mkdir()
     return folder, tmp_path / "presets"

@@ -16,15 +16,12 @@ import mixdq
 from mixdq import measure
 from mixdq.allocation import TOTAL, Allocation, Allocator, budget_bounds, pareto
 from mixdq.defaults import is_embedded
-from mixdq.errors import BudgetError, GPUJobError, MixDQError, PlanError
+from mixdq.errors import BudgetError, MixDQError, PlanError
 from mixdq.memory import MB
 from mixdq.plan import Plan
-from mixdq.planning import alternatives
 from mixdq.presets import presets
 from mixdq.published import activation_options
-from mixdq.sensitivity_analysis import estimate_analysis
-from mixdq.sensitivity_analysis import sensitivity as compute_sensitivity
-from mixdq.tables import find_sensitivity
+from mixdq.tables import find_sensitivity, load_sensitivity
 
 from .charts import ParetoPoints
 from .text import fmt_mb, loaded_from
@@ -161,6 +158,7 @@ class Session:
         self.n_layers = len(mixdq.quantizable_layers(pipe.unet))
         self.embedded = is_embedded(pipe)
         self.calibration = calibration or mixdq.Calibration.default(pipe)
+        self.presets_dir = presets_dir
         self.presets = presets(pipe.unet, presets_dir)
         # sens_source ("given", "shipped", "cached", "published", "measured" or "none") lets the
         # header say which, sens_note why a shipped table of this model was not taken, and
@@ -226,15 +224,15 @@ class Session:
 
     # ---- the flow: allocate -> quantize -> generate & measure
     def measure_sensitivity(self, progress, warn=ignore) -> None:
+        """The analysis, once, as the command line runs it (`tables.load_sensitivity`): `warn`
+        is told what it will cost here before it starts; a GPU job on a CPU is refused with
+        what to use instead."""
+        def starting(line):
+            warn(f"{line}. Presets are instant.")
+            progress(0.0, desc="sensitivity: measuring every layer once (cached for next time)")
+
         progress(0.0, desc="sensitivity: timing one layer's measurement first")
-        estimate = estimate_analysis(self.float_pipe, self.calibration)
-        if estimate.gpu_job:
-            raise GPUJobError(f"No sensitivity table for this model, and {estimate.message}. Instead: "
-                              f"{alternatives(self.float_pipe)}")
-        warn(f"Measuring layer sensitivity once for this model (cached afterwards): {estimate.message}. "
-             "Presets are instant.")
-        progress(0.0, desc="sensitivity: measuring every layer once (cached for next time)")
-        self._use(compute_sensitivity(self.float_pipe, self.calibration, progress=True))
+        self._use(load_sensitivity(self.float_pipe, self.calibration, self.presets_dir, log=starting))
         self.sens_source = "measured"
 
     def _use(self, sens) -> None:
