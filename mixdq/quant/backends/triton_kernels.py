@@ -22,8 +22,9 @@ mantissa into the exponent: 7.77 came out as 4), so the casts that follow are ex
 import triton
 import triton.language as tl
 
-RND = 12582912.0  # 1.5 * 2^23: v + RND - RND rounds v to an integer, ties to even
-E4M3_MAX = 448.0
+# kernel globals must be constexpr (the compiler refuses others; the interpreter does not)
+RND = tl.constexpr(12582912.0)  # 1.5 * 2^23: v + RND - RND rounds v to an integer, ties to even
+E4M3_MAX = tl.constexpr(448.0)
 
 
 def _igemm(x_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, scale_ptr, beff_ptr,
