@@ -13,6 +13,8 @@ Within tolerance: the int8 outputs against the fake-quant reference (its float32
 rounds; 1e-5 relative), FP8 GEMMs against a float64 dot of the e4m3 values (float32
 accumulation order; 1e-6 of the sum of |terms|).
 Tile sizes are small here (16) so that M, N and K all have tails.
+And what the GPU would run, compiled here for sm_90 / sm_80 (tk.compiling_for):
+it compiles, on tensor cores, without register spills.
 """
 from __future__ import annotations
 
@@ -274,3 +276,75 @@ def test_cuda_dispatch_takes_the_measured_backend_per_layer_type(monkeypatch):
     with pytest.raises(ValueError, match="packed 4-bit container"):
         T.linear_triton(torch.randn(2, 36), 0.1, 128, torch.zeros(100, dtype=torch.uint8), torch.ones(20),
                         bits=4, shape=(20, 36))
+
+
+# The calls an SDXL-Turbo UNet step makes at 512 px (64x64 latents, CLIP's 77 tokens),
+# as (name, function of (torch.dtype) -> None, fp8 wanted); every kernel configuration
+# cuda_blocks can pick for them appears once at least.
+def _sdxl_calls():
+    h = torch.float16
+
+    def codes(*shape):
+        return torch.zeros(shape, dtype=torch.int8)
+
+    def lin(m, k, n, bits=8, fp8=False, dtype=h):
+        w = pack(codes(n, k), bits)
+        return lambda: T.linear_triton(torch.zeros(m, k, dtype=dtype), torch.tensor(0.1), torch.tensor(128.), w,
+                                       torch.ones(n), torch.zeros(n, dtype=dtype), bits=bits, shape=(n, k), fp8=fp8)
+
+    def conv(c, o, side, k=3, stride=1, bits=8, fp8=False, channels_last=False):
+        x = torch.zeros(1, c, side, side, dtype=h)
+        x = x.to(memory_format=torch.channels_last) if channels_last else x
+        w = pack(codes(o, c, k, k), bits)
+        return lambda: T.conv2d_triton(x, torch.tensor(0.1), torch.tensor(128.), w, torch.ones(o), None, stride,
+                                       k // 2, bits=bits, shape=(o, c, k, k), fp8=fp8)
+
+    def split(hidden, skip, o, side, fp8=False):
+        x = torch.zeros(1, hidden + skip, side, side, dtype=h)
+        return lambda: T.split_conv1x1_triton(x, torch.tensor([0.1, 0.2]), torch.tensor([128., 120.]), hidden,
+                                              codes(o, hidden + skip, 1, 1), torch.ones(o), torch.zeros(o, dtype=h),
+                                              fp8=fp8)
+
+    return [("attention projection 4096x640x640", lin(4096, 640, 640)),
+            ("W4 attention projection", lin(4096, 640, 640, bits=4)),
+            ("W2 attention projection", lin(4096, 640, 640, bits=2)),
+            ("bfloat16 attention projection", lin(4096, 640, 640, dtype=torch.bfloat16)),
+            ("feed-forward 1024x1280x10240", lin(1024, 1280, 10240)),
+            ("text K/V 77x2048x1280", lin(77, 2048, 1280)),
+            ("resnet conv 3x3 320ch 64x64", conv(320, 320, 64)),
+            ("resnet conv channels_last", conv(320, 320, 64, channels_last=True)),
+            ("W4 resnet conv", conv(320, 320, 64, bits=4)),
+            ("W2 resnet conv", conv(640, 640, 32, bits=2)),
+            ("downsample conv stride 2", conv(320, 320, 64, stride=2)),
+            ("conv_in 4 channels", conv(4, 320, 64)),
+            ("conv_out 4 channels", conv(320, 4, 64)),
+            ("up-block shortcut 1x1 split", split(640, 320, 320, 64)),
+            ("FP8 linear", lin(4096, 640, 640, fp8=True)),
+            ("FP8 conv", conv(320, 320, 64, fp8=True)),
+            ("FP8 split", split(640, 320, 320, 64, fp8=True))]
+
+
+@pytest.mark.parametrize("capability", [90, 80])
+def test_cuda_kernels_compile_for_the_gpu_on_tensor_cores_without_spills(capability):
+    """What the GPU gets, checked without one: every kernel configuration SDXL-Turbo's
+    calls pick compiles for H100/H200 (sm_90) and A100 (sm_80, no FP8) through the real
+    wrappers, specialised as a real launch would be, runs its dot products on int8 (or
+    e4m3) tensor cores, and keeps its registers: no spills to local memory (a kernel
+    that spills is slow whatever its tiles; 3x3 taps unrolled and full tiles for the
+    split conv did spill)."""
+    pytest.importorskip("triton.backends.nvidia", reason="this triton has no CUDA compiler")
+    for name, call in _sdxl_calls():
+        fp8 = name.startswith("FP8")
+        if fp8 and capability < 89:
+            continue  # e4m3 tensor cores start at sm_89
+        with tk.compiling_for(capability) as build:
+            call()
+        assert len(build.kernels) == 1, name
+        meta, compiled = build.kernels[0]
+        ptx = compiled.asm["ptx"]
+        assert (".e4m3.e4m3" if fp8 else ".s32.s8.s8") in ptx, f"{name}: no tensor-core dot in the PTX"
+        if capability >= 90:
+            assert "wgmma.mma_async" in ptx, name
+        usage = tk.resource_usage(compiled)
+        assert usage["stack_bytes"] == 0, f"{name} ({meta}) spills: {usage}"
+        assert usage["shared_bytes"] <= 227 * 1024, name

@@ -10,6 +10,10 @@ CUDA tensors run the compiled kernel; CPU tensors run the very same kernel body 
 Triton's interpreter (`InterpretedFunction`, built explicitly, so TRITON_INTERPRET
 need not be set, nor set before anything imports triton), which is how the kernel
 is proven against the reference without a GPU (tests/test_triton_kernels.py).
+`compiling_for(capability)` compiles the CUDA kernels a GPU would get, with Triton's
+compiler and bundled ptxas on any machine, so that the code the GPU runs is checked
+there too: that it compiles (the interpreter accepts things the compiler refuses),
+that its dots are tensor-core instructions, and that it does not spill registers.
 
 Rounding is written out in float32 arithmetic rather than taken from libdevice or
 from float8 casts: round-half-even of x / s by adding and subtracting 1.5 * 2^23
@@ -19,6 +23,12 @@ compiled kernel and the interpreter evaluate identically (libdevice does not exi
 in the interpreter, and its float32 -> e4m3 cast does not carry a rounded-up
 mantissa into the exponent: 7.77 came out as 4), so the casts that follow are exact.
 """
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+
 import triton
 import triton.language as tl
 
@@ -46,7 +56,6 @@ def _igemm(x_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, scale_ptr, beff_ptr,
     ow = rm % WO
     oh = (rm // WO) % HO
     ob = rm // (WO * HO)
-    y = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for part in tl.static_range(PARTS):
         if part == 0:
             lo = 0
@@ -60,46 +69,52 @@ def _igemm(x_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, scale_ptr, beff_ptr,
             acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         else:
             acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
-        for kh in tl.static_range(KH):
+        # one loop body for every tap, not KH * KW unrolled copies (each copy's
+        # address vectors stayed live and spilled registers)
+        for tap in range(KH * KW):
+            kh = tap // KW
+            kw = tap % KW
             ih = oh * STRIDE - PAD + kh * DIL
-            for kw in tl.static_range(KW):
-                iw = ow * STRIDE - PAD + kw * DIL
-                # padded pixels load 0.0, which quantizes to the zero point: the
-                # zero-point term of the epilogue (over every tap) then cancels them
-                row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                x_row = ob * sxb + ih * sxh + iw * sxw
-                w_col = rn * swn + kh * swh + kw * sww
-                for c0 in range(lo, hi, BLOCK_K):
-                    c = c0 + rk
-                    c_ok = c < hi
-                    a = tl.load(x_ptr + x_row[:, None] + c[None, :] * sxc,
-                                mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                    f = w_col[None, :] + c[:, None] * swc  # flat code index, (K, N) tile
-                    w_ok = c_ok[:, None] & n_ok[None, :]
-                    if PER == 1:
-                        wq = tl.load(w_ptr + f, mask=w_ok, other=0).to(tl.int32)
-                    else:
-                        byte = tl.load(w_ptr + f // PER, mask=w_ok, other=0).to(tl.int32)
-                        width = 8 // PER
-                        wq = (byte >> ((f % PER) * width)) & ((1 << width) - 1)
-                        wq = tl.where(w_ok, wq - (1 << (width - 1)), 0)
-                    if FP8:
-                        v = tl.minimum(tl.maximum(tl.math.div_rn(a, s), -E4M3_MAX), E4M3_MAX)
-                        e = tl.maximum((v.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
-                        magic = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
-                        a8 = ((v + magic) - magic).to(tl.float8e4nv)
-                        wf = wq.to(tl.float32)
-                        e = tl.maximum((wf.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
-                        magic = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
-                        w8 = ((wf + magic) - magic).to(tl.float8e4nv)
-                        acc = tl.dot(a8, w8, acc, out_dtype=tl.float32)
-                    else:
-                        v = tl.minimum(tl.maximum(tl.math.div_rn(a, s), -512.0), 512.0)
-                        q = tl.minimum(tl.maximum((v + RND) - RND + z, 0.0), 255.0) - 128.0
-                        acc = tl.dot(q.to(tl.int8), wq.to(tl.int8), acc, out_dtype=tl.int32)
+            iw = ow * STRIDE - PAD + kw * DIL
+            # padded pixels load 0.0, which quantizes to the zero point: the
+            # zero-point term of the epilogue (over every tap) then cancels them
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_row = ob * sxb + ih * sxh + iw * sxw
+            w_col = rn * swn + kh * swh + kw * sww
+            for c0 in range(lo, hi, BLOCK_K):
+                c = c0 + rk
+                c_ok = c < hi
+                a = tl.load(x_ptr + x_row[:, None] + c[None, :] * sxc,
+                            mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                f = w_col[None, :] + c[:, None] * swc  # flat code index, (K, N) tile
+                w_ok = c_ok[:, None] & n_ok[None, :]
+                if PER == 1:
+                    wq = tl.load(w_ptr + f, mask=w_ok, other=0)
+                else:
+                    byte = tl.load(w_ptr + f // PER, mask=w_ok, other=0).to(tl.int32)
+                    width = 8 // PER
+                    wq = (byte >> ((f % PER) * width)) & ((1 << width) - 1)
+                    wq = tl.where(w_ok, wq - (1 << (width - 1)), 0).to(tl.int8)
+                if FP8:
+                    v = tl.minimum(tl.maximum(tl.math.div_rn(a, s), -E4M3_MAX), E4M3_MAX)
+                    e = tl.maximum((v.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
+                    magic = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
+                    a8 = ((v + magic) - magic).to(tl.float8e4nv)
+                    wf = wq.to(tl.float32)
+                    e = tl.maximum((wf.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
+                    magic = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
+                    w8 = ((wf + magic) - magic).to(tl.float8e4nv)
+                    acc = tl.dot(a8, w8, acc, out_dtype=tl.float32)
+                else:
+                    v = tl.minimum(tl.maximum(tl.math.div_rn(a, s), -512.0), 512.0)
+                    q = tl.minimum(tl.maximum((v + RND) - RND + z, 0.0), 255.0) - 128.0
+                    acc = tl.dot(q.to(tl.int8), wq, acc, out_dtype=tl.int32)
         sc = tl.load(scale_ptr + part * N + rn, mask=n_ok, other=0.0)
         be = tl.load(beff_ptr + part * N + rn, mask=n_ok, other=0.0)
-        y = y + (acc.to(tl.float32) * sc[None, :] + be[None, :])
+        if part == 0:
+            y = acc.to(tl.float32) * sc[None, :] + be[None, :]
+        else:
+            y = y + (acc.to(tl.float32) * sc[None, :] + be[None, :])
     out = y_ptr + (ob * syb + oh * syh + ow * syw)[:, None] + rn[None, :] * syn
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -127,21 +142,24 @@ def kernel(device_type: str):
 CPU_BLOCKS = (64, 64, 64, 4, 1)
 
 
-def cuda_blocks(m: int, n: int, k: int) -> tuple:
+def cuda_blocks(m: int, n: int, k: int, parts: int = 1) -> tuple:
     """Tile sizes for an (m x k) @ (k x n) GEMM on the GPU: 128x128x64 tiles in 8 warps,
-    halved in M where few rows would leave most of the GPU's SMs idle."""
+    halved in M where few rows would leave most of the GPU's SMs idle, and in N for a
+    split conv, whose first slice's result stays live beside the second's accumulator
+    (full tiles spilled registers there: tests/test_triton_kernels.py checks none do)."""
     bm = 128 if m >= 2048 else 64
-    bk = 64 if k >= 64 else 32
-    return bm, 128 if n >= 128 else 64, bk, 8 if bm == 128 else 4, 3
+    bn = 128 if n >= 128 and parts == 1 else 64
+    return bm, bn, 64 if k >= 64 else 32, 8, 3
 
 
 def launch(x, w, y, sa, za, scale, beff, geometry: dict, *, per: int, parts: int, fp8: bool,
            blocks: tuple | None = None):
     """Run the kernel.  geometry: M N C H W HO WO SPLIT, the x / weight-code / y strides
-    (in elements, in codes for the weight), KH KW STRIDE PAD DIL."""
+    (in elements, in codes for the weight), KH KW STRIDE PAD DIL.
+    Inside `compiling_for(...)`: compile the CUDA kernel for these arguments instead."""
     g = geometry
-    dev = x.device.type
-    bm, bn, bk, warps, stages = blocks or (CPU_BLOCKS if dev == "cpu" else cuda_blocks(g["M"], g["N"], g["C"]))
+    dev = "cuda" if _COMPILING else x.device.type
+    bm, bn, bk, warps, stages = blocks or (CPU_BLOCKS if dev == "cpu" else cuda_blocks(g["M"], g["N"], g["C"], parts))
     grid = (triton.cdiv(g["M"], bm), triton.cdiv(g["N"], bn))
     args = (x, w, y, sa, za, scale, beff, g["M"], g["N"], g["C"], g["H"], g["W"], g["HO"], g["WO"], g["SPLIT"],
             *g["sx"], *g["sw"], *g["sy"])
@@ -151,5 +169,77 @@ def launch(x, w, y, sa, za, scale, beff, geometry: dict, *, per: int, parts: int
         # no fused multiply-add in the epilogue: acc * scale + beff rounds twice, as
         # the reference computation of the same formula does
         meta.update(num_warps=warps, num_stages=stages, enable_fp_fusion=False)
-    kernel(dev)[grid](*args, **meta)
+    if _COMPILING:
+        build = _COMPILING[-1]
+        build.kernels.append((meta, build.jit.warmup(*args, grid=grid, **meta)))
+    else:
+        kernel(dev)[grid](*args, **meta)
     return y
+
+
+# ---------------------------------------------------------------------------
+# compiling for a GPU that is not here
+# ---------------------------------------------------------------------------
+class _TargetOnlyDriver:
+    """Stands in for the CUDA driver while compiling: a warm-up compile asks the driver
+    only for a device, a stream and the target, and never loads the binary."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+class CudaBuild:
+    """What `compiling_for` compiled: (launch meta, triton CompiledKernel) per launch."""
+
+    def __init__(self, capability: int):
+        self.capability = capability
+        self.jit = triton.jit(_igemm)  # its own compile cache, never the one real launches use
+        self.kernels: list = []
+
+
+_COMPILING: list[CudaBuild] = []
+
+
+@contextlib.contextmanager
+def compiling_for(capability: int = 90):
+    """Within it, every `launch` compiles the CUDA kernel a GPU of compute capability
+    `capability` (90: H100 / H200, 80: A100) would run for the same arguments, with
+    the same specialisation on strides and alignment, and does not run it: CPU
+    tensors stand in for CUDA ones and outputs stay unwritten.  Triton's own
+    compiler and its bundled ptxas do the work, so no GPU is needed: this is how
+    the code the GPU gets is checked (it compiles; registers and spills,
+    `resource_usage`) on any machine.  Yields the CudaBuild."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    build = CudaBuild(capability)
+    before = driver._active
+    driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", capability, 32)))
+    _COMPILING.append(build)
+    try:
+        yield build
+    finally:
+        _COMPILING.pop()
+        driver._active = before
+
+
+def resource_usage(compiled) -> dict:
+    """Registers and stack (spilled registers) per thread, and shared memory per block,
+    of a compiled CUDA kernel, read from its cubin by the cuobjdump Triton ships."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", path], capture_output=True,
+                             text=True, check=True).stdout
+    usage = dict(re.findall(r"(REG|STACK):(\d+)", out))
+    return dict(registers=int(usage["REG"]), stack_bytes=int(usage["STACK"]), shared_bytes=compiled.metadata.shared)
