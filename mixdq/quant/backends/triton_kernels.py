@@ -69,20 +69,23 @@ def _igemm(x_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, scale_ptr, beff_ptr,
             acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         else:
             acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
-        # one loop body for every tap, not KH * KW unrolled copies (each copy's
-        # address vectors stayed live and spilled registers)
-        for tap in range(KH * KW):
-            kh = tap // KW
-            kw = tap % KW
-            ih = oh * STRIDE - PAD + kh * DIL
+        # KW unrolled loops, each over (kh, channel block): a tap column known at
+        # compile time keeps an NCHW input's pixels provably contiguous, so the A tile
+        # loads asynchronously in the software pipeline (with kw a loop variable they
+        # did not), while KH * KW unrolled loops kept too many address vectors live
+        # and spilled registers
+        c_blocks = tl.cdiv(hi - lo, BLOCK_K)
+        for kw in tl.static_range(KW):
             iw = ow * STRIDE - PAD + kw * DIL
-            # padded pixels load 0.0, which quantizes to the zero point: the
-            # zero-point term of the epilogue (over every tap) then cancels them
-            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_row = ob * sxb + ih * sxh + iw * sxw
-            w_col = rn * swn + kh * swh + kw * sww
-            for c0 in range(lo, hi, BLOCK_K):
-                c = c0 + rk
+            for it in range(KH * c_blocks):
+                kh = it // c_blocks
+                ih = oh * STRIDE - PAD + kh * DIL
+                # padded pixels load 0.0, which quantizes to the zero point: the
+                # zero-point term of the epilogue (over every tap) then cancels them
+                row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x_row = ob * sxb + ih * sxh + iw * sxw
+                w_col = rn * swn + kh * swh + kw * sww
+                c = lo + (it % c_blocks) * BLOCK_K + rk
                 c_ok = c < hi
                 a = tl.load(x_ptr + x_row[:, None] + c[None, :] * sxc,
                             mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
@@ -142,14 +145,16 @@ def kernel(device_type: str):
 CPU_BLOCKS = (64, 64, 64, 4, 1)
 
 
-def cuda_blocks(m: int, n: int, k: int, parts: int = 1) -> tuple:
+def cuda_blocks(m: int, n: int, k: int, parts: int = 1, per: int = 1) -> tuple:
     """Tile sizes for an (m x k) @ (k x n) GEMM on the GPU: 128x128x64 tiles in 8 warps,
-    halved in M where few rows would leave most of the GPU's SMs idle, and in N for a
-    split conv, whose first slice's result stays live beside the second's accumulator
-    (full tiles spilled registers there: tests/test_triton_kernels.py checks none do)."""
+    3 pipeline stages; halved in M where few rows would leave most of the GPU's SMs
+    idle, and in N for a split conv, whose first slice's result stays live beside the
+    second's accumulator; 2 stages for packed 2-4-bit codes, whose unpacking needs the
+    registers a third stage takes.  Each halving removed register spills that the
+    full configuration had on sm_90 (tests/test_triton_kernels.py checks none spill)."""
     bm = 128 if m >= 2048 else 64
     bn = 128 if n >= 128 and parts == 1 else 64
-    return bm, bn, 64 if k >= 64 else 32, 8, 3
+    return bm, bn, 64 if k >= 64 else 32, 8, 3 if per == 1 else 2
 
 
 def launch(x, w, y, sa, za, scale, beff, geometry: dict, *, per: int, parts: int, fp8: bool,
@@ -159,7 +164,7 @@ def launch(x, w, y, sa, za, scale, beff, geometry: dict, *, per: int, parts: int
     Inside `compiling_for(...)`: compile the CUDA kernel for these arguments instead."""
     g = geometry
     dev = "cuda" if _COMPILING else x.device.type
-    bm, bn, bk, warps, stages = blocks or (CPU_BLOCKS if dev == "cpu" else cuda_blocks(g["M"], g["N"], g["C"], parts))
+    bm, bn, bk, warps, stages = blocks or (CPU_BLOCKS if dev == "cpu" else cuda_blocks(g["M"], g["N"], g["C"], parts, per))
     grid = (triton.cdiv(g["M"], bm), triton.cdiv(g["N"], bn))
     args = (x, w, y, sa, za, scale, beff, g["M"], g["N"], g["C"], g["H"], g["W"], g["HO"], g["WO"], g["SPLIT"],
             *g["sx"], *g["sw"], *g["sy"])
