@@ -74,7 +74,7 @@ def _igemm(x_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, scale_ptr, beff_ptr,
         # loads asynchronously in the software pipeline (with kw a loop variable they
         # did not), while KH * KW unrolled loops kept too many address vectors live
         # and spilled registers
-        c_blocks = tl.cdiv(hi - lo, BLOCK_K)
+        c_blocks = (hi - lo + BLOCK_K - 1) // BLOCK_K  # not tl.cdiv: a jit function, which the interpreter cannot call
         for kw in tl.static_range(KW):
             iw = ow * STRIDE - PAD + kw * DIL
             for it in range(KH * c_blocks):
@@ -149,12 +149,13 @@ def cuda_blocks(m: int, n: int, k: int, parts: int = 1, per: int = 1) -> tuple:
     """Tile sizes for an (m x k) @ (k x n) GEMM on the GPU: 128x128x64 tiles in 8 warps,
     3 pipeline stages; halved in M where few rows would leave most of the GPU's SMs
     idle, and in N for a split conv, whose first slice's result stays live beside the
-    second's accumulator; 2 stages for packed 2-4-bit codes, whose unpacking needs the
-    registers a third stage takes.  Each halving removed register spills that the
-    full configuration had on sm_90 (tests/test_triton_kernels.py checks none spill)."""
+    second's accumulator; 32 wide in 4 warps for a few output channels (conv_out's 4);
+    2 stages for packed 2-4-bit codes, whose unpacking needs the registers a third
+    stage takes.  Each exception removed register spills that the full configuration
+    had on sm_90 or sm_80 (tests/test_triton_kernels.py checks that none spill)."""
     bm = 128 if m >= 2048 else 64
-    bn = 128 if n >= 128 and parts == 1 else 64
-    return bm, bn, 64 if k >= 64 else 32, 8, 3 if per == 1 else 2
+    bn = 32 if n <= 32 else 128 if n >= 128 and parts == 1 else 64
+    return bm, bn, 64 if k >= 64 else 32, 4 if bn == 32 else 8, 3 if per == 1 else 2
 
 
 def launch(x, w, y, sa, za, scale, beff, geometry: dict, *, per: int, parts: int, fp8: bool,
