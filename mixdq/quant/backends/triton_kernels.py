@@ -41,7 +41,7 @@ def _igemm(x_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, scale_ptr, beff_ptr,
            M, N, C, H, W, HO, WO, SPLIT,
            sxb, sxc, sxh, sxw, swn, swc, swh, sww, syb, syn, syh, syw,
            KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-           DIL: tl.constexpr, PER: tl.constexpr, PARTS: tl.constexpr, FP8: tl.constexpr,
+           DIL: tl.constexpr, PER: tl.constexpr, PARTS: tl.constexpr, FP8: tl.constexpr, TAP_INNER: tl.constexpr,
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Output pixel m = ((b * HO) + oh) * WO + ow; a linear is B = M rows of 1x1 pixels.
     # Input channels [0, SPLIT) and [SPLIT, C) are the PARTS slices, each with its
@@ -69,28 +69,49 @@ def _igemm(x_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, scale_ptr, beff_ptr,
             acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         else:
             acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
-        # KW unrolled loops, each over (kh, channel block): a tap column known at
-        # compile time keeps an NCHW input's pixels provably contiguous, so the A tile
-        # loads asynchronously in the software pipeline (with kw a loop variable they
-        # did not), while KH * KW unrolled loops kept too many address vectors live
-        # and spilled registers
-        c_blocks = (hi - lo + BLOCK_K - 1) // BLOCK_K  # not tl.cdiv: a jit function, which the interpreter cannot call
-        for kw in tl.static_range(KW):
-            iw = ow * STRIDE - PAD + kw * DIL
-            for it in range(KH * c_blocks):
-                kh = it // c_blocks
-                ih = oh * STRIDE - PAD + kh * DIL
+        # Two orders of the reduction index k over (channel c, tap kh kw):
+        # TAP_INNER (NCHW convs with taps): k = c * KH * KW + tap, the order of the
+        # OIHW weight, so a weight tile is contiguous along k and loads in vectors
+        # (with taps outer its bytes sat KH * KW apart and loaded one by one); an
+        # activation tile then steps through pixels along m, still contiguous.
+        # Otherwise (linears, 1x1 convs, channels_last inputs): KW unrolled loops,
+        # each over (kh, channel block), so the channels a tile reads are contiguous;
+        # a tap column known at compile time keeps an NCHW 1x1 input's pixels
+        # provably contiguous for the asynchronous loads, and fewer unrolled copies
+        # keep registers from spilling (KH * KW copies did).
+        taps = KH * KW
+        c_blocks = (hi - lo + BLOCK_K - 1) // BLOCK_K  # not tl.cdiv: the interpreter cannot call it
+        if TAP_INNER:
+            steps = ((hi - lo) * taps + BLOCK_K - 1) // BLOCK_K
+        else:
+            steps = KH * c_blocks
+        for kw0 in tl.static_range(1 if TAP_INNER else KW):
+            for it in range(steps):
+                if TAP_INNER:
+                    k = lo * taps + it * BLOCK_K + rk
+                    k_ok = k < hi * taps
+                    c = k // taps
+                    kh = (k % taps) // KW
+                    kw = k % KW
+                    ih = oh[:, None] * STRIDE - PAD + kh[None, :] * DIL
+                    iw = ow[:, None] * STRIDE - PAD + kw[None, :] * DIL
+                    x_off = (ob * sxb)[:, None] + ih * sxh + iw * sxw + (c * sxc)[None, :]
+                    f = rn[None, :] * swn + k[:, None]  # flat code index, (K, N) tile
+                else:
+                    kh = it // c_blocks
+                    c = lo + (it % c_blocks) * BLOCK_K + rk
+                    k_ok = c < hi
+                    ih1 = oh * STRIDE - PAD + kh * DIL
+                    iw1 = ow * STRIDE - PAD + kw0 * DIL
+                    x_off = (ob * sxb + ih1 * sxh + iw1 * sxw)[:, None] + c[None, :] * sxc
+                    f = (rn * swn + kh * swh + kw0 * sww)[None, :] + c[:, None] * swc
+                    ih = ih1[:, None]
+                    iw = iw1[:, None]
                 # padded pixels load 0.0, which quantizes to the zero point: the
                 # zero-point term of the epilogue (over every tap) then cancels them
-                row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                x_row = ob * sxb + ih * sxh + iw * sxw
-                w_col = rn * swn + kh * swh + kw * sww
-                c = lo + (it % c_blocks) * BLOCK_K + rk
-                c_ok = c < hi
-                a = tl.load(x_ptr + x_row[:, None] + c[None, :] * sxc,
-                            mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                f = w_col[None, :] + c[:, None] * swc  # flat code index, (K, N) tile
-                w_ok = c_ok[:, None] & n_ok[None, :]
+                a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(x_ptr + x_off, mask=a_ok, other=0.0).to(tl.float32)
+                w_ok = k_ok[:, None] & n_ok[None, :]
                 if PER == 1:
                     wq = tl.load(w_ptr + f, mask=w_ok, other=0)
                 else:
@@ -150,12 +171,14 @@ def cuda_blocks(m: int, n: int, k: int, parts: int = 1, per: int = 1) -> tuple:
     3 pipeline stages; halved in M where few rows would leave most of the GPU's SMs
     idle, and in N for a split conv, whose first slice's result stays live beside the
     second's accumulator; 32 wide in 4 warps for a few output channels (conv_out's 4);
-    2 stages for packed 2-4-bit codes, whose unpacking needs the registers a third
-    stage takes.  Each exception removed register spills that the full configuration
-    had on sm_90 or sm_80 (tests/test_triton_kernels.py checks that none spill)."""
+    32 deep in 2 stages for packed 2-4-bit codes, whose unpacking needs the registers
+    that deeper tiles and a third stage take.  Each exception removed register spills
+    that the full configuration had on sm_90 or sm_80 (tests/test_triton_kernels.py
+    checks that none spill)."""
     bm = 128 if m >= 2048 else 64
     bn = 32 if n <= 32 else 128 if n >= 128 and parts == 1 else 64
-    return bm, bn, 64 if k >= 64 else 32, 4 if bn == 32 else 8, 3 if per == 1 else 2
+    bk = 64 if k >= 64 and per == 1 else 32
+    return bm, bn, bk, 4 if bn == 32 else 8, 3 if per == 1 else 2
 
 
 def launch(x, w, y, sa, za, scale, beff, geometry: dict, *, per: int, parts: int, fp8: bool,
@@ -170,7 +193,7 @@ def launch(x, w, y, sa, za, scale, beff, geometry: dict, *, per: int, parts: int
     args = (x, w, y, sa, za, scale, beff, g["M"], g["N"], g["C"], g["H"], g["W"], g["HO"], g["WO"], g["SPLIT"],
             *g["sx"], *g["sw"], *g["sy"])
     meta = dict(KH=g["KH"], KW=g["KW"], STRIDE=g["STRIDE"], PAD=g["PAD"], DIL=g["DIL"], PER=per, PARTS=parts,
-                FP8=fp8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                FP8=fp8, TAP_INNER=g["KH"] * g["KW"] > 1 and g["sx"][1] != 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     if dev == "cuda":
         # no fused multiply-add in the epilogue: acc * scale + beff rounds twice, as
         # the reference computation of the same formula does
