@@ -41,7 +41,8 @@ def _igemm(x_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, scale_ptr, beff_ptr,
            M, N, C, H, W, HO, WO, SPLIT,
            sxb, sxc, sxh, sxw, swn, swc, swh, sww, syb, syn, syh, syw,
            KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-           DIL: tl.constexpr, PER: tl.constexpr, PARTS: tl.constexpr, FP8: tl.constexpr, TAP_INNER: tl.constexpr,
+           DIL: tl.constexpr, PER: tl.constexpr, PARTS: tl.constexpr, FP8: tl.constexpr,
+           TAP_INNER: tl.constexpr,
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Output pixel m = ((b * HO) + oh) * WO + ow; a linear is B = M rows of 1x1 pixels.
     # Input channels [0, SPLIT) and [SPLIT, C) are the PARTS slices, each with its
@@ -188,12 +189,16 @@ def launch(x, w, y, sa, za, scale, beff, geometry: dict, *, per: int, parts: int
     Inside `compiling_for(...)`: compile the CUDA kernel for these arguments instead."""
     g = geometry
     dev = "cuda" if _COMPILING else x.device.type
-    bm, bn, bk, warps, stages = blocks or (CPU_BLOCKS if dev == "cpu" else cuda_blocks(g["M"], g["N"], g["C"], parts, per))
+    if blocks is None:
+        blocks = CPU_BLOCKS if dev == "cpu" else cuda_blocks(g["M"], g["N"], g["C"], parts, per)
+    bm, bn, bk, warps, stages = blocks
     grid = (triton.cdiv(g["M"], bm), triton.cdiv(g["N"], bn))
     args = (x, w, y, sa, za, scale, beff, g["M"], g["N"], g["C"], g["H"], g["W"], g["HO"], g["WO"], g["SPLIT"],
             *g["sx"], *g["sw"], *g["sy"])
+    # taps inner where the input's channels are not contiguous (NCHW convs): see the kernel
+    tap_inner = g["KH"] * g["KW"] > 1 and g["sx"][1] != 1
     meta = dict(KH=g["KH"], KW=g["KW"], STRIDE=g["STRIDE"], PAD=g["PAD"], DIL=g["DIL"], PER=per, PARTS=parts,
-                FP8=fp8, TAP_INNER=g["KH"] * g["KW"] > 1 and g["sx"][1] != 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                FP8=fp8, TAP_INNER=tap_inner, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     if dev == "cuda":
         # no fused multiply-add in the epilogue: acc * scale + beff rounds twice, as
         # the reference computation of the same formula does
