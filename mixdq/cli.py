@@ -177,7 +177,8 @@ def _say_what_the_analysis_costs(pipe, cal, args) -> None:
     if args.recompute or args.layers or args.weight_bits or args.act_bits or args.cache_dir:
         return   # a custom analysis: the default one's count would mislead
     found = find_sensitivity(pipe, cal)
-    if found.source == "none" and found.todo:
+    # a table measured in another dtype or device is no measurement of this one: still say the cost
+    if (found.source == "none" or found.measured_as) and found.todo:
         estimate = estimate_analysis(pipe, cal, found.todo)
         _log(f"sensitivity: {estimate.message}" + ("; starting anyway, as asked (resumable: stop with Ctrl-C "
                                                     "and rerun to continue)" if estimate.gpu_job else ""))

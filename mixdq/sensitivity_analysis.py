@@ -14,7 +14,7 @@ Which layers are "content" is decided by one named function, `layer_group` (over
 
 Never twice.  Every measurement is appended (and flushed) to a JSON-lines file in a cache
 folder keyed by what determines the numbers: the model's weights and configs, the calibration
-prompts, seed, steps, guidance, resolution, and CODE_VERSION.  A rerun reads the folder and
+prompts, seed, steps, guidance, resolution, the dtype and device type, and CODE_VERSION.  A rerun reads the folder and
 only computes what is missing: an interrupted run resumes; an identical rerun computes
 nothing (it does not even run the float pipeline).  The key deliberately leaves out the
 candidate bits and the layer list, so asking for an extra bit-width later only computes that.
@@ -135,9 +135,10 @@ def _atomic_write(path: Path, text: str) -> None:
 # what it computes: a copy of the model in another folder must keep its fingerprint, or the
 # shipped sensitivity table (matched by it) is lost on every clone.  Diffusers writes
 # `_name_or_path`, `_diffusers_version`, `_use_default_values`; transformers `_name_or_path`,
-# `_commit_hash`, `_attn_implementation*` and `transformers_version`.  `_class_name` says which
-# model it is and stays.
-_LOADER_KEYS = frozenset({"transformers_version"})
+# `_commit_hash`, `_attn_implementation*`, `transformers_version` and `dtype` (`torch_dtype` in
+# older releases: the dtype it was loaded in, float16 on a GPU, which would split one model's
+# fingerprint by device).  `_class_name` says which model it is and stays.
+_LOADER_KEYS = frozenset({"transformers_version", "dtype", "torch_dtype"})
 
 
 def _identity_config(cfg) -> dict:
@@ -148,11 +149,20 @@ def _identity_config(cfg) -> dict:
 
 
 def model_fingerprint(pipe) -> str:
-    """Hash of what makes this pipeline produce its images: every component's config (without
-    paths and loader metadata) and weights (each tensor's name, shape, dtype and up to 65536
-    evenly strided values, so a fine-tune or a fused LoRA changes it while hashing SDXL stays
-    quick), and the scheduler's class and config.  Not where the model was loaded from, nor
-    anything about the machine: the same files give the same fingerprint everywhere."""
+    """Hash of which model this is: every component's config (without paths and loader
+    metadata) and weights (each tensor's name, shape and up to 65536 evenly strided values, so
+    a fine-tune or a fused LoRA changes it while hashing SDXL stays quick), and the scheduler's
+    class and config.  Not where the model was loaded from, nor in what dtype or on which
+    device: the cache key adds those, since they change the measurements.
+
+    Floating-point values are hashed rounded to float16, so the same files loaded in float32
+    or float16 (a GPU's default, or a hub model's fp16 variant when that is its float32
+    weights rounded), on a CPU or any device, give the same fingerprint: float32 holds float16
+    values exactly and the load rounds to nearest, as the hash does.  bfloat16 keeps fewer
+    mantissa bits than float16, so a bfloat16 load of float32 or float16 files is other
+    (coarser) weights with another fingerprint; files stored in bfloat16 give one fingerprint
+    in all three dtypes.  Weights that differ only below float16's resolution (2^-11 relative;
+    6e-8 near zero, where float16 is subnormal) or outside the sampled values share one."""
     h = hashlib.sha256()
     for comp in ("unet", "text_encoder", "text_encoder_2", "vae"):
         m = getattr(pipe, comp, None)
@@ -161,13 +171,15 @@ def model_fingerprint(pipe) -> str:
         h.update(comp.encode())
         h.update(json.dumps(_identity_config(getattr(m, "config", {})), sort_keys=True, default=str).encode())
         for name, t in m.state_dict().items():
-            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(f"{name}{tuple(t.shape)}".encode())
             if t.is_meta:   # a model built without weights (planning) is its shapes alone
                 continue
             flat = t.detach().reshape(-1)
             if flat.numel() > 65536:
                 flat = flat[:: flat.numel() // 65536 + 1]
-            h.update(flat.to("cpu", torch.float32).numpy().tobytes())
+            # integer buffers (position ids) keep their dtype whatever the load: hash them exactly
+            flat = flat.to("cpu", torch.float16 if flat.is_floating_point() else torch.int64)
+            h.update(flat.numpy().tobytes())
     sched = getattr(pipe, "scheduler", None)
     if sched is not None:
         h.update(type(sched).__name__.encode())
@@ -175,14 +187,22 @@ def model_fingerprint(pipe) -> str:
     return h.hexdigest()
 
 
+def key_of(inputs: Mapping) -> str:
+    """The cache key of `cache_key`'s inputs (also of inputs edited to another dtype or device,
+    to recognise a table measured there)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def cache_key(pipe, calibration) -> tuple[str, dict]:
+    """(key, inputs): what determines the measurements, and its hash, the cache folder's name.
+    The UNet's dtype and device type are in it: a float16 GPU measurement and a float32 CPU one
+    of the same model (one fingerprint) are different numbers and stay in different folders."""
     settings = calibration.settings(pipe)
     inputs = {"code_version": CODE_VERSION, "model": model_fingerprint(pipe),
               "prompts": list(calibration.prompts), "seed": calibration.seed,
               "settings": {k: settings[k] for k in sorted(settings)},
               "dtype": str(pipe.unet.dtype), "device_type": pipe.unet.device.type}
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
-    return key, inputs
+    return key_of(inputs), inputs
 
 
 def _read_results(folder: Path) -> dict[tuple[str, str, int], dict[str, float]]:

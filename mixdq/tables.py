@@ -1,15 +1,17 @@
 """Which sensitivity table a pipeline gets: the one shipped in presets/ for this exact
-model and calibration, else a complete one in the cache, else one published for this
+model and calibration, else a complete one in the cache, else one shipped for this model and
+calibration but measured in another dtype or on another device, else one published for this
 model by someone else (presets/sdxl-turbo/sensitivity.json: the MixDQ authors'), else
 (load_sensitivity only) one measured now.  The CLI and the app ask here, so they agree.
 
-Two kinds of identity.  A table measured here carries the model's weight fingerprint and
-its calibration's cache key, and only that exact key matches.  A table measured elsewhere
-for a published model (meta["identity"]: hub id + architecture hash, see mixdq.published)
-matches a pipeline of the same architecture (mixdq.architectures.architecture_hash) and
-calibration settings, unless the pipeline is known to be another model (another hub id, or
-a fused LoRA); whoever uses it is told where it comes from and that a fine-tune should be
-measured itself."""
+Two kinds of identity.  A table measured here carries the model's weight fingerprint (the
+same in float32 and float16, on any device) and its calibration's cache key (which includes
+the dtype and device type); the exact key matches, and so does the key recomputed with the
+dtype and device the table records.  A table measured by others for a published model
+(meta["identity"]: hub id + architecture hash, see mixdq.published) matches a pipeline of the
+same architecture (mixdq.architectures.architecture_hash) and calibration settings, unless the
+pipeline is known to be another model (another hub id, or a fused LoRA); whoever uses it is
+told where it comes from and that a fine-tune should be measured itself."""
 from __future__ import annotations
 
 import json
@@ -20,7 +22,7 @@ from .calibrate import Calibration
 from .published import is_published, origin_text, published_message
 from .resources import shipped
 from .sensitivity_analysis import (DEFAULT_ACT_BITS, DEFAULT_WEIGHT_BITS, Sensitivity, _candidates, _jobs, _read_results,
-                          cache_key, cache_root, layer_group, metrics_for, sensitivity)
+                          cache_key, cache_root, key_of, layer_group, metrics_for, sensitivity)
 
 
 @dataclass
@@ -28,35 +30,38 @@ class SensitivityLookup:
     """What `find_sensitivity` found: the table or None, where it came from ("shipped",
     "cached", "published" or "none"), and one line for the user saying so (for "published":
     who measured it, where, and that a fine-tune should be measured with `mixdq sensitivity`).
+    `measured_as` ("cpu in float32"): where and in what a shipped table was measured, when that
+    is not this pipeline's device and dtype (None otherwise).
     For "none": `shipped_note` says why the shipped table measured for this model does not
     apply (if there is one), `shipped_flags` the command-line flags that would select its
-    calibration, and `todo` how many evaluations the analysis still has to run."""
+    calibration.  For "none" and a table measured elsewhere: `todo`, how many evaluations the
+    analysis here (in this dtype, on this device) still has to run."""
     table: object | None          # mixdq.sensitivity_analysis.Sensitivity
     source: str
     message: str
     shipped_note: str | None = None
     shipped_flags: str | None = None
     todo: int | None = None
+    measured_as: str | None = None
 
 
-def _calibration_fields(prompts, seed, settings, dtype=None, device_type=None) -> dict:
+def _calibration_fields(prompts, seed, settings) -> dict:
+    # not the dtype nor the device: a table measured in another one is taken (see find_sensitivity)
     out = {"prompts": prompts, "seed": seed, "steps": settings.get("num_inference_steps"),
            "guidance": settings.get("guidance_scale"), "height": settings.get("height"),
-           "width": settings.get("width"), "dtype": dtype, "device": device_type}
+           "width": settings.get("width")}
     return {k: v for k, v in out.items() if v is not None}
 
 
 _CALIBRATION_FLAGS = {"prompts": "--prompts", "seed": "--seed", "steps": "--steps", "guidance": "--guidance",
-                      "height": "--resolution", "width": "--resolution", "device": "--device"}
+                      "height": "--resolution", "width": "--resolution"}
 
 
 def _shipped_mismatch(meta: dict, key: str, inputs: dict, name: str) -> tuple[str, str | None]:
     """Why a shipped table measured for this model does not fit this calibration (field by
     field, as far as its meta records them), and the flags that would select its calibration."""
-    theirs = _calibration_fields(meta.get("prompts"), meta.get("seed"), meta.get("settings") or {},
-                                 meta.get("dtype"), meta.get("device_type"))
-    yours = _calibration_fields(len(inputs["prompts"]), inputs["seed"], inputs["settings"],
-                                inputs["dtype"], inputs["device_type"])
+    theirs = _calibration_fields(meta.get("prompts"), meta.get("seed"), meta.get("settings") or {})
+    yours = _calibration_fields(len(inputs["prompts"]), inputs["seed"], inputs["settings"])
     diff = [k for k in theirs if theirs[k] != yours.get(k)]
     if diff:
         how = "with " + ", ".join(f"{k} {theirs[k]} (yours {yours.get(k)})" for k in diff)
@@ -69,6 +74,25 @@ def _shipped_mismatch(meta: dict, key: str, inputs: dict, name: str) -> tuple[st
     else:
         how, flags = "with a calibration it does not record (no cache key in its meta)", None
     return f"the shipped {name} was measured for this model {how}", flags
+
+
+def _dtype_name(dtype: str) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _measured_elsewhere(meta: dict, inputs: dict) -> tuple[str, str] | None:
+    """(device type, dtype), e.g. ("cpu", "float32"), if the table was measured for exactly
+    these inputs but in another dtype or on another device type: its key is this pipeline's
+    inputs with the dtype and device it records, hashed.  None if it was not (or does not
+    record them)."""
+    dtype, device = meta.get("dtype"), meta.get("device_type")
+    if not (isinstance(dtype, str) and isinstance(device, str) and meta.get("key")):
+        return None
+    if (dtype, device) == (inputs["dtype"], inputs["device_type"]):
+        return None   # the same dtype and device with another key: another calibration
+    if key_of({**inputs, "dtype": dtype, "device_type": device}) != meta["key"]:
+        return None
+    return device, _dtype_name(dtype)
 
 
 def _tables(presets_dir):
@@ -118,17 +142,27 @@ def _published_fits(pipe, meta: dict, inputs: dict, architecture: str, name: str
 
 
 def find_sensitivity(pipe, calibration=None, presets_dir=None) -> SensitivityLookup:
-    """The sensitivity table for this model and calibration, without measuring anything: the
-    shipped one in presets/ if it was measured for exactly these (the same cache key), else a
-    complete one in the on-disk cache, else one published for this model's architecture by
-    someone else (see the module doc), else none (`message` says why, and what is cached)."""
+    """The sensitivity table for this model and calibration, without measuring anything, first
+    found of:
+
+    1. shipped in presets/ for exactly these (the same cache key: model, calibration, dtype,
+       device type);
+    2. complete in the on-disk cache (measured here, in this dtype on this device);
+    3. shipped for this model and calibration but measured in another dtype or on another
+       device (its key recomputed with the dtype and device its meta records), source
+       "shipped", the message saying where and in what (`measured_as`).  A cache measured in
+       yours comes first: it is the same question answered without the float rounding in
+       between, and `mixdq sensitivity`, which the message suggests, leaves exactly that;
+    4. published for this model's architecture by someone else (see the module doc): matched
+       by architecture, not by these weights, so after a table measured for them;
+    5. none (`message` says why, and what is cached)."""
     from .architectures import architecture_hash
     from .quant import quantizable_layers
 
     calibration = calibration or Calibration.default(pipe)
     key, inputs = cache_key(pipe, calibration)
     note = flags = None
-    published = None
+    published = elsewhere = None
     architecture = None
     for name, data in _tables(presets_dir):
         meta = data.get("meta") or {}
@@ -147,6 +181,11 @@ def find_sensitivity(pipe, calibration=None, presets_dir=None) -> SensitivityLoo
         if meta.get("key") == key:
             return SensitivityLookup(Sensitivity.from_dict(data), "shipped",
                                      f"shipped {name}, measured for this model and calibration")
+        measured_as = _measured_elsewhere(meta, inputs)
+        if measured_as is not None:
+            if elsewhere is None:
+                elsewhere = (name, data, measured_as)
+            continue
         note, flags = _shipped_mismatch(meta, key, inputs, name)
     folder = cache_root() / key
     prefix = f"{note}; " if note else ""
@@ -164,6 +203,14 @@ def find_sensitivity(pipe, calibration=None, presets_dir=None) -> SensitivityLoo
         # measured here for these very weights: better than anyone's published table
         return SensitivityLookup(sensitivity(pipe, calibration, progress=False), "cached",
                                  f"cached in {folder}")
+    if elsewhere is not None:
+        name, data, (device, dtype) = elsewhere
+        yours = f"{inputs['device_type']}, {_dtype_name(inputs['dtype'])}"
+        return SensitivityLookup(Sensitivity.from_dict(data), "shipped",
+                                 f"shipped {name}, measured for this model and calibration on {device} in {dtype} "
+                                 f"(yours: {yours}): per-layer scores transfer up to float rounding; "
+                                 f"`mixdq sensitivity` measures your own",
+                                 todo=todo, measured_as=f"{device} in {dtype}")
     if published is not None:
         name, data = published
         return SensitivityLookup(Sensitivity.from_dict(data), "published", published_message(data["meta"], name))
@@ -190,8 +237,9 @@ def find_published(model_id: str, presets_dir=None) -> SensitivityLookup:
 
 
 def cached_sensitivity(pipe, calibration=None, presets_dir=None):
-    """The sensitivity table if it is shipped in presets/ for this exact model and calibration
-    or already complete on disk, else None.  Never starts the (long) analysis itself."""
+    """The sensitivity table `find_sensitivity` finds (shipped in presets/ for this model and
+    calibration, complete on disk, or published for this model), else None.  Never starts the
+    (long) analysis itself."""
     return find_sensitivity(pipe, calibration, presets_dir).table
 
 

@@ -10,7 +10,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 import mixdq  # noqa: E402
-from test_measure import SMALL_CAL, shipped_like, synthetic_sensitivity  # noqa: E402
+from test_measure import SMALL_CAL, shipped_elsewhere, shipped_like, synthetic_sensitivity  # noqa: E402
 
 
 def free_port() -> int:
@@ -295,6 +295,11 @@ def test_header_says_where_the_sensitivity_came_from(tiny_sdxl_pipe, tmp_path, m
 
     session, text = header(cal, tmp_path / "presets")
     assert "sensitivity shipped ✓" in text and "cached" not in text and session.sens_source == "shipped"
+    assert "measured on" not in text
+    # measured for this model and calibration, but on a GPU in float16: taken, and said so
+    shipped_elsewhere(pipe, cal, tmp_path / "elsewhere")
+    session, text = header(cal, tmp_path / "elsewhere")
+    assert "sensitivity shipped ✓ (measured on cuda in float16)" in text and session.allocator is not None
     session, text = header(dataclasses.replace(cal, seed=5), tmp_path / "presets")
     assert session.allocator is None
     assert "sensitivity not yet measured (the shipped table is another calibration's)" in text

@@ -1,5 +1,6 @@
 """mixdq.measure: the numbers the app shows, measured."""
 import math
+from pathlib import Path
 
 import pytest
 
@@ -165,6 +166,30 @@ def shipped_like(pipe, cal, folder, **meta):
     return sens
 
 
+def shipped_elsewhere(pipe, cal, folder, dtype="torch.float16", device_type="cuda", **meta):
+    """`shipped_like`, as if measured in `dtype` on `device_type`: its key is the key there."""
+    from mixdq.sensitivity_analysis import cache_key, key_of
+
+    _, inputs = cache_key(pipe, cal)
+    key = key_of({**inputs, "dtype": dtype, "device_type": device_type})
+    return shipped_like(pipe, cal, folder, key=key, dtype=dtype, device_type=device_type, **meta)
+
+
+def complete_cache(pipe, cal, table) -> Path:
+    """The on-disk cache of `pipe` under `cal` as a finished analysis leaves it, with `table`'s scores."""
+    import json
+
+    from mixdq.sensitivity_analysis import cache_key, cache_root
+
+    folder = cache_root() / cache_key(pipe, cal)[0]
+    folder.mkdir(parents=True)
+    (folder / "model.json").write_text(json.dumps({"act_numel": table.act_numel, "images": [2, 3, 16, 16]}))
+    (folder / "results.json").write_text(json.dumps(
+        [{"layer": n, "kind": kind, "bits": b, "metrics": m}
+         for kind, per in table.scores.items() for n, bits in per.items() for b, m in bits.items()]))
+    return folder
+
+
 def test_shipped_sensitivity_is_used_only_for_its_own_model(tiny_sdxl_pipe, tmp_path, monkeypatch):
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path / "empty-cache"))
     cal = mixdq.Calibration(SMALL_CAL, batch_size=2)
@@ -217,3 +242,49 @@ def test_shipped_sensitivity_is_used_only_for_its_own_calibration(tiny_sdxl_pipe
     shipped_like(tiny_sdxl_pipe, cal, tmp_path / "old", key=None)
     found = tables.find_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path / "old")
     assert found.table is None and "no cache key" in found.shipped_note
+
+
+def test_shipped_sensitivity_measured_in_another_dtype_or_device(tiny_sdxl_pipe, tmp_path, monkeypatch):
+    """A table shipped for this model and calibration, measured in float16 on a GPU, is taken
+    on this float32 CPU pipeline (and said so); its key is checked as recomputed for the dtype
+    and device it records, so another calibration there is still not taken; a complete cache
+    measured here comes first."""
+    import dataclasses
+
+    from mixdq import sensitivity_analysis as S
+
+    def no_analysis(*a, **k):
+        raise AssertionError("find_sensitivity must never measure")
+
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path / "empty-cache"))
+    cal = mixdq.Calibration(SMALL_CAL, batch_size=2)
+    presets = tmp_path / "presets"
+    sens = shipped_elsewhere(tiny_sdxl_pipe, cal, presets)
+    with monkeypatch.context() as m:
+        m.setattr(S, "sensitivity", no_analysis)
+        found = tables.find_sensitivity(tiny_sdxl_pipe, cal, presets_dir=presets)
+    assert found.source == "shipped" and found.table.scores == sens.scores
+    assert found.message == (f"shipped {presets / 'sensitivity.json'}, measured for this model and calibration on "
+                             "cuda in float16 (yours: cpu, float32): per-layer scores transfer up to float "
+                             "rounding; `mixdq sensitivity` measures your own")
+    assert found.measured_as == "cuda in float16" and found.shipped_note is None and found.todo > 0
+    # the exact key says nothing of elsewhere
+    shipped_like(tiny_sdxl_pipe, cal, tmp_path / "here")
+    assert tables.find_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path / "here").measured_as is None
+    # measured there with another seed: another calibration, and the note names it, not the dtype
+    other = dataclasses.replace(cal, seed=5)
+    found = tables.find_sensitivity(tiny_sdxl_pipe, other, presets_dir=presets)
+    assert found.table is None and found.source == "none"
+    assert found.shipped_note.endswith("was measured for this model with seed 0 (yours 5)")
+    assert found.shipped_flags == "--seed 0"
+    # a key that is not this calibration's in the dtype and device the table records: not taken
+    shipped_like(tiny_sdxl_pipe, cal, tmp_path / "forged", key="0" * 20, dtype="torch.float16", device_type="cuda")
+    found = tables.find_sensitivity(tiny_sdxl_pipe, cal, presets_dir=tmp_path / "forged")
+    assert found.table is None and "other calibration prompts" in found.shipped_note
+    # a complete cache in this pipeline's own dtype and device wins over the transferred table
+    mine = synthetic_sensitivity(tiny_sdxl_pipe.unet)
+    mine.scores["weight"][mine.layers[0]][8]["sqnr"] += 1.0
+    folder = complete_cache(tiny_sdxl_pipe, cal, mine)
+    found = tables.find_sensitivity(tiny_sdxl_pipe, cal, presets_dir=presets)
+    assert found.source == "cached" and found.message == f"cached in {folder}" and found.measured_as is None
+    assert found.table.scores["weight"][mine.layers[0]][8]["sqnr"] == mine.scores["weight"][mine.layers[0]][8]["sqnr"]

@@ -304,3 +304,43 @@ def test_embedded_model_copied_elsewhere_finds_the_shipped_table(tmp_path, monke
     got = tables.cached_sensitivity(there, cal)
     assert got is not None and got.scores == S.Sensitivity.from_dict(shipped).scores
     assert not (tmp_path / "empty-cache" / "sensitivity").exists()
+
+
+def test_embedded_model_in_float16_is_the_same_model_and_finds_the_shipped_table(tmp_path, monkeypatch):
+    """A GPU loads the embedded model in float16 (loading.default_dtype): the same weights,
+    so the same fingerprint as the float32 CPU load and the shipped table (measured on a CPU
+    in float32) is taken, saying so; the cache key still tells the two measurements apart; a
+    fine-tune of one weight is another model."""
+    from mixdq.loading import EMBEDDED
+
+    if not (EMBEDDED / "model_index.json").is_file():
+        pytest.skip("the embedded model is not in assets/")
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path / "empty-cache"))
+    f32 = mixdq.load_pipeline(None, device="cpu", dtype=torch.float32)
+    f16 = mixdq.load_pipeline(None, device="cpu", dtype=torch.float16)
+    assert f16.unet.dtype == torch.float16 and f16.text_encoder.dtype == torch.float16
+    fp = S.model_fingerprint(f32)
+    shipped = json.loads((ROOT / "presets" / "sensitivity.json").read_text())
+    assert S.model_fingerprint(f16) == fp and shipped["meta"]["model"] == fp[:16]
+    cal = mixdq.Calibration.default(f16)
+    (k32, in32), (k16, in16) = S.cache_key(f32, mixdq.Calibration.default(f32)), S.cache_key(f16, cal)
+    assert k16 != k32 and {k for k in in32 if in32[k] != in16[k]} == {"dtype"}
+    assert (in32["dtype"], in16["dtype"]) == ("torch.float32", "torch.float16")
+
+    def boom(*a, **k):
+        raise AssertionError("the sensitivity analysis ran although a table ships for this model")
+
+    monkeypatch.setattr(S, "sensitivity", boom)
+    found = tables.find_sensitivity(f16, cal)
+    assert found.source == "shipped" and found.table.scores == S.Sensitivity.from_dict(shipped).scores
+    assert "measured for this model and calibration on cpu in float32 (yours: cpu, float16)" in found.message
+    assert "`mixdq sensitivity` measures your own" in found.message and found.measured_as == "cpu in float32"
+    assert tables.find_sensitivity(f32, mixdq.Calibration.default(f32)).measured_as is None
+    # a fine-tune: one weight moved by more than float16 rounding
+    w = f16.unet.conv_in.weight
+    with torch.no_grad():
+        w.view(-1)[0] += 0.01 + w.view(-1)[0].abs() * 0.01
+    assert S.model_fingerprint(f16) != fp
+    found = tables.find_sensitivity(f16, cal)
+    assert found.table is None and found.source == "none" and found.shipped_note is None
+    assert not (tmp_path / "empty-cache" / "sensitivity").exists()

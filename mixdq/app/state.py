@@ -161,15 +161,16 @@ class Session:
         self.presets_dir = presets_dir
         self.presets = presets(pipe.unet, presets_dir)
         # sens_source ("given", "shipped", "cached", "published", "measured" or "none") lets the
-        # header say which, sens_note why a shipped table of this model was not taken, and
-        # sens_message where a published table comes from
-        self.sens_message = None
+        # header say which, sens_note why a shipped table of this model was not taken,
+        # sens_message where a published table comes from, and sens_measured_as where and in
+        # what a shipped table was measured when that is not this device and dtype
+        self.sens_message = self.sens_measured_as = None
         if sensitivity is not None:
             self.sens, self.sens_source, self.sens_note = sensitivity, "given", None
         else:
             found = find_sensitivity(pipe, self.calibration, presets_dir=presets_dir)
             self.sens, self.sens_source, self.sens_note = found.table, found.source, found.shipped_note
-            self.sens_message = found.message
+            self.sens_message, self.sens_measured_as = found.message, found.measured_as
         self.allocator: Allocator | None = None
         self.family: PlanFamily | None = None          # comes with the allocator, for the chart
         if self.sens is not None:

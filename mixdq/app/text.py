@@ -39,6 +39,9 @@ def header_markdown(session: Session) -> str:
     if sens and session.sens_source == "published":
         # measured elsewhere: say by whom, and that a fine-tune needs its own measurement
         sens += f" ({html.escape(session.sens_message or '')})"
+    elif sens and session.sens_source == "shipped" and session.sens_measured_as:
+        # another dtype or device than this one: the scores hold up to float rounding
+        sens += f" (measured on {html.escape(session.sens_measured_as)})"
     if sens is None:
         sens = "not yet measured" + (" (the shipped table is another calibration's)" if session.sens_note else "")
     return (f"# {TITLE}\n"
