@@ -362,6 +362,11 @@ class QuantLayer(nn.Module):
         return s
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether x's CUDA stream is being captured into a CUDA graph."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class QuantLinear(QuantLayer):
     # diffusers reads these off its layers (e.g. SDXL's add_embedding.linear_1.in_features)
     in_features = property(lambda self: self.weight_shape[1])
@@ -412,12 +417,14 @@ class QuantLinear(QuantLayer):
         # they set the activation range).
         is_bos = (x[:, 0, :BOS_KEY_LEN] == self.bos_key).all(dim=-1)
         head = self.bos_out.to(x.dtype).expand(x.shape[0], 1, -1)
-        if torch.compiler.is_compiling():
-            # no data-dependent branch in a traced graph: every token takes the
-            # quantized path and the BOS rows get their exact output.  A token 0
-            # that is not the BOS keeps the quantized result; in practice that is
-            # a zeroed negative prompt, which it computes as eager's float path
-            # does, up to float rounding (zero is the zero point's code).
+        if torch.compiler.is_compiling() or _capturing(x):
+            # no data-dependent branch in a traced graph, nor a host sync while a
+            # CUDA graph is captured (bool() of a CUDA tensor fails the capture):
+            # every token takes the quantized path and the BOS rows get their
+            # exact output.  A token 0 that is not the BOS keeps the quantized
+            # result; in practice that is a zeroed negative prompt, which it
+            # computes as eager's float path does, up to float rounding (zero is
+            # the zero point's code).
             y = self._linear(x)
             return torch.cat([torch.where(is_bos.view(-1, 1, 1), head, y[:, :1]), y[:, 1:]], dim=1)
         rest = self._linear(x[:, 1:])

@@ -283,7 +283,7 @@ def cpu_choice() -> dict:
 
 
 # bump when _measure_cuda measures something new (the CUDA keys are apart from the CPU's)
-_CUDA_MEASURE_VERSION = 1
+_CUDA_MEASURE_VERSION = 2
 # the shape classes measured on CUDA, one per layer type the dispatch decides for:
 # SDXL's most common linear (1280 -> 1280 over the 4096 tokens of 1024 px) and a
 # 640-channel 3x3 conv of its 64x64 stage (1024 px)
@@ -314,13 +314,17 @@ def _cuda_candidates(dev) -> dict:
     ws = torch.rand(n, device=dev) * 1e-2
     xs = torch.tensor([8.0 / 255], device=dev)
     xz = torch.tensor([128.0], device=dev)
-    lin = {"float16": lambda: F.linear(fake_quantize_act(x, xs, xz, 8).half(), wq.half() * ws[:, None].half()),
+    # the float path as layers run it: one-entry act_scale for the int8 kernels, its 0-d
+    # element for fake quantization (which then stays in float16; the 1-d tensor would
+    # promote the activation to float32 and back, twice the traffic the layer has)
+    s0, z0 = xs[0], xz[0]
+    lin = {"float16": lambda: F.linear(fake_quantize_act(x, s0, z0, 8), wq.half() * ws[:, None].half()),
            "int_mm": lambda: linear_int_mm(x, xs, xz, wq, ws, None)}
     c, o, h = CUDA_CONV_SHAPE
     xc = torch.randn(1, c, h, h, device=dev, dtype=torch.float16)
     wc = torch.randint(-127, 128, (o, c, 3, 3), device=dev, dtype=torch.int8)
     wcs = torch.rand(o, device=dev) * 1e-2
-    conv = {"float16": lambda: F.conv2d(fake_quantize_act(xc, xs, xz, 8).half(),
+    conv = {"float16": lambda: F.conv2d(fake_quantize_act(xc, s0, z0, 8),
                                         wc.half() * wcs[:, None, None, None].half(), None, 1, 1)}
     for name in ("triton", "triton_fp8"):
         be = REGISTRY[name]

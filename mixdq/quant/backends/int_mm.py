@@ -117,9 +117,11 @@ def conv2d_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0
     o, c, kh, kw = w_q.shape
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     key = w_q if key is None else key
-    if torch.compiler.is_compiling() and padding != (0, 0):
+    if (torch.compiler.is_compiling() or x.is_cuda) and padding != (0, 0):
         # the patches' pad code (the zero point) is a tensor value in a traced
-        # graph; zero-padding the float input is the same (0 quantizes to it)
+        # graph, and reading a CUDA one is a host sync per call (which a CUDA
+        # graph's capture refuses); zero-padding the float input is the same
+        # (0 quantizes to the zero point)
         x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
         padding = (0, 0)
     nhwc = x.permute(0, 2, 3, 1)
@@ -131,7 +133,8 @@ def conv2d_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0
         cols, (b, ho, wo) = xq.reshape(-1, c), (x.shape[0], x.shape[2], x.shape[3])
         w2 = w_q.reshape(o, c)
     else:
-        zp_s8 = int(round(_scalar(x_zp))) - SHIFT
+        # read only where there is padding (never on CUDA or in a traced graph: above)
+        zp_s8 = int(round(_scalar(x_zp))) - SHIFT if padding != (0, 0) else 0
         cols, (b, ho, wo) = _im2col_nhwc(xq, zp_s8, kh, kw, stride, padding, dilation)
         # weight in (O, kh, kw, C) order to match the patches: a per-call int8
         # copy of the codes (caching it would double the layer's memory).  The
