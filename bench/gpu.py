@@ -1,6 +1,7 @@
 """GPU benchmark: float16 vs W8A8 (fused Triton kernels) for one UNet, one run.
 
     python -m bench.gpu --out $OUT                             # on a CUDA machine (point 5 of #17)
+    python -m bench.gpu --out $OUT --configs 512,1 --dry-run       # every stage once: a crash costs seconds
     python -m bench.gpu --model tiny-sdxl --device cpu --dry-run ...   # the same code path, for tests
 
 Variants (--variants): float16; W8A8-linears (int8 linears, float16 convs); W8A8
@@ -33,6 +34,7 @@ weights dequantized per call (torch has no CUDA int8 conv).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -219,10 +221,10 @@ def _shared_clone(unet):
 class Run:
     """One benchmark run's record (results-gpu.json), saved after every measurement."""
 
-    def __init__(self, device, out_dir, budget_s, argv, model):
+    def __init__(self, device, out_dir, budget_s, argv, model, dry_run=False):
         from .common import environment
 
-        self.t0, self.budget_s, self.device = time.perf_counter(), budget_s, device
+        self.t0, self.budget_s, self.device, self.dry_run = time.perf_counter(), budget_s, device, dry_run
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         env = environment(str(device), argv, prog="python -m bench.gpu") | gpu_versions(device)
@@ -241,6 +243,11 @@ class Run:
     def record(self, config, variant, mode, ms, ts, peak=None, log=_log) -> None:
         row = {"config": f"{config[0]}px b{config[1]}", "variant": variant, "mode": mode, "ms": ms,
                "times_ms": ts, "peak_bytes": peak}
+        if self.dry_run:  # one untuned call proves the code path; it is no figure to quote
+            self.m.setdefault("dry_run_calls", []).append(row)
+            log(f"{row['config']} {variant} {mode}: ran (dry run, {ms:.2f} ms)")
+            self.save()
+            return
         base = [r for r in self.m["timings"] if r["config"] == row["config"] and r["mode"] == mode
                 and r["variant"] == "float16"]
         if base and variant != "float16":
@@ -312,7 +319,7 @@ def check_outputs(run: Run, models: dict, inputs: dict, log=_log) -> None:
     run.save()
 
 
-def time_eager(run: Run, models, inputs, configs, iters, log=_log) -> None:
+def time_eager(run: Run, models, inputs, configs, iters, log=_log, warmup=3) -> None:
     device = run.device
     for c in configs:
         for name, mod in models.items():
@@ -325,12 +332,12 @@ def time_eager(run: Run, models, inputs, configs, iters, log=_log) -> None:
             step()
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated() - base
-            ms, ts = _time_fn(step, device, iters=iters)
+            ms, ts = _time_fn(step, device, warmup=warmup, iters=iters)
             run.record(c, name, "eager", ms, ts, peak, log=log)
     run.m["stages_done"].append("eager")
 
 
-def time_cudagraph(run: Run, models, inputs, configs, iters, log=_log) -> None:
+def time_cudagraph(run: Run, models, inputs, configs, iters, log=_log, warmup=3) -> None:
     for c in configs:
         if run.left() < 30:
             run.m["notes"].append(f"skipped CUDA-graph eager at {c}: budget")
@@ -338,7 +345,7 @@ def time_cudagraph(run: Run, models, inputs, configs, iters, log=_log) -> None:
         for name, mod in models.items():
             try:
                 g = Graphed(mod, inputs[c])
-                ms, ts = _time_fn(g, run.device, iters=iters)
+                ms, ts = _time_fn(g, run.device, warmup=warmup, iters=iters)
                 run.record(c, name, "eager+cudagraph", ms, ts, log=log)
                 del g
             except Exception as e:  # noqa: BLE001 - record and go on
@@ -362,30 +369,31 @@ def _compile_setup(run: Run, inductor_mode, fuse_int_mm_mul) -> dict:
 
 
 def time_compiled(run: Run, models, inputs, configs, iters, inductor_mode=None, fuse_int_mm_mul=False,
-                  log=_log) -> None:
+                  log=_log, warmup=3) -> None:
     """Regional torch.compile (the repeated transformer blocks, fullgraph; the triton
     backend's layers are custom ops in them) + one CUDA graph of the whole step."""
     kw = _compile_setup(run, inductor_mode, fuse_int_mm_mul)
     for mod in models.values():
         mod.compile_repeated_blocks(fullgraph=True, dynamic=False, **kw)
-    for c in configs:
+    # checked before every model, not every config: each one compiles its blocks anew for
+    # each shape, and four of them at one config can outlast the budget
+    for c, (name, mod) in itertools.product(configs, models.items()):
         if run.left() < 90:
-            run.m["notes"].append(f"skipped compiled runs at {c}: budget ({run.left():.0f} s left)")
+            run.m["notes"].append(f"skipped compiled runs from {name} at {c} on: budget ({run.left():.0f} s left)")
             run.save()
             break
-        for name, mod in models.items():
-            try:
-                t = time.perf_counter()
-                _step(mod, inputs[c])()  # compiles the blocks for this shape
-                torch.cuda.synchronize()
-                run.m.setdefault("compile_s", {})[f"{name} {c}"] = time.perf_counter() - t
-                g = Graphed(mod, inputs[c])
-                ms, ts = _time_fn(g, run.device, iters=iters)
-                run.record(c, name, "compiled+cudagraph", ms, ts, log=log)
-                del g
-            except Exception as e:  # noqa: BLE001
-                run.m["notes"].append(f"compiled {name} {c} failed: {e!r}"[:300])
-                run.save()
+        try:
+            t = time.perf_counter()
+            _step(mod, inputs[c])()  # compiles the blocks for this shape
+            torch.cuda.synchronize()
+            run.m.setdefault("compile_s", {})[f"{name} {c}"] = time.perf_counter() - t
+            g = Graphed(mod, inputs[c])
+            ms, ts = _time_fn(g, run.device, warmup=warmup, iters=iters)
+            run.record(c, name, "compiled+cudagraph", ms, ts, log=log)
+            del g
+        except Exception as e:  # noqa: BLE001
+            run.m["notes"].append(f"compiled {name} {c} failed: {e!r}"[:300])
+            run.save()
     run.m["stages_done"].append("compiled")
 
 
@@ -432,8 +440,10 @@ def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=
         compile_mode=True, iters=20, log=_log, stages=("eager", "cudagraph", "compiled"),
         hold_epilogue=False, compile_variants=None, profile_config=None, inductor_mode=None,
         fuse_int_mm_mul=False, kernel="int_mm", variants=None, int8_backend="default", dry_run=False):
-    """The whole benchmark (see the module doc).  dry_run: build every variant and check
-    its output against float16 once per config, nothing timed (runs on the CPU)."""
+    """The whole benchmark (see the module doc).  dry_run: build every variant, check its
+    output against float16 on the first config, and run each stage's code there once (one
+    call each, the compiled stage on one quantized variant), so that a real run's minutes
+    are not lost to a crash; those calls go to m["dry_run_calls"], not to the timings."""
     from mixdq.quant import kernels
 
     device = torch.device(device)
@@ -442,21 +452,24 @@ def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=
     variants = list(variants or (VARIANTS if cuda else ("float16", "W8A8-linears", "W8A8", "W4A8")))
     if int8_backend == "default":
         int8_backend = "triton" if cuda else None
-    r = Run(device, out_dir, budget_s, sys.argv[1:], model)
+    r = Run(device, out_dir, budget_s, sys.argv[1:], model, dry_run=dry_run)
     r.m.update(hold_epilogue=hold_epilogue, int8_backend=int8_backend, variants=variants)
     models, inputs = prepare(model, device, configs, variants, kernel, int8_backend, hold_epilogue, r, log)
     r.m["kernel"] = kernel if kernel != "auto" else kernels.kernel_report(device)
     check_outputs(r, models, inputs if not dry_run else {configs[0]: inputs[configs[0]]}, log)
+    warmup = 3
     if dry_run:
-        r.save()
-        return r.res
+        configs, iters, warmup = configs[:1], 1, 0
+        # the triton backend's custom ops are what a compiled float16 UNet lacks
+        compile_variants = compile_variants or [
+            next((k for k in ("W8A8", "W8A8-linears", "FP8") if k in models), "float16")]
     if "eager" in stages:
-        time_eager(r, models, inputs, configs[:1] if cuda else configs, iters, log)
+        time_eager(r, models, inputs, configs[:1] if cuda else configs, iters, log, warmup)
     if cuda and "cudagraph" in stages:
-        time_cudagraph(r, models, inputs, configs, iters, log)
+        time_cudagraph(r, models, inputs, configs, iters, log, warmup)
     if cuda and compile_mode and "compiled" in stages:
         chosen = {k: v for k, v in models.items() if not compile_variants or k in compile_variants}
-        time_compiled(r, chosen, inputs, configs, iters, inductor_mode, fuse_int_mm_mul, log)
+        time_compiled(r, chosen, inputs, configs, iters, inductor_mode, fuse_int_mm_mul, log, warmup)
         if profile_config and r.left() > 20:
             profile_variants(r, chosen, inputs, tuple(profile_config), log)
     r.save()
@@ -485,7 +498,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
     p.add_argument("--int8-backend", default="default", choices=["default", "triton", "int_mm", "auto"],
                    help="what the W8A8 variants run (default: triton on CUDA, the library's choice on CPU)")
-    p.add_argument("--dry-run", action="store_true", help="build the variants and check outputs, time nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the variants, check outputs, and run each stage once on the first config "
+                        "(the compiled one on one quantized variant); no timings recorded")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--stages", default="eager,cudagraph,compiled")
     p.add_argument("--hold-epilogue", action="store_true",

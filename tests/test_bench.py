@@ -270,6 +270,10 @@ def test_gpu_dry_run_builds_triton_variants_on_cpu(tmp_path):
     assert set(m["backends"]["W8A8"]) == {"triton"} and m["backends"]["W8A8"]["triton"] > 100
     assert 0 < m["output_rel_err_vs_float16"]["64px b1 W8A8"] < 0.1
     assert m["timings"] == [] and json.loads((tmp_path / "results-gpu.json").read_text())["env"]["triton"]
+    # every stage this device has ran once (the CPU: eager), apart from the timings and the table
+    assert [(r["variant"], r["mode"], len(r["times_ms"])) for r in m["dry_run_calls"]] == \
+        [("float16", "eager", 1), ("W8A8", "eager", 1)] and "eager" in m["stages_done"]
+    assert not (tmp_path / "RESULTS-gpu.md").exists()
     run = gpu.Run(torch.device("cpu"), tmp_path, 1.0, [], "tiny-sdxl")
     run.record((64, 1), "float16", "eager", 2.0, [2.0], log=lambda *a: None)
     run.record((64, 1), "W8A8", "eager", 1.0, [1.0], log=lambda *a: None)
