@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # One lent GPU's measurements for the Triton kernels (#17 point 5), prepared so that the
 # device minutes go to timing.  Here first: `bash bench/gpu_wheels.sh`; then, with the
-# device tool, one call per stage (each under its 600 s limit):
-#   run(command="bash bench/gpu_session.sh dry",  carry=[".whl"], timeout_s=300)
+# device tool, one call:
 #   run(command="bash bench/gpu_session.sh time", carry=[".whl"], timeout_s=590)
-# `dry` checks the machine and runs every variant once at 512 px batch 1 (the kernels
-# compile; outputs are checked against float16); `time` runs the compiled stage (both
-# sides compiled, CUDA graphs, 512 px b1, 1024 px b1, 512 px b4) within BUDGET_S.
+# `time` runs the compiled stage (both sides compiled, CUDA graphs; 512 px b1, 1024 px b1,
+# 512 px b4) within BUDGET_S (420 s), each row saved as it is measured, so a stop loses
+# only what was not reached.  A lent machine has about 15 minutes, its start included:
+# that is one such call.  `dry` (every stage once at 512 px b1, one regional compile
+# included: a few minutes on the GPU) is for a machine lent longer, and for rehearsals.
 # Results land in $OUT (the device tool brings them back).  BENCH_ARGS adds options
 # (a rehearsal on CPU: BENCH_ARGS="--model tiny-sdxl --device cpu").
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:-dry}
+stage=${1:-time}
 out=${OUT:-out}
 budget=${BUDGET_S:-420}
 mkdir -p "$out"
