@@ -430,9 +430,11 @@ def test_prepacked_backends_leave_one_copy_of_int8_codes(monkeypatch, tmp_path, 
 
         q = quant(m)
         codes = q.int_codes().clone()
+        kept = q.int_codes()  # what a caller holds across the call that drops the buffer's storage
         stored = lambda: q.weight_packed.untyped_storage().nbytes()  # noqa: E731
         held, measured = stored(), model_nbytes(q)
         first = q(x)
+        assert torch.equal(kept, codes)
         if q.backend == "float":  # 8-bit codes where the backend saturates: no copy made
             assert bits == 8 and machine.saturates(backend) and stored() == held
             continue

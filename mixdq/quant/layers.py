@@ -266,7 +266,16 @@ class QuantLayer(nn.Module):
 
     def int_codes(self) -> torch.Tensor:
         """Integer weight codes (int8) in the weight's shape: a view for 5-8 bits,
-        unpacked for 2/3/4 bits (a transient int8 tensor, never a float copy)."""
+        unpacked for 2/3/4 bits (a transient int8 tensor, never a float copy).  On the
+        prepacked backends a copy for 5-8 bits too: their next integer call drops the
+        buffer's storage (_release_codes), and a view of it would then read freed memory."""
+        codes = self._codes_now()
+        if self.weight_bits >= 5 and self._held_prepacked is None and self.backend in PREPACKED:
+            return codes.clone()
+        return codes
+
+    def _codes_now(self) -> torch.Tensor:
+        """int_codes for use within the current call only (5-8 bits: always the view)."""
         if self._held_prepacked is not None:  # read back, transient like unpacked codes
             return common.read_back(self._held_prepacked).reshape(self.weight_shape)
         return unpack(self.weight_packed, self.weight_bits, self.weight_shape)
@@ -276,8 +285,8 @@ class QuantLayer(nn.Module):
         ones (and released ones) go as the unpacking method, so that backends
         holding a prepacked copy (oneDNN, FBGEMM) do not unpack them on every call."""
         if self.weight_bits >= 5 and self._held_prepacked is None:
-            return self.int_codes()
-        return self.int_codes
+            return self._codes_now()
+        return self._codes_now
 
     def _after_int_call(self) -> None:
         fresh = common.take_fresh_prepacked(self.weight_packed)
@@ -295,7 +304,7 @@ class QuantLayer(nn.Module):
         it is valid until the next such call."""
         if self.weight_bits == FLOAT_BITS:
             return self.weight.to(dtype)
-        q = self.int_codes()
+        q = self._codes_now()
         scale = self.weight_scale.to(dtype).view((-1,) + (1,) * (q.dim() - 1))
         if scratch and q.device.type == "cpu" and not torch.compiler.is_compiling():
             return _SCRATCH.get(q.shape, dtype).copy_(q).mul_(scale)
@@ -392,7 +401,7 @@ class QuantLinear(QuantLayer):
         if not self.holds_epilogue:
             return
         with torch.no_grad():
-            scale, bias = common.epilogue_consts(self.int_codes(), self.weight_scale, self.bias,
+            scale, bias = common.epilogue_consts(self._codes_now(), self.weight_scale, self.bias,
                                                    self.act_scale, self.act_zero_point, key=self.weight_packed)
         self.register_buffer("epilogue_scale", scale.clone(), persistent=False)
         self.register_buffer("epilogue_bias", bias.clone(), persistent=False)
