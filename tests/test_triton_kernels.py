@@ -246,6 +246,21 @@ def test_layers_run_the_kernels_and_trace_fullgraph(monkeypatch, tmp_path, backe
         assert torch.equal(traced, eager), name
 
 
+@pytest.mark.parametrize("backend", ["triton", "int_mm"])
+def test_few_row_linears_leave_the_int8_path_only_for_int_mm(monkeypatch, tmp_path, backend):
+    """torch._int_mm's CUDA shape limits (more than 16 rows) send such calls to the float
+    path; the triton kernel takes them.  int_mm_ok answers as on CUDA for a 2-row input."""
+    from mixdq.quant import layers
+
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", backend)
+    monkeypatch.setattr(layers, "int_mm_ok", lambda m, k, n, device: m > 16)
+    layer, _ = _layers()["linear"]
+    with kernels.recording() as ran:
+        layer(torch.randn(2, 36))
+    assert ran == [(layer, backend if backend == "triton" else "float")]
+
+
 def test_fake_implementations_give_the_output_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -410,7 +410,11 @@ class QuantLinear(QuantLayer):
         return torch.zeros(1, self.weight_shape[1], dtype=self.dtype, device=self.device)
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        if self._int_path() and int_mm_ok(x.numel() // x.shape[-1], x.shape[-1], self.weight_shape[0], x.device):
+        # torch._int_mm's shape limits on CUDA bind only that backend (the triton kernel
+        # takes any shape: a step's few-row time-embedding linears stay on it)
+        rows = x.numel() // x.shape[-1]
+        if self._int_path() and (self.backend != "int_mm"
+                                 or int_mm_ok(rows, x.shape[-1], self.weight_shape[0], x.device)):
             kernels.note_ran(self, self.backend)
             y = REGISTRY[self.backend].linear(self, x)
             self._after_int_call()
