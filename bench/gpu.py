@@ -454,6 +454,11 @@ def run(model="sdxl-turbo", device="cuda", out_dir=".", budget_s=420.0, configs=
         int8_backend = "triton" if cuda else None
     r = Run(device, out_dir, budget_s, sys.argv[1:], model, dry_run=dry_run)
     r.m.update(hold_epilogue=hold_epilogue, int8_backend=int8_backend, variants=variants)
+    if int8_backend in ("triton", "auto"):  # where the triton layers quantize their activations
+        from mixdq.quant.backends import triton_cuda
+
+        r.m["triton_act_quant"] = {"eager": triton_cuda.act_quant_mode(False),
+                                   "compiled": triton_cuda.act_quant_mode(True)}
     models, inputs = prepare(model, device, configs, variants, kernel, int8_backend, hold_epilogue, r, log)
     r.m["kernel"] = kernel if kernel != "auto" else kernels.kernel_report(device)
     check_outputs(r, models, inputs if not dry_run else {configs[0]: inputs[configs[0]]}, log)

@@ -60,8 +60,9 @@ def _raw_acc(x, w, per, geometry, parts):
     return y.double()
 
 
+@pytest.mark.parametrize("act_quant", ["tile", "first"])
 @pytest.mark.parametrize("bits", [8, 4, 2])
-def test_linear_accumulator_and_output_exact(bits):
+def test_linear_accumulator_and_output_exact(bits, act_quant):
     g = torch.Generator().manual_seed(bits)
     m, k, n = 37, 45, 29  # tails in M, N and K against 16-wide tiles
     x = torch.randn(m, k, generator=g) * 3 + 0.5
@@ -77,7 +78,7 @@ def test_linear_accumulator_and_output_exact(bits):
     exact = (_xq(x, s, z) - 128) @ wq.double().t()
     assert torch.equal(acc, exact)
 
-    y = T.linear_triton(x, s, z, w, ws, b, bits=bits, shape=(n, k), blocks=BLOCKS)
+    y = T.linear_triton(x, s, z, w, ws, b, bits=bits, shape=(n, k), blocks=BLOCKS, act_quant=act_quant)
     scale, beff = common._epilogue_consts(wq, ws, b, s, z, wq, "test")
     assert torch.equal(y, exact.float() * scale + beff)
     ref = reference.linear_reference(x, s, z, wq, ws, b)
@@ -89,7 +90,8 @@ def test_linear_accumulator_and_output_exact(bits):
                                   dict(k=3, stride=1, padding=1, layout=torch.contiguous_format),
                                   dict(k=1, stride=1, padding=0), dict(k=3, stride=2, padding=0, bits=4),
                                   dict(k=3, stride=1, padding=2, dilation=2, bits=2)])
-def test_conv_accumulator_and_output_exact(case):
+@pytest.mark.parametrize("act_quant", ["tile", "first"])
+def test_conv_accumulator_and_output_exact(case, act_quant):
     case = dict(case)
     kk, bits = case.pop("k"), case.pop("bits", 8)
     g = torch.Generator().manual_seed(kk + bits)
@@ -101,7 +103,8 @@ def test_conv_accumulator_and_output_exact(case):
     bias = torch.randn(o, generator=g)
     s, z = _act(x)
     w = wq if bits == 8 else pack(wq, bits)
-    y = T.conv2d_triton(x, s, z, w, ws, bias, bits=bits, shape=wq.shape, blocks=BLOCKS, **case)
+    y = T.conv2d_triton(x, s, z, w, ws, bias, bits=bits, shape=wq.shape, blocks=BLOCKS, act_quant=act_quant,
+                        **case)
     st, p, d = case["stride"], case["padding"], case.get("dilation", 1)
     xq = F.pad(_xq(x, s, z), (p, p, p, p), value=float(z))  # zero padding = the zero point's code
     exact = F.conv2d(xq - 128, wq.double(), None, st, 0, d)  # integers below 2^53: exact
@@ -112,7 +115,8 @@ def test_conv_accumulator_and_output_exact(case):
     assert float((y - ref).norm() / ref.norm()) < 1e-5
 
 
-def test_split_shortcut_conv_exact_per_slice():
+@pytest.mark.parametrize("act_quant", ["tile", "first"])
+def test_split_shortcut_conv_exact_per_slice(act_quant):
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(2, 13, 5, 6, generator=g) * 20
     skip = torch.randn(2, 9, 5, 6, generator=g) * 0.1
@@ -122,7 +126,7 @@ def test_split_shortcut_conv_exact_per_slice():
     bias = torch.randn(21, generator=g)
     (s0, z0), (s1, z1) = _act(hidden), _act(skip)
     ss, zs = torch.cat([s0, s1]), torch.cat([z0, z1])
-    y = T.split_conv1x1_triton(x, ss, zs, 13, wq, ws, bias, blocks=BLOCKS)
+    y = T.split_conv1x1_triton(x, ss, zs, 13, wq, ws, bias, blocks=BLOCKS, act_quant=act_quant)
     w2 = wq.reshape(21, 22)
     out = None
     for (lo, hi), s, z in (((0, 13), s0, z0), ((13, 22), s1, z1)):
@@ -140,7 +144,8 @@ def _e4m3(v):
     return v.float().to(torch.float8_e4m3fn).float()
 
 
-def test_fp8_rounding_matches_torch_e4m3():
+@pytest.mark.parametrize("act_quant", ["tile", "first"])
+def test_fp8_rounding_matches_torch_e4m3(act_quant):
     """One-hot GEMMs: every output is a single e4m3 activation (weight) times 1, so the
     kernel's rounding is compared element by element: ties, subnormals, saturation."""
     special = torch.tensor([7.77, 7.75, 0.001, 0.0029, 1000.0, -3.3, 0.0, -0.0, 447.0, 300.1, 17.0, -127.0,
@@ -148,15 +153,17 @@ def test_fp8_rounding_matches_torch_e4m3():
     x = torch.cat([special, torch.randn(16, generator=torch.Generator().manual_seed(0)) * 40]).reshape(2, 16)
     s, z = torch.tensor([448.0 / 128]), torch.tensor([128.0])  # s8 = max(z, 255 - z) * s / 448 = 1
     eye = torch.eye(16, dtype=torch.int8)
-    y = triton_fp8.linear_fp8(x, s, z, eye, torch.ones(16), None, blocks=BLOCKS)
+    y = triton_fp8.linear_fp8(x, s, z, eye, torch.ones(16), None, blocks=BLOCKS, act_quant=act_quant)
     assert torch.equal(y, _e4m3(x.clamp(-448, 448)))
     codes = _codes((19, 16), 8, torch.Generator().manual_seed(1))
-    yw = triton_fp8.linear_fp8(torch.eye(16), s, z, codes, torch.ones(19), None, blocks=BLOCKS)
+    yw = triton_fp8.linear_fp8(torch.eye(16), s, z, codes, torch.ones(19), None, blocks=BLOCKS,
+                               act_quant=act_quant)
     assert torch.equal(yw, _e4m3(codes).t())
 
 
+@pytest.mark.parametrize("act_quant", ["tile", "first"])
 @pytest.mark.parametrize("op", ["linear", "conv", "split"])
-def test_fp8_matches_emulated_e4m3_gemm(op):
+def test_fp8_matches_emulated_e4m3_gemm(op, act_quant):
     g = torch.Generator().manual_seed(7)
     bias = torch.randn(21, generator=g)
     ws = torch.rand(21, generator=g) * 0.02 + 1e-3
@@ -164,20 +171,20 @@ def test_fp8_matches_emulated_e4m3_gemm(op):
         x = torch.randn(2, 19, 37, generator=g) * 3
         wq = _codes((21, 37), 8, g)
         s, z = _act(x)
-        y = triton_fp8.linear_fp8(x, s, z, wq, ws, bias, blocks=BLOCKS)
+        y = triton_fp8.linear_fp8(x, s, z, wq, ws, bias, blocks=BLOCKS, act_quant=act_quant)
         parts = [(x, s, z, wq)]
     else:
         x = torch.randn(2, 7, 6, 5, generator=g) * torch.tensor([5.0] * 4 + [0.1] * 3).view(1, -1, 1, 1)
         if op == "conv":
             wq = _codes((21, 7, 3, 3), 8, g)
             s, z = _act(x)
-            y = triton_fp8.conv2d_fp8(x, s, z, wq, ws, bias, 1, 1, blocks=BLOCKS)
+            y = triton_fp8.conv2d_fp8(x, s, z, wq, ws, bias, 1, 1, blocks=BLOCKS, act_quant=act_quant)
             parts = [(x, s, z, wq)]
         else:
             wq = _codes((21, 7, 1, 1), 8, g)
             (s0, z0), (s1, z1) = _act(x[:, :4]), _act(x[:, 4:])
             y = triton_fp8.conv2d_fp8(x, torch.cat([s0, s1]), torch.cat([z0, z1]), wq, ws, bias, split=4,
-                                      blocks=BLOCKS)
+                                      blocks=BLOCKS, act_quant=act_quant)
             parts = [(x[:, :4], s0, z0, wq[:, :4]), (x[:, 4:], s1, z1, wq[:, 4:])]
     ref = bias.double().view(-1, *([1, 1] if op != "linear" else []))
     bound = ref.abs()
@@ -246,6 +253,23 @@ def test_layers_run_the_kernels_and_trace_fullgraph(monkeypatch, tmp_path, backe
         assert torch.equal(traced, eager), name
 
 
+def test_activation_quantized_first_or_in_the_tile_load_gives_one_result(monkeypatch, tmp_path):
+    """Eager layers quantize in the tile load, compiled ones first (act_quant_mode), and
+    MIXDQ_TRITON_ACT_QUANT sets either everywhere: the outputs are the same bits."""
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", "triton")
+    monkeypatch.delenv(T.ACT_QUANT_ENV, raising=False)
+    assert (T.act_quant_mode(compiling=False), T.act_quant_mode(compiling=True)) == ("tile", "first")
+    made = _layers()
+    tile = {name: layer(x) for name, (layer, x) in made.items()}
+    monkeypatch.setenv(T.ACT_QUANT_ENV, "first")
+    for name, (layer, x) in made.items():
+        assert torch.equal(layer(x), tile[name]), name
+    monkeypatch.setenv(T.ACT_QUANT_ENV, "fused")
+    with pytest.raises(ValueError, match="'tile'.*'first'"):
+        made["linear"][0](made["linear"][1])
+
+
 @pytest.mark.parametrize("backend", ["triton", "int_mm"])
 def test_few_row_linears_leave_the_int8_path_only_for_int_mm(monkeypatch, tmp_path, backend):
     """torch._int_mm's CUDA shape limits (more than 16 rows) send such calls to the float
@@ -269,11 +293,12 @@ def test_fake_implementations_give_the_output_shapes():
         packed = torch.empty(6 * 8 * 9, dtype=torch.int8)
         one = torch.ones(1)
         y = torch.ops.mixdq.triton_conv2d(x, packed, 8, [6, 8, 3, 3], torch.ones(6), None, one, one,
-                                          [2, 2], [1, 1], [1, 1], 0, False)
-        assert y.shape == (2, 6, 5, 4)
+                                          [2, 2], [1, 1], [1, 1], 0, False, "tile", torch.float32)
+        assert y.shape == (2, 6, 5, 4) and y.dtype == torch.float32
         yl = torch.ops.mixdq.triton_linear(torch.empty(3, 5, 36), torch.empty(360, dtype=torch.uint8), 4,
-                                           [20, 36], torch.ones(20), None, one, one, True)
-        assert yl.shape == (3, 5, 20)
+                                           [20, 36], torch.ones(20), None, one, one, True, "codes",
+                                           torch.float16)
+        assert yl.shape == (3, 5, 20) and yl.dtype == torch.float16
 
 
 def test_cuda_dispatch_takes_the_measured_backend_per_layer_type(monkeypatch):
@@ -296,7 +321,7 @@ def test_cuda_dispatch_takes_the_measured_backend_per_layer_type(monkeypatch):
 
 
 # The calls an SDXL-Turbo UNet step makes at 512 px (64x64 latents, CLIP's 77 tokens),
-# as (name, function of (torch.dtype) -> None, fp8 wanted); every kernel configuration
+# as (name, function of act_quant making the call); every kernel configuration
 # cuda_blocks can pick for them appears once at least.
 def _sdxl_calls():
     h = torch.float16
@@ -306,21 +331,22 @@ def _sdxl_calls():
 
     def lin(m, k, n, bits=8, fp8=False, dtype=h):
         w = pack(codes(n, k), bits)
-        return lambda: T.linear_triton(torch.zeros(m, k, dtype=dtype), torch.tensor(0.1), torch.tensor(128.), w,
-                                       torch.ones(n), torch.zeros(n, dtype=dtype), bits=bits, shape=(n, k), fp8=fp8)
+        return lambda aq: T.linear_triton(torch.zeros(m, k, dtype=dtype), torch.tensor(0.1), torch.tensor(128.), w,
+                                          torch.ones(n), torch.zeros(n, dtype=dtype), bits=bits, shape=(n, k),
+                                          fp8=fp8, act_quant=aq)
 
     def conv(c, o, side, k=3, stride=1, bits=8, fp8=False, channels_last=False):
         x = torch.zeros(1, c, side, side, dtype=h)
         x = x.to(memory_format=torch.channels_last) if channels_last else x
         w = pack(codes(o, c, k, k), bits)
-        return lambda: T.conv2d_triton(x, torch.tensor(0.1), torch.tensor(128.), w, torch.ones(o), None, stride,
-                                       k // 2, bits=bits, shape=(o, c, k, k), fp8=fp8)
+        return lambda aq: T.conv2d_triton(x, torch.tensor(0.1), torch.tensor(128.), w, torch.ones(o), None, stride,
+                                          k // 2, bits=bits, shape=(o, c, k, k), fp8=fp8, act_quant=aq)
 
     def split(hidden, skip, o, side, fp8=False):
         x = torch.zeros(1, hidden + skip, side, side, dtype=h)
-        return lambda: T.split_conv1x1_triton(x, torch.tensor([0.1, 0.2]), torch.tensor([128., 120.]), hidden,
-                                              codes(o, hidden + skip, 1, 1), torch.ones(o), torch.zeros(o, dtype=h),
-                                              fp8=fp8)
+        return lambda aq: T.split_conv1x1_triton(x, torch.tensor([0.1, 0.2]), torch.tensor([128., 120.]), hidden,
+                                                 codes(o, hidden + skip, 1, 1), torch.ones(o),
+                                                 torch.zeros(o, dtype=h), fp8=fp8, act_quant=aq)
 
     return [("attention projection 4096x640x640", lin(4096, 640, 640)),
             ("W4 attention projection", lin(4096, 640, 640, bits=4)),
@@ -341,8 +367,9 @@ def _sdxl_calls():
             ("FP8 split", split(640, 320, 320, 64, fp8=True))]
 
 
+@pytest.mark.parametrize("act_quant", ["tile", "first"])  # eager, and what torch.compile runs
 @pytest.mark.parametrize("capability", [90, 80])
-def test_cuda_kernels_compile_for_the_gpu_on_tensor_cores_without_spills(capability):
+def test_cuda_kernels_compile_for_the_gpu_on_tensor_cores_without_spills(capability, act_quant):
     """What the GPU gets, checked without one: every kernel configuration SDXL-Turbo's
     calls pick compiles for H100/H200 (sm_90) and A100 (sm_80, no FP8) through the real
     wrappers, specialised as a real launch would be, runs its dot products on int8 (or
@@ -357,16 +384,18 @@ def test_cuda_kernels_compile_for_the_gpu_on_tensor_cores_without_spills(capabil
         if fp8 and capability < 89:
             continue  # e4m3 tensor cores start at sm_89
         with tk.compiling_for(capability) as build:
-            call()
+            call(act_quant)
         assert len(build.kernels) == 1, name
         meta, compiled = build.kernels[0]
         ptx = compiled.asm["ptx"]
         assert (".e4m3.e4m3" if fp8 else ".s32.s8.s8") in ptx, f"{name}: no tensor-core dot in the PTX"
         if capability >= 90:
             assert "wgmma.mma_async" in ptx, name
-        # a tile that loads byte by byte (packed codes, two or four to a byte; conv_in's
-        # 36-code weight rows, not 16-byte aligned) cannot load asynchronously
-        if name.split()[0] not in ("W4", "W2", "conv_in"):
+        # a tile that loads byte by byte cannot load asynchronously: packed codes (two or
+        # four to a byte), conv_in's 36-code weight rows (not 16-byte aligned), and with
+        # the codes made first, the split conv's int8 NCHW activation (along pixels)
+        exempt = ("W4", "W2", "conv_in") + (("up-block", "FP8 split") if act_quant == "first" else ())
+        if not name.startswith(exempt):
             assert "async_copy_global_to_local" in compiled.asm["ttgir"], f"{name}: no tile load is pipelined"
         usage = tk.resource_usage(compiled)
         assert usage["stack_bytes"] == 0, f"{name} ({meta}) spills: {usage}"

@@ -1,7 +1,8 @@
 """The Triton kernel behind the `triton` and `triton_fp8` backends: one implicit GEMM
 that runs linears, 3x3 / 1x1 convs (any stride, padding, dilation) and the split
 up-block shortcut conv, with the activation quantization fused into the A-tile
-load, weight codes unpacked from their packed container (1, 2 or 4 codes per byte)
+load (or, A_CODES, the activation's codes read as they are, quantized before),
+weight codes unpacked from their packed container (1, 2 or 4 codes per byte)
 inside the kernel, an exact int32 accumulator (int8 mode) or an FP8 e4m3 dot
 (fp8 mode), and the epilogue y = acc * scale + beff fused.
 
@@ -42,9 +43,11 @@ def _igemm(x_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, scale_ptr, beff_ptr,
            sxb, sxc, sxh, sxw, swn, swc, swh, sww, syb, syn, syh, syw,
            KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
            DIL: tl.constexpr, PER: tl.constexpr, PARTS: tl.constexpr, FP8: tl.constexpr,
-           TAP_INNER: tl.constexpr,
+           TAP_INNER: tl.constexpr, A_CODES: tl.constexpr,
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Output pixel m = ((b * HO) + oh) * WO + ow; a linear is B = M rows of 1x1 pixels.
+    # x: the float activation, quantized in the tile load, or (A_CODES) its codes,
+    # quantized before the kernel: signed int8 (code - 128), or e4m3 in FP8 mode.
     # Input channels [0, SPLIT) and [SPLIT, C) are the PARTS slices, each with its
     # own activation (scale, zero point) and its own accumulator and epilogue.
     pid_m = tl.program_id(0)
@@ -66,6 +69,8 @@ def _igemm(x_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, scale_ptr, beff_ptr,
             hi = C
         s = tl.load(sa_ptr + part)
         z = tl.load(za_ptr + part)
+        # A_CODES: padded pixels read the code quantizing 0.0 gives (int8: the zero point's)
+        pad = 0.0 if FP8 else z - 128.0
         if FP8:
             acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         else:
@@ -111,7 +116,10 @@ def _igemm(x_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, scale_ptr, beff_ptr,
                 # padded pixels load 0.0, which quantizes to the zero point: the
                 # zero-point term of the epilogue (over every tap) then cancels them
                 a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a = tl.load(x_ptr + x_off, mask=a_ok, other=0.0).to(tl.float32)
+                if A_CODES:
+                    xa = tl.load(x_ptr + x_off, mask=a_ok, other=pad)
+                else:
+                    a = tl.load(x_ptr + x_off, mask=a_ok, other=0.0).to(tl.float32)
                 w_ok = k_ok[:, None] & n_ok[None, :]
                 if PER == 1:
                     wq = tl.load(w_ptr + f, mask=w_ok, other=0)
@@ -121,19 +129,25 @@ def _igemm(x_ptr, w_ptr, y_ptr, sa_ptr, za_ptr, scale_ptr, beff_ptr,
                     wq = (byte >> ((f % PER) * width)) & ((1 << width) - 1)
                     wq = tl.where(w_ok, wq - (1 << (width - 1)), 0).to(tl.int8)
                 if FP8:
-                    v = tl.minimum(tl.maximum(tl.math.div_rn(a, s), -E4M3_MAX), E4M3_MAX)
-                    e = tl.maximum((v.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
-                    magic = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
-                    a8 = ((v + magic) - magic).to(tl.float8e4nv)
+                    if A_CODES:
+                        a8 = xa
+                    else:
+                        v = tl.minimum(tl.maximum(tl.math.div_rn(a, s), -E4M3_MAX), E4M3_MAX)
+                        e = tl.maximum((v.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
+                        magic = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
+                        a8 = ((v + magic) - magic).to(tl.float8e4nv)
                     wf = wq.to(tl.float32)
                     e = tl.maximum((wf.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
                     magic = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
                     w8 = ((wf + magic) - magic).to(tl.float8e4nv)
                     acc = tl.dot(a8, w8, acc, out_dtype=tl.float32)
                 else:
-                    v = tl.minimum(tl.maximum(tl.math.div_rn(a, s), -512.0), 512.0)
-                    q = tl.minimum(tl.maximum((v + RND) - RND + z, 0.0), 255.0) - 128.0
-                    acc = tl.dot(q.to(tl.int8), wq, acc, out_dtype=tl.int32)
+                    if A_CODES:
+                        q = xa
+                    else:
+                        v = tl.minimum(tl.maximum(tl.math.div_rn(a, s), -512.0), 512.0)
+                        q = (tl.minimum(tl.maximum((v + RND) - RND + z, 0.0), 255.0) - 128.0).to(tl.int8)
+                    acc = tl.dot(q, wq, acc, out_dtype=tl.int32)
         sc = tl.load(scale_ptr + part * N + rn, mask=n_ok, other=0.0)
         be = tl.load(beff_ptr + part * N + rn, mask=n_ok, other=0.0)
         if part == 0:
@@ -183,9 +197,10 @@ def cuda_blocks(m: int, n: int, k: int, parts: int = 1, per: int = 1) -> tuple:
 
 
 def launch(x, w, y, sa, za, scale, beff, geometry: dict, *, per: int, parts: int, fp8: bool,
-           blocks: tuple | None = None):
+           blocks: tuple | None = None, a_codes: bool = False):
     """Run the kernel.  geometry: M N C H W HO WO SPLIT, the x / weight-code / y strides
-    (in elements, in codes for the weight), KH KW STRIDE PAD DIL.
+    (in elements, in codes for the weight), KH KW STRIDE PAD DIL.  a_codes: x holds the
+    activation's codes (int8, or e4m3 with fp8), not the float activation.
     Inside `compiling_for(...)`: compile the CUDA kernel for these arguments instead."""
     g = geometry
     dev = "cuda" if _COMPILING else x.device.type
@@ -198,7 +213,7 @@ def launch(x, w, y, sa, za, scale, beff, geometry: dict, *, per: int, parts: int
     # taps inner where the input's channels are not contiguous (NCHW convs): see the kernel
     tap_inner = g["KH"] * g["KW"] > 1 and g["sx"][1] != 1
     meta = dict(KH=g["KH"], KW=g["KW"], STRIDE=g["STRIDE"], PAD=g["PAD"], DIL=g["DIL"], PER=per, PARTS=parts,
-                FP8=fp8, TAP_INNER=tap_inner, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                FP8=fp8, TAP_INNER=tap_inner, A_CODES=a_codes, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     if dev == "cuda":
         # no fused multiply-add in the epilogue: acc * scale + beff rounds twice, as
         # the reference computation of the same formula does
