@@ -301,11 +301,29 @@ def test_fake_implementations_give_the_output_shapes():
         assert yl.shape == (3, 5, 20) and yl.dtype == torch.float16
 
 
+def test_cuda_measurement_candidates_compute_one_function(monkeypatch):
+    """Every path the GPU measurement times (machine._cuda_candidates, on small shapes,
+    the triton ones in the interpreter) computes the W8A8 layer's function, and the kernel
+    on ready-made codes gives the tile load's bits."""
+    monkeypatch.setattr(machine, "CUDA_LINEAR_SHAPE", (20, 32, 24))
+    monkeypatch.setattr(machine, "CUDA_CONV_SHAPE", (8, 12, 6))
+    with torch.inference_mode():
+        paths = machine._cuda_candidates(torch.device("cpu"))
+        for kind in ("linear", "conv"):
+            assert {"float16", "triton", "triton_codes"} <= set(paths[kind]), kind
+            out = {name: fn().float() for name, fn in paths[kind].items()}
+            assert torch.equal(out["triton"], out["triton_codes"]), kind
+            for name, y in out.items():
+                tol = 0.1 if name == "triton_fp8" else 1e-2  # e4m3 is another quantization
+                assert float((y - out["float16"]).norm() / out["float16"].norm()) < tol, (kind, name)
+
+
 def test_cuda_dispatch_takes_the_measured_backend_per_layer_type(monkeypatch):
-    """What a GPU measured (machine._pick_cuda) decides each layer type there; FP8 is
-    never picked by measurement, and packed codes of the wrong size are refused."""
+    """What a GPU measured (machine._pick_cuda) decides each layer type there; FP8 and the
+    kernel on ready-made codes are never picked by measurement, and packed codes of the
+    wrong size are refused."""
     times = {"linear": {"float16": 2e-4, "int_mm": 3e-4, "triton": 1e-4, "triton_fp8": 5e-5},
-             "conv": {"float16": 1e-4, "triton": 2e-4}}
+             "conv": {"float16": 1e-4, "triton": 2e-4, "triton_codes": 5e-5}}
     choice = machine._pick_cuda(times)
     assert (choice["linear_backend"], choice["conv_backend"], choice["kernel"]) == ("triton", "float", "int_mm")
     assert machine._pick_cuda({"linear": {"float16": 1.0, "int_mm": 2.0}})["kernel"] == "dequant"

@@ -283,7 +283,7 @@ def cpu_choice() -> dict:
 
 
 # bump when _measure_cuda measures something new (the CUDA keys are apart from the CPU's)
-_CUDA_MEASURE_VERSION = 2
+_CUDA_MEASURE_VERSION = 3
 # the shape classes measured on CUDA, one per layer type the dispatch decides for:
 # SDXL's most common linear (1280 -> 1280 over the 4096 tokens of 1024 px) and a
 # 640-channel 3x3 conv of its 64x64 stage (1024 px)
@@ -333,6 +333,15 @@ def _cuda_candidates(dev) -> dict:
             lin[name] = (lambda fp8=fp8: REGISTRY["triton"].linear_triton(x, xs, xz, wq, ws, None, fp8=fp8))
             conv[name] = (lambda fp8=fp8: REGISTRY["triton"].conv2d_triton(xc, xs, xz, wc, wcs, None, 1, 1,
                                                                             fp8=fp8))
+    if "triton" in lin:
+        # the kernel alone on codes made beforehand: what a compiled layer runs once inductor
+        # has fused the quantization into the producing op (triton_cuda.act_quant_mode)
+        t = REGISTRY["triton"]
+        xq, xcq = t.act_codes(x, s0, z0, False), t.act_codes(xc, s0, z0, False)
+        lin["triton_codes"] = lambda: t.linear_triton(xq, xs, xz, wq, ws, None, act_quant="codes",
+                                                      out_dtype=torch.float16)
+        conv["triton_codes"] = lambda: t.conv2d_triton(xcq, xs, xz, wc, wcs, None, 1, 1, act_quant="codes",
+                                                       out_dtype=torch.float16)
     return {"linear": lin, "conv": conv}
 
 
@@ -342,8 +351,10 @@ def _measure_cuda(index: int) -> dict:
     On an H100 `torch._int_mm` dispatches to Ampere (sm80) int8 kernels and the
     whole W8A8 UNet step ran at 0.69-0.76x of float16 (bench/analysis.md), so
     the compute capability alone does not decide: the faster path is measured, per
-    layer type (CUDA_LINEAR_SHAPE, CUDA_CONV_SHAPE).  triton_fp8 is timed for the
-    record but never chosen: it computes another function (triton_fp8.py).
+    layer type (CUDA_LINEAR_SHAPE, CUDA_CONV_SHAPE).  Timed for the record but never
+    chosen (RECORD_ONLY): triton_fp8, which computes another function (triton_fp8.py),
+    and triton_codes, the kernel without the activation's quantization (what compiled
+    layers run, their quantization fused elsewhere), which no eager layer runs.
     """
     dev = torch.device("cuda", index)
     times = {}
@@ -359,12 +370,16 @@ def _measure_cuda(index: int) -> dict:
     return _pick_cuda(times)
 
 
+RECORD_ONLY = ("triton_fp8", "triton_codes")
+
+
 def _pick_cuda(times: dict) -> dict:
     """The choice from {layer type: {path: seconds}}: per type the fastest path that
-    computes the W8A8 function ('float16' = the float backend; triton_fp8 excluded)."""
+    computes the W8A8 function as an eager layer runs it ('float16' = the float backend;
+    RECORD_ONLY excluded)."""
     choice = {}
     for kind, t in times.items():
-        exact = {k: v for k, v in t.items() if k != "triton_fp8"}
+        exact = {k: v for k, v in t.items() if k not in RECORD_ONLY}
         best = min(exact, key=exact.get)
         choice[f"{kind}_backend"] = "float" if best == "float16" else best
     int8 = any(v != "float" for v in choice.values())
