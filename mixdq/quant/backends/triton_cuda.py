@@ -7,9 +7,9 @@ in the A-tile load (eager) or before the kernel by torch ops that inductor fuses
 into the producing op (under torch.compile; `act_quant_mode` says why), 2/4-bit
 codes unpacked from the layer's packed buffer in the kernel (no int8 copy), int32
 accumulator, epilogue acc * s_a s_w + (b - z' s_a s_w sum W) fused.  The effective
-bias is the int_mm backend's (common._epilogue_consts' formula), cached per weight; int8 results equal `float(acc) * scale + beff` bit for
-bit (tests/test_triton_kernels.py).  `triton_fp8` (triton_fp8.py) is the same kernel
-in FP8 e4m3 mode.
+bias is the int_mm backend's (common._epilogue_consts' formula), cached per weight;
+int8 results equal `float(acc) * scale + beff` bit for bit (tests/test_triton_kernels.py).
+`triton_fp8` (triton_fp8.py) is the same kernel in FP8 e4m3 mode.
 
 Where it runs: CUDA tensors; CPU tensors run the same kernel in Triton's
 interpreter (slow: for the proofs, or when forced with MIXDQ_INT8_BACKEND=triton).
