@@ -172,16 +172,22 @@ def import_sensitivity(args) -> Sensitivity:
 def _say_what_the_analysis_costs(pipe, cal, args) -> None:
     """Before a default analysis starts, how long it will take here (a GPU job says so)."""
     from .sensitivity_analysis import estimate_analysis
-    from .tables import find_sensitivity
+    from .tables import analysis_todo, find_sensitivity
 
     if args.recompute or args.layers or args.weight_bits or args.act_bits or args.cache_dir:
         return   # a custom analysis: the default one's count would mislead
     found = find_sensitivity(pipe, cal)
-    # a table measured in another dtype or device is no measurement of this one: still say the cost
-    if (found.source == "none" or found.measured_as) and found.todo:
-        estimate = estimate_analysis(pipe, cal, found.todo)
-        _log(f"sensitivity: {estimate.message}" + ("; starting anyway, as asked (resumable: stop with Ctrl-C "
-                                                    "and rerun to continue)" if estimate.gpu_job else ""))
+    if found.source == "cached":
+        return   # complete here: nothing to run
+    # a shipped or published table is not this cache: the analysis asked for still runs, so
+    # say what it costs (and that the table exists)
+    todo = found.todo if found.source == "none" else analysis_todo(pipe, cal)
+    if todo:
+        estimate = estimate_analysis(pipe, cal, todo)
+        _log("sensitivity: " + (f"{found.message}; measuring here anyway, as asked: " if found.source != "none"
+                                else "") + estimate.message
+             + ("; starting anyway, as asked (resumable: stop with Ctrl-C and rerun to continue)"
+                if estimate.gpu_job else ""))
 
 
 def run_sensitivity(args) -> Sensitivity:

@@ -157,7 +157,6 @@ def find_sensitivity(pipe, calibration=None, presets_dir=None) -> SensitivityLoo
        by architecture, not by these weights, so after a table measured for them;
     5. none (`message` says why, and what is cached)."""
     from .architectures import architecture_hash
-    from .quant import quantizable_layers
 
     calibration = calibration or Calibration.default(pipe)
     key, inputs = cache_key(pipe, calibration)
@@ -189,16 +188,7 @@ def find_sensitivity(pipe, calibration=None, presets_dir=None) -> SensitivityLoo
         note, flags = _shipped_mismatch(meta, key, inputs, name)
     folder = cache_root() / key
     prefix = f"{note}; " if note else ""
-    try:
-        names = list(quantizable_layers(pipe.unet))
-        groups = {n: layer_group(n) for n in names}
-        wbits = _candidates(None, DEFAULT_WEIGHT_BITS)
-        abits = _candidates(None, DEFAULT_ACT_BITS)
-        jobs = list(_jobs(names, groups, wbits, abits))
-        done = _read_results(folder) if folder.is_dir() else {}
-        todo = sum(1 for job in jobs if not all(m in done.get(job, {}) for m in metrics_for(groups[job[0]])))
-    except (AttributeError, OSError, ValueError, KeyError):  # cache layout changed: recompute
-        todo, jobs = None, None
+    todo, jobs = _cache_todo(pipe, folder)
     if todo == 0 and (folder / "model.json").is_file():
         # measured here for these very weights: better than anyone's published table
         return SensitivityLookup(sensitivity(pipe, calibration, progress=False), "cached",
@@ -218,6 +208,28 @@ def find_sensitivity(pipe, calibration=None, presets_dir=None) -> SensitivityLoo
         return SensitivityLookup(None, "none", f"{prefix}the cache in {folder} is unreadable", note, flags)
     have = "nothing" if todo == len(jobs) else f"{len(jobs) - todo} of {len(jobs)} evaluations"
     return SensitivityLookup(None, "none", f"{prefix}{have} cached in {folder}", note, flags, todo)
+
+
+def _cache_todo(pipe, folder) -> tuple[int | None, list | None]:
+    """(evaluations of the default analysis not yet in the cache folder, all its jobs);
+    (None, None) where the folder is unreadable (its layout changed: it is recomputed)."""
+    from .quant import quantizable_layers
+
+    try:
+        names = list(quantizable_layers(pipe.unet))
+        groups = {n: layer_group(n) for n in names}
+        jobs = list(_jobs(names, groups, _candidates(None, DEFAULT_WEIGHT_BITS), _candidates(None, DEFAULT_ACT_BITS)))
+        done = _read_results(folder) if folder.is_dir() else {}
+        return sum(1 for job in jobs if not all(m in done.get(job, {}) for m in metrics_for(groups[job[0]]))), jobs
+    except (AttributeError, OSError, ValueError, KeyError):
+        return None, None
+
+
+def analysis_todo(pipe, calibration=None) -> int | None:
+    """How many evaluations the default analysis of this model and calibration still has to
+    run here (whatever tables ship for it): the count its time estimate is made for."""
+    key, _ = cache_key(pipe, calibration or Calibration.default(pipe))
+    return _cache_todo(pipe, cache_root() / key)[0]
 
 
 def find_published(model_id: str, presets_dir=None) -> SensitivityLookup:

@@ -250,3 +250,24 @@ def test_allocate_a_published_model_without_its_weights(tmp_path):
     p = run("allocate", "--model", "stabilityai/sdxl-turbo", "--budget-mb", "2600", "--steps", "4", "--no-select",
             check=False, timeout=300, **env)
     assert p.returncode == 2 and "--steps set a calibration, which only the model's weights can measure" in p.stderr
+
+
+def test_sensitivity_says_what_it_costs_where_a_table_already_ships(tmp_path, monkeypatch, capsys):
+    """`mixdq sensitivity` measures when asked, also where the shipped table fits this model
+    and calibration; before it starts it says that table exists and what measuring costs
+    (the analysis itself is not run here: one evaluation timed at a fixed 0.5 s)."""
+    import argparse
+
+    from mixdq import Calibration, cli, sensitivity_analysis
+    from mixdq.loading import EMBEDDED, load_pipeline
+
+    if not (EMBEDDED / "model_index.json").is_file():
+        pytest.skip("the embedded model is not in assets/")
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setattr(sensitivity_analysis, "_time_one", lambda pipe, cal, layers: (0.5, dict.fromkeys(layers, 0.5)))
+    pipe = load_pipeline(device="cpu")
+    args = argparse.Namespace(recompute=False, layers=None, weight_bits=None, act_bits=None, cache_dir=None)
+    cli._say_what_the_analysis_costs(pipe, Calibration.default(pipe), args)
+    err = capsys.readouterr().err
+    assert "shipped presets/sensitivity.json, measured for this model and calibration" in err
+    assert "measuring here anyway, as asked" in err and "882 evaluations" in err
