@@ -134,10 +134,12 @@ def _slice_codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bounds, fp8:
 
 
 def _layer_input(layer, x: torch.Tensor, fp8: bool, compiling: bool) -> tuple[torch.Tensor, str]:
-    """(what the kernel reads, how): the float activation ('tile'), or its codes ('codes'),
-    made here by traceable torch ops when the activation is quantized first."""
-    if act_quant_mode(compiling) == "tile":
-        return x, "tile"
+    """(what the wrapper gets, its act_quant): the float activation and the mode, or, when a
+    traced layer quantizes first, the codes ('codes') made here by torch ops, outside the
+    custom op, where inductor can fuse them into the producing op."""
+    mode = act_quant_mode(compiling)
+    if mode == "tile" or not compiling:
+        return x, mode   # eager 'first': the wrapper quantizes, from its cached constants
     s, z = layer.act_scale, layer.act_zero_point
     if fp8:
         s, z = _fp8_act_scale(s, z), torch.zeros_like(z)
@@ -331,7 +333,7 @@ def triton_linear(x: torch.Tensor, packed: torch.Tensor, bits: int, shape: list[
                   bias: torch.Tensor | None, x_scale: torch.Tensor, x_zp: torch.Tensor, fp8: bool,
                   act_quant: str, out_dtype: torch.dtype) -> torch.Tensor:
     """linear_triton on a layer's packed buffer (epilogue constants cached per buffer); x
-    the float activation ('tile') or its codes ('codes')."""
+    the float activation or (act_quant 'codes') its codes."""
     return _linear_packed(x, packed, bits, shape, w_scale, bias, x_scale, x_zp, fp8, act_quant, out_dtype)
 
 
@@ -346,7 +348,7 @@ def triton_conv2d(x: torch.Tensor, packed: torch.Tensor, bits: int, shape: list[
                   padding: list[int], dilation: list[int], split: int, fp8: bool, act_quant: str,
                   out_dtype: torch.dtype) -> torch.Tensor:
     """conv2d_triton on a layer's packed buffer (epilogue constants cached per buffer); x
-    the float activation ('tile') or its codes ('codes')."""
+    the float activation or (act_quant 'codes') its codes."""
     return _conv2d_packed(x, packed, bits, shape, w_scale, bias, x_scale, x_zp, stride, padding, dilation,
                           split, fp8, act_quant, out_dtype)
 

@@ -249,8 +249,7 @@ class _TargetOnlyDriver:
 class CudaBuild:
     """What `compiling_for` compiled: (launch meta, triton CompiledKernel) per launch."""
 
-    def __init__(self, capability: int):
-        self.capability = capability
+    def __init__(self):
         self.jit = triton.jit(_igemm)  # its own compile cache, never the one real launches use
         self.kernels: list = []
 
@@ -270,7 +269,7 @@ def compiling_for(capability: int = 90):
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
-    build = CudaBuild(capability)
+    build = CudaBuild()
     before = driver._active
     driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", capability, 32)))
     _COMPILING.append(build)
