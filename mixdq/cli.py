@@ -181,7 +181,9 @@ def _say_what_the_analysis_costs(pipe, cal, args) -> None:
         return   # complete here: nothing to run
     # a shipped or published table is not this cache: the analysis asked for still runs, so
     # say what it costs (and that the table exists)
-    todo = found.todo if found.source == "none" else analysis_todo(pipe, cal)
+    todo = found.todo
+    if todo is None and found.source != "none":  # the lookup returned before counting the cache
+        todo = analysis_todo(pipe, cal)
     if todo:
         estimate = estimate_analysis(pipe, cal, todo)
         _log("sensitivity: " + (f"{found.message}; measuring here anyway, as asked: " if found.source != "none"
