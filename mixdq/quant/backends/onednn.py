@@ -90,13 +90,16 @@ prepacked.LINEAR[NAME] = linear_onednn
 def onednn_conv2d(x: torch.Tensor, packed: torch.Tensor, bits: int, shape: list[int], w_scale: torch.Tensor,
                   bias: torch.Tensor | None, x_scale: torch.Tensor, x_zp: torch.Tensor, stride: list[int],
                   padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
-    """conv2d_onednn on a layer's packed buffer."""
-    return conv2d_onednn(x, x_scale, x_zp, lambda: codes_of(packed, bits, shape), w_scale, bias,
-                         stride, padding, dilation, groups, key=packed)
+    """conv2d_onednn on a layer's packed buffer, in channels_last memory (oneDNN's own
+    output layout, so a no-op): the strides the fake promises, which the traced ops
+    downstream bake in (int_mm's patch extraction is an as_strided view)."""
+    y = conv2d_onednn(x, x_scale, x_zp, lambda: codes_of(packed, bits, shape), w_scale, bias,
+                      stride, padding, dilation, groups, key=packed)
+    return y.contiguous(memory_format=torch.channels_last)
 
 
 @onednn_conv2d.register_fake
 def _(x, packed, bits, shape, w_scale, bias, x_scale, x_zp, stride, padding, dilation, groups):
     size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (shape[2 + i] - 1) - 1) // stride[i] + 1
             for i in range(2)]
-    return x.new_empty(x.shape[0], shape[0], *size)
+    return x.new_empty(x.shape[0], shape[0], *size).contiguous(memory_format=torch.channels_last)
