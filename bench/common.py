@@ -114,7 +114,8 @@ def environment(device: str, argv=None, prog: str = "python -m bench.run") -> di
         env["cuda"] = torch.version.cuda
     else:
         env["kernel_dispatch"] = {k: v for k, v in kernels.kernel_report("cpu").items()
-                                  if k in ("kernel", "linear_backend", "conv_backend", "reason")}
+                                  if k in ("kernel", "linear_backend", "conv_backend", "packed_linear_backend",
+                                           "packed_conv_backend", "reason")}
     return env
 
 
@@ -163,6 +164,32 @@ def mixed_plan(layers: dict, target_bits: float, low: int, act: int = 8, lowest:
 
 
 KEEP_W8 = "-keep-w8"  # variant suffix: quantize(int8_safe=False): W8A8 layers stay 8-bit everywhere
+ON = "@"  # variant suffix: W8A8@onednn is W8A8 quantized with MIXDQ_INT8_BACKEND=onednn
+
+
+def split_variant(v: str) -> tuple[str, str | None]:
+    """'W8A8@onednn' -> ('W8A8', 'onednn'); 'W8A8' -> ('W8A8', None)."""
+    base, _, backend = v.partition(ON)
+    return base, backend or None
+
+
+class forced_backend:
+    """MIXDQ_INT8_BACKEND set while one variant is quantized (layers resolve their
+    backend then, once); None leaves the library's own choice."""
+
+    def __init__(self, value: str | None):
+        self.value = value
+
+    def __enter__(self):
+        self.old = os.environ.get("MIXDQ_INT8_BACKEND")
+        if self.value is not None:
+            os.environ["MIXDQ_INT8_BACKEND"] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("MIXDQ_INT8_BACKEND", None)
+        else:
+            os.environ["MIXDQ_INT8_BACKEND"] = self.old
 
 
 def make_plans(layers: dict, variants) -> dict:
@@ -181,8 +208,8 @@ def make_plans(layers: dict, variants) -> dict:
             out[v] = Plan.uniform(names, 7, 8, meta={"mean_weight_bits": 7})
         elif v == "W4A16":
             out[v] = Plan.uniform(names, 4, 16, meta={"mean_weight_bits": 4})
-        elif v.endswith(KEEP_W8):
-            base = v.removesuffix(KEEP_W8)
+        elif v.endswith(KEEP_W8) or ON in v:
+            base = split_variant(v)[0].removesuffix(KEEP_W8)
             out[v] = make_plans(layers, [base])[base]
         else:
             raise ValueError(f"unknown variant {v!r}")
@@ -222,17 +249,18 @@ def bench_bos(inputs) -> torch.Tensor:
     return inputs["encoder_hidden_states"][0, 0].detach().clone()
 
 
-def build_variant(unet, plan, ranges, int8_safe: bool = True, bos=None, kernel=None):
+def build_variant(unet, plan, ranges, int8_safe: bool = True, bos=None, kernel=None, backend=None):
     """The quantized variant as `mixdq.quantize` makes it (mixdq.quantize_unet: W8A8
     layers as W7A8 where their int8 backend saturates on 8-bit codes, prepacked
-    copies made layer by layer), sharing the float model's unquantized tensors."""
+    copies made layer by layer), sharing the float model's unquantized tensors.
+    backend: a MIXDQ_INT8_BACKEND value for this variant (None: the library's choice)."""
     from mixdq import model_nbytes, quantize_unet
 
     trim()
     rss0 = rss_bytes()
     t = time.perf_counter()
     clone = shared_clone(unet)
-    with torch.no_grad():
+    with torch.no_grad(), forced_backend(backend):
         report = quantize_unet(clone, plan, ranges, bos=bos, kernel=kernel, int8_safe=int8_safe)
     dt = time.perf_counter() - t
     trim()

@@ -163,36 +163,19 @@ def _plans(layers: dict, variants) -> dict:
     return out
 
 
-class _env_backend:
-    """MIXDQ_INT8_BACKEND set for one quantization (layers resolve their backend then)."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __enter__(self):
-        self.old = os.environ.get("MIXDQ_INT8_BACKEND")
-        if self.value is not None:
-            os.environ["MIXDQ_INT8_BACKEND"] = self.value
-
-    def __exit__(self, *exc):
-        if self.old is None:
-            os.environ.pop("MIXDQ_INT8_BACKEND", None)
-        else:
-            os.environ["MIXDQ_INT8_BACKEND"] = self.old
-
-
 def build_variants(unet, ranges, bos, variants, m: dict, device, kernel="int_mm", int8_backend=None,
                    hold_epilogue=False, log=_log) -> dict:
     """{variant: quantized clone sharing the float model's other tensors}; bytes, backends
     and build times into m."""
     from mixdq import model_nbytes, quantize_unet
     from mixdq.quant import hold_epilogue as hold, quantizable_layers
+    from .common import forced_backend
 
     out = {}
     for name, plan in _plans(quantizable_layers(unet), variants).items():
         a1, t = _alloc(device), time.perf_counter()
         clone = _shared_clone(unet)
-        with torch.no_grad(), _env_backend(variant_backends(name, int8_backend)):
+        with torch.no_grad(), forced_backend(variant_backends(name, int8_backend)):
             report = quantize_unet(clone, plan, ranges, bos=bos, kernel=None if kernel == "auto" else kernel)
         if device.type == "cuda":
             torch.cuda.synchronize()

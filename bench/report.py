@@ -49,7 +49,9 @@ def _env_lines(env: dict) -> list[str]:
         if env.get("kernel_dispatch"):
             kd = env["kernel_dispatch"]
             lines.append(f"- int8 dispatch: layer kernel `{kd.get('kernel')}`, linear backend "
-                         f"`{kd.get('linear_backend')}`, conv backend `{kd.get('conv_backend')}` ({kd.get('reason')})")
+                         f"`{kd.get('linear_backend')}`, conv backend `{kd.get('conv_backend')}`"
+                         + (f" (2-4-bit codes: `{kd['packed_linear_backend']}` / `{kd['packed_conv_backend']}`)"
+                            if "packed_linear_backend" in kd else "") + f" ({kd.get('reason')})")
     return lines
 
 

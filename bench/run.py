@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from .common import (KEEP_W8, MiB, bench_bos, build_variant, environment, fix_malloc_threshold, make_plans,
-                     observe_ranges, peak_bytes, reset_peak, rss_bytes, trim)
+from .common import (KEEP_W8, ON, MiB, bench_bos, build_variant, environment, fix_malloc_threshold, make_plans,
+                     observe_ranges, peak_bytes, reset_peak, rss_bytes, split_variant, trim)
 from .openvino_variants import VARIANTS as OPENVINO_VARIANTS  # the tool a CPU user would pick instead
 
 HERE = Path(__file__).resolve().parent
@@ -132,7 +132,9 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
     built = {}
     info = {}
     for v, plan in plans.items():
-        model, meta = build_variant(unet, plan, ranges, int8_safe=not v.endswith(KEEP_W8), bos=bench_bos(inputs))
+        base, backend = split_variant(v)
+        model, meta = build_variant(unet, plan, ranges, int8_safe=not base.endswith(KEEP_W8),
+                                    bos=bench_bos(inputs), backend=backend)
         built[v] = model
         info[v] = meta
         log(f"  {v}: {meta['plan']} -> {meta['weight_bytes'] / MiB:.0f} MiB, quantized in {meta['quantize_s']:.1f} s")
@@ -225,6 +227,19 @@ def ratios(model_result: dict) -> dict:
 DEFAULT_MODELS = ("sdxl-turbo", "sd-turbo", "sd15")
 DEFAULT_VARIANTS = ("W8A8", "W5A8", "W4A8", "W4A16")
 VARIANTS = DEFAULT_VARIANTS + ("W7A8",) + tuple(v + KEEP_W8 for v in ("W8A8", "W5A8", "W4A8")) + OPENVINO_VARIANTS
+
+
+def variant_arg(v: str) -> str:
+    """A --variants item: one of VARIANTS, or a quantized one with its int8 backend
+    forced, VARIANT@BACKEND (W8A8@onednn), to compare backends in one run."""
+    from mixdq.quant.kernels import BACKENDS
+
+    base, backend = split_variant(v)
+    if base not in VARIANTS or (ON in v and (base in OPENVINO_VARIANTS or backend not in BACKENDS)):
+        raise argparse.ArgumentTypeError(
+            f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}, or a quantized one with "
+            f"{ON}BACKEND ({', '.join(BACKENDS)}), e.g. W8A8{ON}onednn")
+    return v
 
 
 def run(models=DEFAULT_MODELS, variants=DEFAULT_VARIANTS, reps: int = 3, px: int = 512, batch: int = 1,
@@ -346,8 +361,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS),
                         help="bench.configs names: sdxl-turbo sd-turbo sd15 tiny-sdxl (none: the kernel "
                              "table only)")
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                        choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), type=variant_arg,
+                        metavar="VARIANT", help=f"{', '.join(VARIANTS)}; VARIANT{ON}BACKEND forces the int8 "
+                        f"backend (W8A8{ON}onednn)")
     parser.add_argument("--reps", type=int, default=3, help="timed steps per model (after 1 warm-up)")
     parser.add_argument("--reps-small-models", type=int, default=None,
                         help="timed steps for the models after the first (default: --reps)")

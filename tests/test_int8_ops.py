@@ -255,25 +255,77 @@ def test_kernel_report_names_capability(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("kind", machine.CPU_KINDS)
 def test_cpu_kind_override_pins_the_decisions(monkeypatch, tmp_path, kind):
-    """MIXDQ_CPU decides for the other kind of CPU on any host: the VNNI logic takes
-    int_mm without measuring; the AVX2 logic measures (cached under its own key) and
-    treats the prepacked backends as saturating on 8-bit codes."""
+    """MIXDQ_CPU decides for the other kind of CPU on any host: both kinds measure (cached
+    under their own key) and pick by pick_backends for that kind; the AVX2 logic treats
+    the prepacked backends as saturating on 8-bit codes."""
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
     monkeypatch.setenv("MIXDQ_CPU", kind)
     assert machine.cpu_kind() == kind and machine.vnni() == (kind == "avx512_vnni")
     choice = machine.cpu_choice()
+    assert set(choice["linear_s"]) == {"float32", "int_mm", "fbgemm", "onednn"}
+    assert set(choice["conv_s"]) == {"float32", "int_mm", "onednn"}
+    times = {k: choice[k] for k in ("linear_s", "conv_s")}
+    assert {k: choice[k] for k in choice if k.endswith("_backend")} == machine.pick_backends(times, kind != "avx2")
     if kind == "avx512_vnni":
-        assert choice["linear_backend"] == choice["conv_backend"] == "int_mm" and "VNNI" in choice["reason"]
+        assert choice["packed_linear_backend"] == choice["packed_conv_backend"] == "int_mm"
+        assert "VNNI" in choice["reason"]
         # prepacked backends: saturating only where the host's kernels really are
         assert machine.saturates("onednn") == machine.probe_saturates("onednn")
     else:
-        assert set(choice["linear_s"]) == {"float32", "int_mm", "fbgemm", "onednn"}
         assert machine.saturates("onednn") and machine.saturates("fbgemm")
     assert machine.saturates("int_mm") == machine.probe_saturates("int_mm")  # whatever the kind
     assert any(f"|{kind}|" in key for key in json.loads((tmp_path / "kernels.json").read_text()))
     monkeypatch.setenv("MIXDQ_CPU", "pentium")
     with pytest.raises(ValueError, match="MIXDQ_CPU='pentium'.*avx2"):
         machine.vnni()
+
+
+# seconds per layer call, shaped like what _time_backends measured on the machines seen
+_VNNI_EPYC = {"float32": 4.2e-3, "int_mm": 1.3e-3, "fbgemm": 2.1e-3, "onednn": 1.1e-3}
+_AMX_XEON = {"float32": 5.7e-3, "int_mm": 1.9e-3, "fbgemm": 2.2e-3, "onednn": 0.9e-3}
+_AVX2_EPYC = {"float32": 4.0e-3, "int_mm": 1.2e-1, "fbgemm": 2.3e-3, "onednn": 2.1e-3}
+
+
+@pytest.mark.parametrize("linear, vnni, one_byte, packed", [
+    (_VNNI_EPYC, True, "int_mm", "int_mm"),          # oneDNN faster, but by less than the margin
+    (_AMX_XEON, True, "onednn", "int_mm"),           # 2x: prepacked for one-byte codes only
+    ({**_VNNI_EPYC, "float32": 1e-3}, True, "int_mm", "int_mm"),  # a noisy float32 never wins on VNNI
+    (_AVX2_EPYC, False, "onednn", "onednn"),         # int_mm slower than float32: prepacked for all
+    ({**_AVX2_EPYC, "fbgemm": 9e-3, "onednn": 8e-3}, False, "float", "float"),
+    ({**_AVX2_EPYC, "int_mm": 3.0e-3, "fbgemm": 2.7e-3, "onednn": 2.6e-3}, False, "int_mm", "int_mm"),
+    ({**_AVX2_EPYC, "int_mm": 3.0e-3, "onednn": 1.0e-3}, False, "onednn", "int_mm"),
+])
+def test_pick_backends_per_code_width(linear, vnni, one_byte, packed):
+    """The rule, on the machines' own kinds of measurement: copy-free int_mm (unasked on
+    VNNI), a prepacked backend where it clearly beats that, packed 2-4-bit codes kept
+    copy-free wherever int_mm runs them (a prepacked copy holds a byte per weight)."""
+    conv = {k: v for k, v in linear.items() if k != "fbgemm"}
+    got = machine.pick_backends({"linear_s": linear, "conv_s": conv}, vnni)
+    assert (got["linear_backend"], got["packed_linear_backend"]) == (one_byte, packed)
+    assert (got["conv_backend"], got["packed_conv_backend"]) == (one_byte, packed)
+
+
+def test_packed_codes_take_their_own_backend(monkeypatch, tmp_path):
+    """A layer's backend follows the choice for its code width: 4-bit codes the packed
+    one, 5-8-bit codes the one-byte one (the measured choice, whatever this host is)."""
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    choice = machine.cpu_choice()
+    for op in ("linear", "conv"):
+        for bits, key in ((7, f"{op}_backend"), (5, f"{op}_backend"), (4, f"packed_{op}_backend"),
+                          (2, f"packed_{op}_backend")):
+            assert kernels.layer_backend(op, bits, 8, "cpu") == choice[key], (op, bits)
+    monkeypatch.setattr(machine, "_CPU_CHOICES", {})
+    fixed = {"linear_s": _AMX_XEON, "conv_s": _AMX_XEON} | machine.pick_backends(
+        {"linear_s": _AMX_XEON, "conv_s": _AMX_XEON}, True) | {"version": machine._MEASURE_VERSION}
+    monkeypatch.setattr(machine, "_choose_cpu", lambda: fixed)
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path / "amx"))
+    layers = {bits: _quant_layers(bits) for bits in (7, 4)}
+    for bits, expected in ((7, "onednn"), (4, "int_mm")):
+        for name, (layer, x) in layers[bits].items():
+            assert layer.backend == expected, (name, bits)
+            with kernels.recording() as ran:
+                out = layer(x)
+            assert ran == [(layer, expected)] and _rel(out, _reference(layer, x)) < 1e-5, (name, bits)
 
 
 @pytest.mark.parametrize("backend", ["int_mm", "onednn", "fbgemm"])
@@ -295,6 +347,39 @@ def test_quantized_layers_trace_whole_on_each_backend(monkeypatch, tmp_path, bac
             traced = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
             assert _rel(traced, eager) < 1e-6, (name, bits, layer.backend)
             assert _rel(traced, _reference(layer, x)) < 1e-5, (name, bits)
+
+
+@pytest.mark.parametrize("first, second", [(a, b) for a in ("int_mm", "onednn", "float")
+                                             for b in ("int_mm", "onednn", "float")])
+def test_traced_convs_chain_across_backends(monkeypatch, tmp_path, first, second):
+    """Two 3x3 convs on different backends, compiled whole, give eager's output: each
+    backend's traced output has the strides its real one has (oneDNN's is channels_last,
+    and int_mm's patch extraction after it bakes the traced strides in)."""
+    from mixdq.plan import LayerBits
+    from mixdq.quant import prepack
+    from mixdq.quant.layers import QuantConv2d
+    from mixdq.quant.quantizers import ActRange
+
+    if "onednn" in (first, second) and "onednn" not in _backends(B.CONV_KERNELS):
+        pytest.skip("onednn not in this torch build")
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    torch.manual_seed(5)
+    convs = []
+    for backend in (first, second):
+        monkeypatch.setenv("MIXDQ_INT8_BACKEND", backend)
+        conv = QuantConv2d.from_float(torch.nn.Conv2d(8, 8, 3, padding=1), LayerBits(7, 8))
+        conv.set_ranges([ActRange(-4.0, 4.0, 1)])
+        conv.kernel = "int_mm"
+        assert conv.backend == backend
+        convs.append(conv)
+    model = torch.nn.Sequential(*convs)
+    prepack(model)
+    x = torch.randn(2, 8, 6, 7)
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        traced = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    assert _rel(traced, eager) < 1e-6
 
 
 _SATURATION_PROBE = """

@@ -33,6 +33,7 @@ import torch
 
 from . import machine
 from .backends import PREPACKED, REGISTRY
+from .packing import codes_per_byte
 
 KERNELS = ("int_mm", "dequant")
 BACKENDS = tuple(REGISTRY) + ("float",)
@@ -92,7 +93,8 @@ def layer_backend(op: str, weight_bits: int, act_bits: int, device, kernel: str 
     with two activation ranges) with these bits on `device`: one of BACKENDS.
 
     The forced backend for the layer's type, else this machine's choice for it: on the
-    CPU the measured one (a split 1x1 conv is two GEMMs over pixels: the linear one),
+    CPU the measured one for codes of this width (machine.pick_backends; a split 1x1
+    conv is two GEMMs over pixels: the linear one),
     on CUDA the GPU's measured one (triton, int_mm, or float: cuDNN / cuBLAS in
     float16 on dequantized weights).  `float` where the backend does not support
     the layer, or saturates on its codes."""
@@ -109,8 +111,9 @@ def layer_backend(op: str, weight_bits: int, act_bits: int, device, kernel: str 
     if device.type == "cuda":
         choice = machine.cuda_choice(device)
         default = choice.get(f"{kind}_backend", "int_mm" if kind == "linear" else "float")
-    else:
-        default = machine.cpu_choice()[f"{kind}_backend"]
+    else:  # packed 2-4-bit codes have their own choice: prepacked copies cost them memory
+        default = machine.cpu_choice()[f"packed_{kind}_backend" if codes_per_byte(weight_bits) > 1
+                                       else f"{kind}_backend"]
     forced = _backend_override(kind)
     backend = forced if forced and supported(forced) else default  # e.g. FBGEMM forced: it has no conv
     if not supported(backend):
@@ -127,8 +130,9 @@ def kernel_report(device="cpu") -> dict:
     if device.type == "cpu":
         report["cpu"] = machine.cpu_id()
         report.update({k: v for k, v in machine.cpu_choice().items() if k not in ("version",)})
-        report["linear_backend"] = layer_backend("linear", 7, 8, device)
-        report["conv_backend"] = layer_backend("conv", 7, 8, device)
+        for kind in ("linear", "conv"):
+            report[f"{kind}_backend"] = layer_backend(kind, 7, 8, device)
+            report[f"packed_{kind}_backend"] = layer_backend(kind, 4, 8, device)
         report["saturating"] = [be for be in PREPACKED if machine.saturates(be)]
         report["cpu_flags"] = machine.cpu_capability()
     elif device.type == "cuda":

@@ -4,8 +4,9 @@ here (once, cached on disk), and which of them saturate on 8-bit codes.
 The machines differ (see README): on an EPYC with AVX-512 VNNI `torch._int_mm`
 is several times faster than float32 matmul; on an AVX2-only EPYC it is 30-100x
 slower, while oneDNN's and FBGEMM's prepacked int8 kernels are about 2x faster
-than float32.  So without VNNI the choice is measured once per machine (a ~1 s
-micro-benchmark, cached in ~/.cache/mixdq) instead of assumed.
+than float32; on a Xeon with AMX oneDNN's are twice as fast as `torch._int_mm`.
+So the choice is measured once per machine (a ~1 s micro-benchmark, cached in
+~/.cache/mixdq) and made by `pick_backends`.
 
 MIXDQ_CPU=avx2|avx512_vnni makes the library decide for that kind of CPU instead
 of the detected one (tests and CI use it to check one kind's decisions on the other).
@@ -41,7 +42,7 @@ from .quantizers import fake_quantize_act
 
 CPU_KINDS = ("avx2", "avx512_vnni")
 # bump when _measure_cpu measures something new, so cached choices are redone
-_MEASURE_VERSION = 4
+_MEASURE_VERSION = 5
 
 
 def cache_dir() -> Path:
@@ -171,24 +172,35 @@ def saturation_allowed() -> bool:
 # ---------------------------------------------------------------------------
 # the measured choice per machine
 # ---------------------------------------------------------------------------
-def _time(fn, repeat=5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+def _interleaved_best(fns: dict, rounds: int = 7) -> dict:
+    """Fastest of `rounds` calls of each fn, the fns taking turns in every round (so a
+    burst of load on a shared machine slows them all, not one); inf where a backend is
+    missing from this torch build."""
+    best = {}
+    for name, fn in fns.items():
+        try:
+            fn()  # warm-up: caches, prepacked weights
+            best[name] = float("inf")
+        except (RuntimeError, NotImplementedError):
+            best[name] = None
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if best[name] is not None:
+                t = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t)
+    return {k: float("inf") if v is None else v for k, v in best.items()}
 
 
-def _measure_cpu() -> dict:
-    """Time each int8 backend (activation quantization and epilogue included)
-    against float32, for a linear and a 3x3 conv of SDXL's 640-channel stage.
+def _time_backends() -> dict:
+    """Seconds per call of each int8 backend (activation quantization and epilogue
+    included) and of float32, for a linear and a 3x3 conv of SDXL's 640-channel stage:
+    {"linear_s": {...}, "conv_s": {...}}.
 
-    Shapes are kept small enough for ~1 s in all; the backends' relative speed
-    is what matters, and it is a property of the instruction set (VNNI or not),
-    not of the exact shape.  The weight codes are 7-bit: what the saturating
-    backends would run.
+    Shapes are kept small enough for well under 1 s in all; the backends' relative speed
+    is what matters, and it is a property of the instruction set (VNNI, AMX or
+    neither), not of the exact shape.  The weight codes are 7-bit: what the
+    saturating backends would run.
     """
     torch.manual_seed(0)
     m, k, n = 1024, 640, 640
@@ -210,46 +222,51 @@ def _measure_cpu() -> dict:
     for be in ("int_mm", "onednn"):
         conv[be] = (lambda f=CONV_KERNELS[be]: f(xc, xs, xz, wcq, wcs, None, 1, 1))
 
-    def run(fns):
-        out = {}
-        for name, fn in fns.items():
-            try:
-                out[name] = _time(fn, repeat=3)
-            except (RuntimeError, NotImplementedError):  # backend missing in this build
-                out[name] = float("inf")
-        return out
-
     with torch.inference_mode():
-        t_lin, t_conv = run(lin), run(conv)
+        t_lin, t_conv = _interleaved_best(lin), _interleaved_best(conv)
     clear_cache()
+    return {"linear_s": t_lin, "conv_s": t_conv}
 
-    def pick(times):
-        # copy-free int_mm whenever it beats float32; a prepacked backend only
-        # where int_mm loses and the prepacked one wins; else float
-        if times["int_mm"] < times["float32"]:
-            return "int_mm"
-        rest = {k: v for k, v in times.items() if k not in ("float32", "int_mm")}
-        best = min(rest, key=rest.get)
-        return best if rest[best] < times["float32"] else "float"
 
-    return {"linear_s": t_lin, "conv_s": t_conv, "linear_backend": pick(t_lin),
-            "conv_backend": pick(t_conv), "version": _MEASURE_VERSION,
-            "reason": "measured: no VNNI, fastest of float32 / int_mm / prepacked backends"}
+# A prepacked backend (oneDNN, FBGEMM) replaces copy-free int_mm only where its layer
+# call is at least this much faster: a prepack costs quantize time (the SDXL-Turbo
+# UNet's W8A8 took 36 s instead of 16 s on an AMX Xeon), and a gain on single layers
+# shrinks over a whole step.  Over the float path any gain counts.
+PREPACK_MARGIN = 1.25
+
+
+def pick_backends(times: dict, vnni: bool) -> dict:
+    """Each layer type's backend from measured `times` ({"linear_s": {name: s}, ...}):
+    `{kind}_backend` for codes held one per byte (5-8 bits), `packed_{kind}_backend`
+    for 2-4-bit codes packed several per byte.
+
+    The copy-free choice first: int_mm on a VNNI CPU (AVX-512 VNNI, AVX-VNNI, AMX),
+    where it is several times faster than float32 by instruction set (a noisy 1 s
+    measurement once ranked float32 first under load, so it is not asked), elsewhere
+    int_mm only where it measured faster than float32, else the float path.  Then a
+    prepacked backend where it beats that choice (by PREPACK_MARGIN over int_mm).
+    Packed codes keep the copy-free choice wherever it is int_mm: a prepacked backend
+    would hold one byte per weight, two to four times what the plan stores; only where
+    the copy-free choice is the float path do they take the prepacked one too."""
+    out = {}
+    for kind in ("linear", "conv"):
+        t = times[f"{kind}_s"]
+        copy_free = "int_mm" if vnni or t["int_mm"] < t["float32"] else "float"
+        bar = t["int_mm"] / PREPACK_MARGIN if copy_free == "int_mm" else t["float32"]
+        prepacked = {b: s for b, s in t.items() if b in PREPACKED and s < bar}
+        out[f"{kind}_backend"] = min(prepacked, key=prepacked.get) if prepacked else copy_free
+        out[f"packed_{kind}_backend"] = copy_free if copy_free == "int_mm" else out[f"{kind}_backend"]
+    return out
 
 
 def _choose_cpu() -> dict:
-    """VNNI (AVX-512 VNNI, AVX-VNNI or AMX): int_mm everywhere, without measuring.
-
-    On these CPUs `_int_mm` was measured 2.8-3.7x faster than float32 per layer
-    type, quantization and epilogue included (bench/RESULTS.md); a 1 s
-    micro-benchmark on a shared 2-core machine is noisier than that margin (it
-    once ranked float32 first under load), so the instruction set decides.
-    Elsewhere the micro-benchmark does.
-    """
-    if vnni():
-        return {"linear_backend": "int_mm", "conv_backend": "int_mm", "version": _MEASURE_VERSION,
-                "reason": "VNNI: " + ", ".join(sorted(cpu_flags() & VNNI_FLAGS))}
-    return _measure_cpu()
+    """This machine's measured choice (pick_backends over _time_backends)."""
+    times = _time_backends()
+    flags = sorted(cpu_flags() & VNNI_FLAGS)
+    return {**times, **pick_backends(times, vnni()), "version": _MEASURE_VERSION,
+            "reason": ("VNNI (" + ", ".join(flags) + "): int_mm, or a prepacked backend "
+                       f"{PREPACK_MARGIN}x faster than it" if flags else
+                       "no VNNI: fastest of float32 / int_mm / prepacked backends")}
 
 
 def _cached_choice(key: str, choose, version: int = _MEASURE_VERSION) -> dict:
@@ -275,7 +292,7 @@ _CPU_CHOICES: dict[tuple, dict] = {}
 
 
 def cpu_choice() -> dict:
-    """This machine's measured (or VNNI) choice, once per process and machine key."""
+    """This machine's measured choice, once per process and machine key."""
     key = (cpu_id(), str(cache_dir()))
     if key not in _CPU_CHOICES:
         _CPU_CHOICES[key] = _cached_choice(key[0], _choose_cpu)
