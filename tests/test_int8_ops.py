@@ -482,6 +482,33 @@ def test_prepacked_backends_unpack_low_bit_codes_once(monkeypatch, tmp_path, bac
         assert len(calls) == (3 if backend == "int_mm" else 1), type(q).__name__
 
 
+def test_machine_probes_keep_the_layers_prepacked_copies(monkeypatch, tmp_path):
+    """Asking the machine (saturation probes, the backend measurement) after layers were
+    prepacked leaves their copies in place: the next calls make no new prepack (they once
+    cleared every cache, and SDXL's first W8A8 step re-prepacked all 794 layers)."""
+    if "onednn" not in _backends(B.LINEAR_KERNELS):
+        pytest.skip("onednn not in this torch build")
+    from mixdq.quant import prepack
+
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", "onednn")
+    made = _quant_layers(7)
+    for layer, x in made.values():
+        prepack(layer)
+    first = {name: layer(x) for name, (layer, x) in made.items()}
+    machine.probe_saturates.cache_clear()
+    for backend in ("onednn", "fbgemm", "int_mm"):
+        machine.probe_saturates(backend)
+    machine.probe_saturates("onednn", "conv")
+    machine._time_backends()
+    new = []
+    real = B.common.note_prepacked
+    monkeypatch.setattr(B.common, "note_prepacked", lambda key, name: (new.append(name), real(key, name)))
+    for name, (layer, x) in made.items():
+        assert torch.equal(layer(x), first[name]), name
+    assert new == []
+
+
 @pytest.mark.parametrize("backend", ["onednn", "fbgemm"])
 def test_prepacked_backends_leave_one_copy_of_int8_codes(monkeypatch, tmp_path, backend):
     """On oneDNN / FBGEMM a layer keeps only the backend's prepacked copy after its first

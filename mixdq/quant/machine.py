@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from .backends import CONV_KERNELS, LINEAR_KERNELS, PREPACKED, REGISTRY
-from .backends.common import clear_cache
 from .backends.int_mm import linear_int_mm
 from .backends.onednn import conv2d_onednn
 from .quantizers import fake_quantize_act
@@ -160,8 +159,6 @@ def probe_saturates(backend: str, op: str = "linear") -> bool:
                 y = LINEAR_KERNELS[backend](x, 1.0, 0, w, ws)
     except (RuntimeError, NotImplementedError):
         return True  # missing in this build: never chosen anyway
-    finally:
-        clear_cache()
     return not torch.allclose(y.double(), torch.full_like(y.double(), 255.0 * 127 * k), rtol=1e-6)
 
 
@@ -172,6 +169,10 @@ def saturation_allowed() -> bool:
 # ---------------------------------------------------------------------------
 # the measured choice per machine
 # ---------------------------------------------------------------------------
+# The probes and measurements here leave the backends' caches alone: their own
+# tensors' entries go with the tensors (weakly keyed), while clearing the caches
+# would drop the prepacked copies of every layer already quantized (asked about
+# saturation after quantize, the first step re-prepacked all of SDXL's).
 def _interleaved_best(fns: dict, rounds: int = 7) -> dict:
     """Fastest of `rounds` calls of each fn, the fns taking turns in every round (so a
     burst of load on a shared machine slows them all, not one); inf where a backend is
@@ -224,7 +225,6 @@ def _time_backends() -> dict:
 
     with torch.inference_mode():
         t_lin, t_conv = _interleaved_best(lin), _interleaved_best(conv)
-    clear_cache()
     return {"linear_s": t_lin, "conv_s": t_conv}
 
 
@@ -383,7 +383,6 @@ def _measure_cuda(index: int) -> dict:
                     times[kind][name] = _cuda_time(fn, dev)
                 except Exception:  # noqa: BLE001 - a kernel that fails to build or run loses
                     times[kind][name] = float("inf")
-    clear_cache()
     return _pick_cuda(times)
 
 
