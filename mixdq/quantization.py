@@ -88,7 +88,7 @@ class QuantReport:
 
     def kernel_times(self) -> str:
         """The measurement behind the backend choice, where the machine made one (a GPU: its
-        `times_s` per layer type; a CPU without VNNI: `linear_s` / `conv_s`), fastest first."""
+        `times_s` per layer type; a CPU: `linear_s` / `conv_s`), fastest first."""
         times = self.kernel.get("times_s") or {
             k[:-2]: self.kernel[k] for k in ("linear_s", "conv_s") if isinstance(self.kernel.get(k), dict)}
         return "; ".join(f"{kind}: " + ", ".join(f"{name} {t * 1e3:.3g} ms" for name, t in

@@ -271,9 +271,9 @@ def test_quantized_unet_compiles_whole_on_each_backend(tiny_sdxl_dir, monkeypatc
 
 
 def test_report_shows_the_measurement_behind_the_backend_choice():
-    """A GPU's per-layer-type times (`times_s`) or a CPU's without VNNI (`linear_s` /
-    `conv_s`) are printed with the report, fastest first; a choice made without measuring
-    (VNNI) prints none."""
+    """A GPU's per-layer-type times (`times_s`) or a CPU's (`linear_s` /
+    `conv_s`) are printed with the report, fastest first; a kernel record without times
+    prints none."""
     import dataclasses
 
     from mixdq.quantization import QuantReport

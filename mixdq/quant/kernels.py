@@ -12,8 +12,9 @@ Two levels:
     float: the dequant path (activations other than 8 bits, no int8 backend
     faster than float32 here, or codes a backend cannot run exactly)
 
-The CPU's and the GPU's choice per layer type is measured once (machine.py; on
-CUDA: triton, int_mm or float16 per layer type, triton_fp8 only when forced); the split up-block
+The CPU's and the GPU's choice per layer type is measured once (machine.py; on the
+CPU apart for 2-4-bit codes, which a prepacked copy would widen to a byte per weight;
+on CUDA: triton, int_mm or float16 per layer type, triton_fp8 only when forced); the split up-block
 shortcut convs (1x1 over concat(hidden, skip), two activation ranges) are two GEMMs
 over pixels: they take the linear backend.
 
