@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -221,6 +222,26 @@ def test_cli_args_round_trip(tmp_path):
     assert args.models == ["tiny-sdxl"] and args.variants == ["W8A8", "W4A8"]
     with pytest.raises(SystemExit):
         p.parse_args(["--variants", "W3A3"])
+
+
+def test_variants_with_a_forced_backend_run_beside_the_chosen_one(tmp_path, capsys):
+    """VARIANT@BACKEND: the same plan quantized with that int8 backend forced, in the same
+    run; the environment is as it was afterwards; unknown backends or bases are refused."""
+    p = brun.add_bench_args(argparse.ArgumentParser())
+    for bad in ("W8A8@magic", "openvino-fp32@onednn", "W3A3@onednn"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--variants", bad])
+        assert f"unknown variant {bad!r}" in capsys.readouterr().err
+    args = p.parse_args(["--variants", "W8A8", "W8A8@float", "W7A8@int_mm"])
+    assert args.variants == ["W8A8", "W8A8@float", "W7A8@int_mm"]
+    before = os.environ.get("MIXDQ_INT8_BACKEND")
+    res = brun.run(models=("tiny-sdxl",), variants=args.variants, reps=1, px=64, out_dir=tmp_path, threads=1,
+                   kernels_table=False, log=lambda *a: None, argv=["--test"], time_bfloat16=False)
+    assert os.environ.get("MIXDQ_INT8_BACKEND") == before
+    v, n = res["models"][0]["variants"], res["models"][0]["layers"]["quantizable"]
+    assert v["W8A8@float"]["backends"] == {"float": n} and v["W8A8@float"]["routed_int8_layers"] == 0
+    assert v["W7A8@int_mm"]["backends"] == {"int_mm": n} and v["W7A8@int_mm"]["routed_int8_layers"] == n
+    assert all(v[k]["step_s"] > 0 for k in args.variants)
 
 
 def test_gpu_script_runs_unchanged_on_cpu(tmp_path):

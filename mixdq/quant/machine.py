@@ -5,8 +5,8 @@ The machines differ (see README): on an EPYC with AVX-512 VNNI `torch._int_mm`
 is several times faster than float32 matmul; on an AVX2-only EPYC it is 30-100x
 slower, while oneDNN's and FBGEMM's prepacked int8 kernels are about 2x faster
 than float32; on a Xeon with AMX oneDNN's are twice as fast as `torch._int_mm`.
-So the choice is measured once per machine (a ~1 s micro-benchmark, cached in
-~/.cache/mixdq) and made by `pick_backends`.
+So the choice is measured once per machine (a micro-benchmark of well under a
+second, cached in ~/.cache/mixdq) and made by `pick_backends`.
 
 MIXDQ_CPU=avx2|avx512_vnni makes the library decide for that kind of CPU instead
 of the detected one (tests and CI use it to check one kind's decisions on the other).
@@ -40,7 +40,7 @@ from .backends.onednn import conv2d_onednn
 from .quantizers import fake_quantize_act
 
 CPU_KINDS = ("avx2", "avx512_vnni")
-# bump when _measure_cpu measures something new, so cached choices are redone
+# bump when _time_backends measures or pick_backends decides anew, so cached choices are redone
 _MEASURE_VERSION = 5
 
 
@@ -229,9 +229,9 @@ def _time_backends() -> dict:
 
 
 # A prepacked backend (oneDNN, FBGEMM) replaces copy-free int_mm only where its layer
-# call is at least this much faster: a prepack costs quantize time (the SDXL-Turbo
-# UNet's W8A8 took 36 s instead of 16 s on an AMX Xeon), and a gain on single layers
-# shrinks over a whole step.  Over the float path any gain counts.
+# call is at least this much faster: a prepack costs quantize time (it about doubles
+# an SDXL-Turbo W8A8 quantization), and a gain on single layers shrinks over a whole
+# step.  Over the float path any gain counts.
 PREPACK_MARGIN = 1.25
 
 
