@@ -60,6 +60,21 @@ def test_quantize_act_fast_path_is_exact(signed):
     assert (out != ref).float().mean() < 1e-3  # only exact .5 ties may round differently
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantize_act_keeps_channels_last(signed):
+    """A channels_last activation (oneDNN convs return them) quantizes to channels_last
+    codes equal to the NCHW ones (no transposing copy); other layouts come out contiguous."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 12, 5, 7, generator=g) * 3
+    s, z = _act_params(x)
+    nchw = B.common.quantize_act(x, s, z, signed=signed)
+    cl = B.common.quantize_act(x.contiguous(memory_format=torch.channels_last), s, z, signed=signed)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, nchw)
+    assert nchw.is_contiguous()
+    sliced = B.common.quantize_act(x[:, 2:9], s, z, signed=signed)
+    assert sliced.is_contiguous() and torch.equal(sliced, nchw[:, 2:9])
+
+
 @pytest.mark.parametrize("backend", _backends(B.LINEAR_KERNELS))
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("bias", [True, False])

@@ -58,10 +58,15 @@ def quantize_act(x: torch.Tensor, scale, zero_point, signed: bool = True) -> tor
     if _fast_cpu_quant_ok(x):
         s = float(scale)
         z = int(round(float(zero_point)))
+        # a channels_last input (the output of oneDNN's convs) stays so: made contiguous,
+        # the transposing copy cost 30x the quantization (SDXL 640 x 64 x 64: 18 vs 0.6
+        # ms), and oneDNN's conv then ran 5x faster on channels_last codes
+        if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous()
         try:
             if signed:
-                return _plain(torch.quantize_per_tensor(x.contiguous(), s, z - SHIFT, torch.qint8), torch.int8)
-            return _plain(torch.quantize_per_tensor(x.contiguous(), s, z, torch.quint8), torch.uint8)
+                return _plain(torch.quantize_per_tensor(x, s, z - SHIFT, torch.qint8), torch.int8)
+            return _plain(torch.quantize_per_tensor(x, s, z, torch.quint8), torch.uint8)
         except (RuntimeError, NotImplementedError):
             pass  # an op removed in a later torch: fall through to the arithmetic form
     q = torch.clamp(torch.round(x / scale) + zero_point, QMIN_U8, QMAX_U8)
