@@ -58,9 +58,9 @@ def quantize_act(x: torch.Tensor, scale, zero_point, signed: bool = True) -> tor
     if _fast_cpu_quant_ok(x):
         s = float(scale)
         z = int(round(float(zero_point)))
-        # a channels_last input (the output of oneDNN's convs) stays so: made contiguous,
-        # the transposing copy cost 30x the quantization (SDXL 640 x 64 x 64: 18 vs 0.6
-        # ms), and oneDNN's conv then ran 5x faster on channels_last codes
+        # a channels_last input (the output of oneDNN's convs) stays so: making it
+        # contiguous is a transposing copy that costs many times the quantization, and
+        # oneDNN's conv runs faster on channels_last codes than on NCHW ones
         if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous()
         try:
