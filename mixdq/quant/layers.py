@@ -17,10 +17,10 @@ The float weight is gone; `weight_bits == 16` keeps it (float weight, quantized
 activations).  `quantized_nbytes` predicts these bytes exactly.
 `layer.kernel` says whether the layer may use int8 kernels; setting it (and
 moving the layer) resolves `layer.backend`, what runs it (kernels.layer_backend).
-On the prepacked int8 backends (oneDNN, FBGEMM: CPUs without VNNI) a layer's
-codes live in the backend's prepacked int8 copy from `prepack()` or the first
-call on (see `_release_codes`): the same bytes for 5-8-bit codes, 2-4x the
-packed size for 2-4-bit ones (those backends have no low-bit kernels).
+On the prepacked int8 backends (oneDNN, FBGEMM, where machine.pick_backends chose
+them) a layer's codes live in the backend's prepacked int8 copy from `prepack()`
+or the first call on (see `_release_codes`): the same bytes for 5-8-bit codes,
+2-4x the packed size for 2-4-bit ones (those backends have no low-bit kernels).
 """
 from __future__ import annotations
 
@@ -176,13 +176,13 @@ class QuantLayer(nn.Module):
 
     # -- one copy of the codes on prepacked backends ------------------------------
     def _release_codes(self, fresh) -> None:
-        """oneDNN and FBGEMM (the int8 backends of CPUs without VNNI) run on a prepacked
-        int8 copy of the weight made on the first call; `fresh` is that copy
-        (common.take_fresh_prepacked).  Keep only it: our codes' storage is dropped
-        and read back from it whenever the codes are needed (state_dict, .to(),
-        pickling, the float paths).  5-8-bit codes are stored in int8, the size of the
-        prepacked copy; 2-4-bit layers then hold int8 instead of their packed codes
-        (that copy is what the backend runs, and what model_nbytes then counts)."""
+        """oneDNN and FBGEMM run on a prepacked int8 copy of the weight made on the
+        first call; `fresh` is that copy (common.take_fresh_prepacked).  Keep only it:
+        our codes' storage is dropped and read back from it whenever the codes are
+        needed (state_dict, .to(), pickling, the float paths).  5-8-bit codes are
+        stored in int8, the size of the prepacked copy; 2-4-bit layers then hold int8
+        instead of their packed codes (that copy is what the backend runs, and what
+        model_nbytes then counts)."""
         t = self.weight_packed
         if t.device.type != "cpu" or t.is_inference():
             return

@@ -263,7 +263,7 @@ def _choose_cpu() -> dict:
     """This machine's measured choice (pick_backends over _time_backends)."""
     times = _time_backends()
     flags = sorted(cpu_flags() & VNNI_FLAGS)
-    return {**times, **pick_backends(times, vnni()), "version": _MEASURE_VERSION,
+    return {**times, **pick_backends(times, bool(flags)), "version": _MEASURE_VERSION,
             "reason": ("VNNI (" + ", ".join(flags) + "): int_mm, or a prepacked backend "
                        f"{PREPACK_MARGIN}x faster than it" if flags else
                        "no VNNI: fastest of float32 / int_mm / prepacked backends")}

@@ -2,8 +2,10 @@
 epilogue, float output) on a prepacked weight.
 
 The prepack is a second copy of the weight (about the int8 size) while it is made;
-the layer then keeps only it.  Chosen where `int_mm` loses (AVX2-only CPUs: 1.9x
-float32 on SDXL's linears, 2.1x on its convs there) or when forced.  Without VNNI
+the layer then keeps only it.  Chosen for codes held one per byte where it measures
+clearly faster than `int_mm` (machine.pick_backends: AVX2-only CPUs, where `int_mm`
+is slower than float32; AMX Xeons, where its fused call beats `int_mm`'s separate
+passes), for 2-4-bit codes too where `int_mm` is slower than float32, or when forced.  Without VNNI
 its u8 x s8 products saturate on 8-bit codes (machine.saturates).
 """
 from __future__ import annotations
