@@ -41,6 +41,29 @@ def test_scale_clamped_per_channel_not_whole_tensor():
     assert scale[1] > 0
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 5), (1000, 300), (7, 300000), (40, 640, 3, 3)])
+def test_blockwise_codes_match_the_whole_weight_formula(shape, dtype, monkeypatch):
+    """Codes are made a block of rows at a time (quantizers._QUANT_BLOCK); they are the
+    codes of round(w / scale) over the whole weight, at every tail: rows not a multiple
+    of the block's, a row longer than the block, a dead channel, NaN-free extremes."""
+    import mixdq.quant.quantizers as quantizers
+
+    monkeypatch.setattr(quantizers, "_QUANT_BLOCK", 4096)  # many blocks even on small weights
+    torch.manual_seed(0)
+    w = (torch.randn(shape) * torch.logspace(-3, 2, shape[0]).view(-1, *[1] * (len(shape) - 1))).to(dtype)
+    w[0] = 0
+    for bits in (2, 4, 7, 8):
+        q, scale = quantize_weight(w, bits)
+        wf = w.float().reshape(shape[0], -1)
+        ref_scale = (wf.abs().amax(1) / weight_qrange(bits)[1]).clamp_min(1e-8)
+        ref = torch.round(wf / ref_scale[:, None]).clamp(*weight_qrange(bits)).to(torch.int8).view(shape)
+        assert torch.equal(scale, ref_scale) and torch.equal(q, ref)
+        out = torch.empty(w.numel(), dtype=torch.int8)
+        q_out, _ = quantize_weight(w, bits, out=out)
+        assert torch.equal(out.view(shape), ref) and q_out.data_ptr() == out.data_ptr()
+
 def test_act_range_over_batches_and_zero_included():
     r = ActRange()
     r.update(torch.tensor([0.5, 2.0]))

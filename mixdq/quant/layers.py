@@ -35,7 +35,7 @@ from ..plan import FLOAT_BITS, LayerBits
 from . import kernels
 from .backends import PREPACKED, REGISTRY, common
 from .backends.int_mm import int_mm_ok
-from .packing import pack, packed_nbytes, unpack
+from .packing import codes_per_byte, pack, packed_nbytes, unpack
 from .quantizers import ActRange, act_qparams, fake_quantize_act, quantize_weight
 
 # How many leading values of the BOS embedding identify it.  Cheap to compare
@@ -225,8 +225,11 @@ class QuantLayer(nn.Module):
             if self.weight_bits == FLOAT_BITS:
                 self.weight.copy_(weight)
             else:
-                q, scale = quantize_weight(weight, self.weight_bits)
-                self.weight_packed.copy_(pack(q, self.weight_bits))
+                if codes_per_byte(self.weight_bits) == 1:  # the buffer holds the codes as they are
+                    _, scale = quantize_weight(weight, self.weight_bits, out=self.weight_packed)
+                else:
+                    q, scale = quantize_weight(weight, self.weight_bits)
+                    self.weight_packed.copy_(pack(q, self.weight_bits))
                 self.weight_scale.copy_(scale)
             if bias is not None:
                 self.bias.copy_(bias)

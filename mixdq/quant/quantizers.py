@@ -24,18 +24,36 @@ def weight_qrange(bits: int) -> tuple[int, int]:
 
 def weight_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-output-channel scale (float32, shape [out_channels])."""
-    w = weight.detach().float().reshape(weight.shape[0], -1)
-    absmax = w.abs().amax(dim=1)
+    w = weight.detach().reshape(weight.shape[0], -1)
+    # max |w| as max(max w, -min w): two reductions, no |w| copy of the whole weight
+    absmax = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_()).float()
     return (absmax / weight_qrange(bits)[1]).clamp_min(SCALE_EPS)
 
 
-def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (integer codes as int8, same shape as weight; float32 scale per channel)."""
+# Codes are made a block of rows at a time through one reused float32 buffer of
+# this many elements: whole-weight float temporaries (the quotient, its rounding)
+# are fresh pages for every layer, and faulting them in cost more than the
+# arithmetic (SDXL's 10240x1280 weight: 101 -> 25 ms, 1 thread).
+_QUANT_BLOCK = 1 << 18
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, out: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (integer codes as int8, same shape as weight; float32 scale per channel).
+    out: an int8 tensor of weight's numel to write the codes into (returned)."""
     scale = weight_scale(weight, bits)
     qmin, qmax = weight_qrange(bits)
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    q = torch.round(weight.detach().float() / scale.view(shape)).clamp_(qmin, qmax)
-    return q.to(torch.int8), scale
+    w = weight.detach().reshape(weight.shape[0], -1)
+    if w.dtype == torch.float64:  # the quotient is float32, as from weight.float() / scale
+        w = w.float()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device) if out is None else out.view(w.shape)
+    rows = max(1, _QUANT_BLOCK // max(1, w.shape[1])) if w.device.type == "cpu" else w.shape[0]
+    buf = torch.empty(min(rows, w.shape[0]), w.shape[1], device=w.device)
+    for i in range(0, w.shape[0], rows):
+        part = buf[:min(rows, w.shape[0] - i)]
+        torch.div(w[i:i + rows], scale[i:i + rows, None], out=part).round_().clamp_(qmin, qmax)
+        q[i:i + rows].copy_(part)
+    return q.view(weight.shape), scale
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
