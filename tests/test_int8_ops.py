@@ -160,11 +160,42 @@ def test_large_accumulators_run_in_row_blocks_with_identical_results(monkeypatch
     monkeypatch.setattr(B.int_mm, "_ACC_BLOCK", 64 * 4 * 40 // 3)  # not a divisor of the rows
     calls = []
     real = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape[0]) or real(a, b))
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b, **kw: calls.append(a.shape[0]) or real(a, b, **kw))
     blocks = outputs()
     assert len(calls) == 2 * 5 and calls[1] < calls[0]  # 5 GEMMs, each in two blocks, the last short
     for w, bl in zip(whole, blocks):
         assert w.dtype == bl.dtype and w.shape == bl.shape and torch.equal(w, bl)
+
+
+def test_int_mm_reuses_its_working_buffers_without_aliasing_outputs(monkeypatch):
+    """On the CPU int_mm writes its accumulator, patches and reordered conv weight into
+    per-thread buffers reused from call to call (common.scratch), each as large as its
+    largest use: every output of a run of calls stays what fresh buffers give, bit for
+    bit, after the later calls have reused the buffers."""
+    g = torch.Generator().manual_seed(12)
+    x, xs = torch.randn(3, 50, 24, generator=g), torch.randn(2, 7, 24, generator=g)
+    xc, xc2 = torch.randn(1, 16, 12, 11, generator=g), torch.randn(2, 16, 9, 8, generator=g)
+    wq, wc, w1 = _codes((40, 24), 7, g), _codes((12, 16, 3, 3), 7, g), _codes((12, 16, 1, 1), 7, g)
+    ws, b = torch.rand(40, generator=g) * 0.02 + 1e-3, torch.randn(40, generator=g)
+    s, z = _act_params(x)
+    st, zt = torch.tensor([s, s]), torch.tensor([float(z), float(z)])
+
+    def outputs():
+        return [B.int_mm.linear_int_mm(x, s, z, wq, ws, b), B.int_mm.conv2d_int_mm(xc, s, z, wc, ws[:12], b[:12], 1, 1),
+                B.int_mm.conv2d_int_mm(xc2, s, z, wc, ws[:12], None, 2, 1),
+                B.int_mm.split_conv1x1_int_mm(xc, st, zt, 6, w1, ws[:12], b[:12]),
+                B.int_mm.linear_int_mm(xs, s, z, wq[:8], ws[:8], None)]
+
+    buffers = B.common._SCRATCH.buffers
+    buffers.clear()
+    reused = outputs()
+    assert {k for k in buffers} == {("int_mm_acc", torch.int32), ("int_mm_patches", torch.int8),
+                                    ("int_mm_weight", torch.uint8)}
+    assert buffers[("int_mm_acc", torch.int32)].numel() == 150 * 40  # the largest accumulator
+    assert buffers[("int_mm_patches", torch.int8)].numel() == 12 * 11 * 9 * 16
+    monkeypatch.setattr(B.int_mm, "scratch", lambda purpose, shape, dtype: torch.empty(shape, dtype=dtype))
+    for r, f in zip(reused, outputs()):
+        assert torch.equal(r, f)
 
 
 def test_cached_constants_follow_in_place_changes():

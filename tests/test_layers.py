@@ -44,7 +44,7 @@ def test_dequant_path_reuses_one_scratch_buffer_per_dtype():
     """Forwards on the dequant path write the float weight into one reused
     per-thread buffer: results stay exact across layers of different sizes, in
     and out of inference mode, and the buffer is the largest weight's size."""
-    from mixdq.quant import layers
+    from mixdq.quant.backends import common
 
     torch.manual_seed(4)
     float_layers = [nn.Linear(40, 24), nn.Conv2d(6, 10, 3, padding=1), nn.Linear(16, 8)]
@@ -54,16 +54,17 @@ def test_dequant_path_reuses_one_scratch_buffer_per_dtype():
     refs = [F.linear(x, fake_quantize_weight(m.weight, 4), m.bias) if isinstance(m, nn.Linear)
             else F.conv2d(x, fake_quantize_weight(m.weight, 4), m.bias, padding=1)
             for m, x in zip(float_layers, inputs)]
-    layers._SCRATCH.buffers.clear()
+    buffers = common._SCRATCH.buffers
+    buffers.clear()
     for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
         with mode():
             for q, x, ref in zip(quant, inputs, refs):
                 torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
-    assert list(layers._SCRATCH.buffers) == [torch.float32]
-    assert layers._SCRATCH.buffers[torch.float32].numel() == 40 * 24
+    assert list(buffers) == [("weight", torch.float32)]
+    assert buffers[("weight", torch.float32)].numel() == 40 * 24
     # the public accessor returns a tensor of its own
     w = quant[0].dequantized_weight(torch.float32)
-    assert w.data_ptr() != layers._SCRATCH.buffers[torch.float32].data_ptr()
+    assert w.data_ptr() != buffers[("weight", torch.float32)].data_ptr()
 
 
 def test_bytes_per_bit_are_packed():

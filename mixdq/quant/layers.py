@@ -25,7 +25,6 @@ or the first call on (see `_release_codes`): the same bytes for 5-8-bit codes,
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 import torch.nn as nn
@@ -61,34 +60,6 @@ def quantized_nbytes(weight_shape, has_bias: bool, bits: LayerBits, dtype: torch
     if bos:
         extra += (out + BOS_KEY_LEN) * es
     return weight + bias + extra
-
-
-class _Scratch(threading.local):
-    """One reusable CPU buffer per thread for the float weight a forward
-    dequantizes on the fly (the dequant path).  A fresh buffer that size costs
-    page faults on every call: glibc serves allocations above its mmap
-    threshold (32 MiB at most) straight from the kernel and returns them on
-    free, and SDXL's largest float32 weights are 52-59 MiB; writing into a
-    reused buffer took the float path of its 1280-channel 3x3 conv from 147 to
-    117 ms (float32 conv: 109 ms; AVX2 caps).  It holds the largest such weight
-    seen (per thread, per dtype): working memory like an activation, not a
-    held weight."""
-
-    def __init__(self):
-        self.buffers: dict[torch.dtype, torch.Tensor] = {}
-
-    def get(self, shape, dtype) -> torch.Tensor:
-        numel = math.prod(shape)
-        buf = self.buffers.get(dtype)
-        if buf is None or buf.numel() < numel:
-            # a normal tensor even when first made under inference_mode, so that
-            # calls outside it may write into it too
-            with torch.inference_mode(False):
-                buf = self.buffers[dtype] = torch.empty(numel, dtype=dtype)
-        return buf[:numel].view(shape)
-
-
-_SCRATCH = _Scratch()
 
 
 def _refresh_after_load(module: "QuantLayer", _incompatible_keys) -> None:
@@ -310,7 +281,7 @@ class QuantLayer(nn.Module):
         q = self._codes_now()
         scale = self.weight_scale.to(dtype).view((-1,) + (1,) * (q.dim() - 1))
         if scratch and q.device.type == "cpu" and not torch.compiler.is_compiling():
-            return _SCRATCH.get(q.shape, dtype).copy_(q).mul_(scale)
+            return common.scratch("weight", q.shape, dtype).copy_(q).mul_(scale)
         # in place: `q.to(dtype) * scale` allocates the float weight twice (and
         # the int8 * float promotion runs unvectorised: 2.4x slower on SDXL's
         # 1280-channel 3x3 conv)

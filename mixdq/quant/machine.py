@@ -48,8 +48,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MIXDQ_CACHE", Path.home() / ".cache" / "mixdq"))
 
 
+@lru_cache(maxsize=None)
 def cpu_name() -> str:
-    """The CPU model, for every report that states which machine measured it."""
+    """The CPU model, for every report that states which machine measured it (read
+    once: every layer's backend resolution asks for it)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -18,6 +18,8 @@ into the neighbouring ops.
 """
 from __future__ import annotations
 
+import math
+import threading
 import warnings
 
 import torch
@@ -73,6 +75,47 @@ def quantize_act(x: torch.Tensor, scale, zero_point, signed: bool = True) -> tor
     if signed:
         return (q - SHIFT).to(torch.int8)
     return q.to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------
+# working buffers reused from call to call
+# ---------------------------------------------------------------------------
+class _Scratch(threading.local):
+    """Reusable CPU buffers, one per thread and purpose, for what a layer call makes
+    and drops: the float weight the dequant path computes on the fly, and on
+    `int_mm` the patches, the reordered conv weight and the int32 accumulator.
+
+    Fresh buffers that size cost twice.  glibc serves allocations above its mmap
+    threshold straight from the kernel (page faults on every call: writing SDXL's
+    1280-channel 3x3 conv weight into a reused buffer took its float path from 147
+    to 117 ms); and below it, after it has risen (up to 32 MiB), from the heap,
+    where buffers of ever-changing sizes interleaved with the step's longer-lived
+    activations leave holes that stay resident (the first W8A8 step of SDXL-Turbo on
+    `int_mm` peaked at 4x a later step's).  Each buffer holds the largest size seen:
+    working memory like an activation, not a held weight.  Callers use one only
+    within a call and never return it (or a view of it)."""
+
+    def __init__(self):
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, purpose: str, shape, dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.buffers.get((purpose, dtype))
+        if buf is None or buf.numel() < numel:
+            self.buffers.pop((purpose, dtype), None)  # free the old one before the new exists
+            # a normal tensor even when first made under inference_mode, so that
+            # calls outside it may write into it too
+            with torch.inference_mode(False):
+                buf = self.buffers[(purpose, dtype)] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(shape)
+
+
+_SCRATCH = _Scratch()
+
+
+def scratch(purpose: str, shape, dtype) -> torch.Tensor:
+    """This thread's reusable CPU buffer for `purpose`, viewed as `shape` (see _Scratch)."""
+    return _SCRATCH.get(purpose, shape, dtype)
 
 
 # ---------------------------------------------------------------------------

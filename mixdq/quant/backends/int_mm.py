@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import (SHIFT, _epilogue, _epilogue_consts, _pair, _scalar, quantize_act)
+from .common import SHIFT, _epilogue, _epilogue_consts, _pair, _scalar, quantize_act, scratch
 from .reference import conv2d_reference
 
 NAME = "int_mm"
@@ -45,10 +45,10 @@ def conv2d(layer, x: torch.Tensor) -> torch.Tensor:
                          layer.bias, key=layer.weight_packed, **layer.conv_args)
 
 
-# A large GEMM's int32 accumulator lies above glibc's mmap threshold (32 MiB at
-# most), e.g. SD1.5's 4096-token feed-forward (4096 x 2560: 40 MiB): every call
-# then maps fresh pages and faults them in, and the epilogue reads them back from
-# memory.  Blocks of rows of ~4 MiB stay in the heap and in cache.
+# On the CPU the int32 accumulator is a reused buffer (common.scratch: a fresh
+# one per call costs page faults, or heap holes that stay resident), filled by
+# blocks of rows of ~4 MiB where it would be large (SD1.5's 4096-token
+# feed-forward, 4096 x 2560: 40 MiB), so that the epilogue reads it from cache.
 _ACC_SPLIT_ABOVE = 32 << 20
 _ACC_BLOCK = 4 << 20
 
@@ -57,13 +57,16 @@ def _int_mm_epilogue(a: torch.Tensor, b: torch.Tensor, scale, beff, dtype) -> to
     """_epilogue(torch._int_mm(a, b), ...), by blocks of rows where the accumulator is large
     (a: the activation codes, made contiguous here as _int_mm needs)."""
     a = a.contiguous()
-    m, n = a.shape[0], b.shape[1]
-    if m * n * 4 <= _ACC_SPLIT_ABOVE or a.device.type != "cpu" or torch.compiler.is_compiling():
+    if a.device.type != "cpu" or torch.compiler.is_compiling():
         return _epilogue(torch._int_mm(a, b), scale, beff, dtype)
+    m, n = a.shape[0], b.shape[1]
+    if m * n * 4 <= _ACC_SPLIT_ABOVE:
+        return _epilogue(torch._int_mm(a, b, out=scratch("int_mm_acc", (m, n), torch.int32)), scale, beff, dtype)
     rows = max(64, _ACC_BLOCK // (4 * n))
     y = torch.empty(m, n, dtype=torch.float32)
     for i in range(0, m, rows):
-        torch.addcmul(beff, torch._int_mm(a[i:i + rows], b), scale, out=y[i:i + rows])
+        acc = scratch("int_mm_acc", (min(rows, m - i), n), torch.int32)
+        torch.addcmul(beff, torch._int_mm(a[i:i + rows], b, out=acc), scale, out=y[i:i + rows])
     return y if dtype == torch.float32 else y.to(dtype)
 
 
@@ -100,6 +103,8 @@ def _im2col_nhwc(xq_nhwc: torch.Tensor, pad_value: int, kh, kw, stride, padding,
     wo = (wp - dw * (kw - 1) - 1) // sw + 1
     s = xq_nhwc.stride()
     cols = xq_nhwc.as_strided((b, ho, wo, kh, kw, c), (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]))
+    if xq_nhwc.device.type == "cpu" and not torch.compiler.is_compiling():
+        cols = scratch("int_mm_patches", cols.shape, cols.dtype).copy_(cols)
     return cols.reshape(b * ho * wo, kh * kw * c), (b, ho, wo)
 
 
@@ -136,12 +141,16 @@ def conv2d_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0
         # read only where there is padding (never on CUDA or in a traced graph: above)
         zp_s8 = int(round(_scalar(x_zp))) - SHIFT if padding != (0, 0) else 0
         cols, (b, ho, wo) = _im2col_nhwc(xq, zp_s8, kh, kw, stride, padding, dilation)
-        # weight in (O, kh, kw, C) order to match the patches: a per-call int8
-        # copy of the codes (caching it would double the layer's memory).  The
+        # weight in (O, kh, kw, C) order to match the patches: a per-call copy of
+        # the codes (caching it would double the layer's memory; on the CPU it is
+        # written into this thread's reusable buffer).  The
         # bytes are copied as uint8, for which torch's transposing copy is 1.8x
         # faster than for int8 (SDXL 1280x1280x3x3: 8.4 -> 4.6 ms, next to an
         # 18.6 ms GEMM at 16x16)
-        w2 = w_q.view(torch.uint8).permute(0, 2, 3, 1).reshape(o, kh * kw * c).view(torch.int8)
+        w2 = w_q.view(torch.uint8).permute(0, 2, 3, 1)
+        if w2.device.type == "cpu" and not torch.compiler.is_compiling():
+            w2 = scratch("int_mm_weight", w2.shape, torch.uint8).copy_(w2)
+        w2 = w2.reshape(o, kh * kw * c).view(torch.int8)
     scale, beff = _epilogue_consts(w_q.reshape(o, -1), w_scale, bias, x_scale, x_zp, key, "conv_epi")
     y = _int_mm_epilogue(cols, w2.t(), scale, beff, x.dtype)
     return y.view(b, ho, wo, o).permute(0, 3, 1, 2)
