@@ -160,7 +160,12 @@ def test_large_accumulators_run_in_row_blocks_with_identical_results(monkeypatch
     monkeypatch.setattr(B.int_mm, "_ACC_BLOCK", 64 * 4 * 40 // 3)  # not a divisor of the rows
     calls = []
     real = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda a, b, **kw: calls.append(a.shape[0]) or real(a, b, **kw))
+    def counted(a, b, **kw):
+        if b.shape[1] > 1:  # not the weight's row sums (common._rowsum)
+            calls.append(a.shape[0])
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(torch, "_int_mm", counted)
     blocks = outputs()
     assert len(calls) == 2 * 5 and calls[1] < calls[0]  # 5 GEMMs, each in two blocks, the last short
     for w, bl in zip(whole, blocks):
@@ -196,6 +201,18 @@ def test_int_mm_reuses_its_working_buffers_without_aliasing_outputs(monkeypatch)
     monkeypatch.setattr(B.int_mm, "scratch", lambda purpose, shape, dtype: torch.empty(shape, dtype=dtype))
     for r, f in zip(reused, outputs()):
         assert torch.equal(r, f)
+
+
+def test_weight_row_sums_are_exact_at_extreme_codes():
+    """sum_k W (the zero-point term of every int_mm epilogue) is an int8 GEMM with a column
+    of ones on the CPU: exact at the extreme codes, on slices (a split conv's halves),
+    whatever instruction set the host's int8 kernels are capped to (CI's other-kind pass)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randint(-128, 128, (37, 1030), generator=g, dtype=torch.int8)
+    w[0], w[1] = 127, -128
+    w[2, ::2], w[2, 1::2] = 127, -128
+    for t in (w, w[:, 5:700], w[:, 701:], w[:1]):
+        assert torch.equal(B.common._rowsum(t).long(), t.sum(1, dtype=torch.int64))
 
 
 def test_cached_constants_follow_in_place_changes():
