@@ -191,9 +191,9 @@ def test_int_mm_reuses_its_working_buffers_without_aliasing_outputs(monkeypatch)
                 B.int_mm.split_conv1x1_int_mm(xc, st, zt, 6, w1, ws[:12], b[:12]),
                 B.int_mm.linear_int_mm(xs, s, z, wq[:8], ws[:8], None)]
 
-    buffers = B.common._SCRATCH.buffers
-    buffers.clear()
+    B.common._SCRATCH.clear()
     reused = outputs()
+    buffers = B.common._SCRATCH.buffers()
     assert {k for k in buffers} == {("int_mm_acc", torch.int32), ("int_mm_patches", torch.int8),
                                     ("int_mm_weight", torch.uint8)}
     assert buffers[("int_mm_acc", torch.int32)].numel() == 150 * 40  # the largest accumulator
@@ -201,6 +201,22 @@ def test_int_mm_reuses_its_working_buffers_without_aliasing_outputs(monkeypatch)
     monkeypatch.setattr(B.int_mm, "scratch", lambda purpose, shape, dtype: torch.empty(shape, dtype=dtype))
     for r, f in zip(reused, outputs()):
         assert torch.equal(r, f)
+
+
+def test_working_buffers_are_kept_for_the_last_threads_only():
+    """A server's pool runs requests on many threads: only the last _Scratch.THREADS keep
+    buffers, and a buffer evicted while its thread still holds it stays valid."""
+    import threading
+
+    sc = B.common._Scratch()
+    held = sc.get("acc", (4, 4), torch.float32).fill_(7)
+    for i in range(3):  # three other threads, one after the other
+        t = threading.Thread(target=lambda: sc.get("acc", (100,), torch.float32).fill_(i))
+        t.start()
+        t.join()
+    assert len(sc._by_thread) == sc.THREADS and threading.get_ident() not in sc._by_thread
+    assert torch.equal(held, torch.full((4, 4), 7.0))  # evicted, still ours until dropped
+    assert sc.get("acc", (4, 4), torch.float32).data_ptr() != held.data_ptr()  # a new one
 
 
 def test_weight_row_sums_are_exact_at_extreme_codes():

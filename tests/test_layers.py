@@ -54,12 +54,12 @@ def test_dequant_path_reuses_one_scratch_buffer_per_dtype():
     refs = [F.linear(x, fake_quantize_weight(m.weight, 4), m.bias) if isinstance(m, nn.Linear)
             else F.conv2d(x, fake_quantize_weight(m.weight, 4), m.bias, padding=1)
             for m, x in zip(float_layers, inputs)]
-    buffers = common._SCRATCH.buffers
-    buffers.clear()
+    common._SCRATCH.clear()
     for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
         with mode():
             for q, x, ref in zip(quant, inputs, refs):
                 torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+    buffers = common._SCRATCH.buffers()
     assert list(buffers) == [("weight", torch.float32)]
     assert buffers[("weight", torch.float32)].numel() == 40 * 24
     # the public accessor returns a tensor of its own

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from collections import OrderedDict
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -80,7 +81,7 @@ def quantize_act(x: torch.Tensor, scale, zero_point, signed: bool = True) -> tor
 # ---------------------------------------------------------------------------
 # working buffers reused from call to call
 # ---------------------------------------------------------------------------
-class _Scratch(threading.local):
+class _Scratch:
     """Reusable CPU buffers, one per thread and purpose, for what a layer call makes
     and drops: the float weight the dequant path computes on the fly, and on
     `int_mm` the patches, the reordered conv weight and the int32 accumulator.
@@ -93,20 +94,43 @@ class _Scratch(threading.local):
     activations leave holes that stay resident (the first W8A8 step of SDXL-Turbo on
     `int_mm` peaked at 4x a later step's).  Each buffer holds the largest size seen:
     working memory like an activation, not a held weight.  Callers use one only
-    within a call and never return it (or a view of it)."""
+    within a call and never return it (or a view of it).
+
+    Only the `THREADS` threads that used them last keep theirs: a server runs each
+    request on whichever thread of its pool is free, and buffers per thread would
+    otherwise pile up.  Dropping them is safe while a call of that thread still
+    uses one: its view keeps the memory until the call returns."""
+
+    THREADS = 2
 
     def __init__(self):
-        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self._by_thread: OrderedDict[int, dict] = OrderedDict()
+
+    def buffers(self) -> dict:
+        """{(purpose, dtype): buffer} of the calling thread."""
+        tid = threading.get_ident()
+        with self._lock:
+            mine = self._by_thread.pop(tid, None)
+            self._by_thread[tid] = mine = {} if mine is None else mine
+            while len(self._by_thread) > self.THREADS:
+                self._by_thread.popitem(last=False)
+        return mine
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_thread.clear()
 
     def get(self, purpose: str, shape, dtype) -> torch.Tensor:
         numel = math.prod(shape)
-        buf = self.buffers.get((purpose, dtype))
+        mine = self.buffers()
+        buf = mine.get((purpose, dtype))
         if buf is None or buf.numel() < numel:
-            self.buffers.pop((purpose, dtype), None)  # free the old one before the new exists
+            mine.pop((purpose, dtype), None)  # free the old one before the new exists
             # a normal tensor even when first made under inference_mode, so that
             # calls outside it may write into it too
             with torch.inference_mode(False):
-                buf = self.buffers[(purpose, dtype)] = torch.empty(numel, dtype=dtype)
+                buf = mine[(purpose, dtype)] = torch.empty(numel, dtype=dtype)
         return buf[:numel].view(shape)
 
 
