@@ -41,7 +41,7 @@ from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401
 from .errors import ExportError, SlowPathWarning
 from .defaults import META_FILE, default_device
 from .plan import Plan
-from .quant import (QuantConv2d, QuantLinear, is_bos_layer, kernels, prepack, quantizable_layers, quantized_layers,
+from .quant import (QuantConv2d, QuantLinear, is_bos_layer, kernels, prepare, quantizable_layers, quantized_layers,
                     shortcut_splits)
 from .quantization import QuantState, _device_of, current_plan, fit_plan_to_device
 
@@ -118,7 +118,7 @@ def save_unet(unet, folder: Path) -> dict:
         state = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
     finally:
-        prepack(unet)  # state_dict gave prepacked layers their codes back: drop them again
+        prepare(unet)  # state_dict gave prepacked layers their codes back: drop them again
     current_plan(unet).save(folder / PLAN_FILE)
     quant_state = getattr(unet, "mixdq_state", None)
     meta = quant_state.to_dict() if quant_state is not None else {}
@@ -192,7 +192,7 @@ class QuantizedUNet2DConditionModel(UNet2DConditionModel):
         unet.mixdq_state = QuantState.from_dict(meta)
         unet._mixdq_load = {"kernel": kernel, "int8_safe": int8_safe, "source": str(folder)}
         unet._fit_plan(unet._use_this_devices_kernel())
-        prepack(unet)  # now, layer by layer: the first call then neither prepacks nor holds two copies
+        prepare(unet)  # now, layer by layer: the first call then neither prepacks nor holds two copies
         return unet
 
     @classmethod

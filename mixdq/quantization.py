@@ -28,7 +28,7 @@ from .calibrate import Calibration, bos_embedding, observing, run_pipeline
 from .errors import PlanError
 from .memory import MB, model_nbytes, prepacked_extra_nbytes, stored_nbytes
 from .plan import FLOAT_BITS, LayerBits, Plan
-from .quant import (QuantLayer, kernels, layer_spec, prepack, quantizable_layers, quantized_layers, replace_layers,
+from .quant import (QuantLayer, kernels, layer_spec, prepare, quantizable_layers, quantized_layers, replace_layers,
                     shortcut_splits)
 from .quant.backends import PREPACKED
 from .quant.quantizers import ActRange
@@ -163,7 +163,7 @@ def quantize_unet(unet: nn.Module, plan: Plan, ranges: dict[str, list[ActRange]]
     if needs_acts and ranges is None:
         with observing(unet, "quantize"):
             run()
-    prepack(unet)
+    prepare(unet)
     t2 = time.perf_counter()
     unet.mixdq_state = QuantState(bos_aware=bos is not None, kernel=chosen, calibration=calibration,
                                   fitted=dict(plan.meta.get("fitted", {})))

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -210,11 +211,24 @@ def test_working_buffers_are_kept_for_the_last_threads_only():
 
     sc = B.common._Scratch()
     held = sc.get("acc", (4, 4), torch.float32).fill_(7)
+    done = threading.Event()
+    used = []
+
+    def use(i):  # each thread stays alive (a pool's), so their identities differ
+        sc.get("acc", (100,), torch.float32).fill_(i)
+        used.append(threading.get_ident())
+        done.wait()
+
+    pool = []
     for i in range(3):  # three other threads, one after the other
-        t = threading.Thread(target=lambda: sc.get("acc", (100,), torch.float32).fill_(i))
-        t.start()
+        pool.append(threading.Thread(target=use, args=(i,)))
+        pool[-1].start()
+        while len(used) <= i:
+            time.sleep(0.001)
+    assert list(sc._by_thread) == used[-sc.THREADS:]  # the last ones, ours evicted
+    done.set()
+    for t in pool:
         t.join()
-    assert len(sc._by_thread) == sc.THREADS and threading.get_ident() not in sc._by_thread
     assert torch.equal(held, torch.full((4, 4), 7.0))  # evicted, still ours until dropped
     assert sc.get("acc", (4, 4), torch.float32).data_ptr() != held.data_ptr()  # a new one
 
@@ -266,6 +280,28 @@ def _quant_layers(bits=7, seed=4):
         layer.set_ranges([ActRange(float(p.min()), float(p.max()), 1) for p in parts])
         layer.kernel = "int_mm"
     return made
+
+
+@pytest.mark.parametrize("bits", [7, 4])
+def test_prepare_makes_int_mm_constants_before_the_first_call(monkeypatch, tmp_path, bits):
+    """quant.prepare (run by quantize and load) makes int_mm's epilogue constants on the
+    CPU: the first real call finds them cached and makes none (made during the first step,
+    they pinned heap pages: see QuantLayer.prepare), and its output is the reference's."""
+    from mixdq.quant import prepare
+
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", "int_mm")
+    for name, (layer, x) in _quant_layers(bits).items():
+        assert layer.backend == "int_mm", name
+        assert layer.weight_packed not in B.common._CACHE, name
+        prepare(layer)
+        made = dict(B.common._CACHE[layer.weight_packed])
+        assert set(made) == ({"split_epi0", "split_epi1"} if layer.split else
+                             {"lin_epi"} if name == "linear" else {"conv_epi"}), name
+        out = layer(x)
+        after = B.common._CACHE[layer.weight_packed]
+        assert set(after) == set(made) and all(after[k][1] is made[k][1] for k in made), name
+        assert _rel(out, _reference(layer, x)) < 1e-5, name
 
 
 def _reference(layer, x):
@@ -414,13 +450,13 @@ def test_quantized_layers_trace_whole_on_each_backend(monkeypatch, tmp_path, bac
     implementations; outputs equal eager ones (prepacked copies made first, as quantize does)."""
     if backend not in _backends(B.LINEAR_KERNELS):
         pytest.skip(f"{backend} not in this torch build")
-    from mixdq.quant import prepack
+    from mixdq.quant import prepare
 
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
     monkeypatch.setenv("MIXDQ_INT8_BACKEND", backend)
     for bits in (7, 4):
         for name, (layer, x) in _quant_layers(bits).items():
-            prepack(layer)
+            prepare(layer)
             eager = layer(x)
             torch._dynamo.reset()
             traced = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
@@ -435,7 +471,7 @@ def test_traced_convs_chain_across_backends(monkeypatch, tmp_path, first, second
     backend's traced output has the strides its real one has (oneDNN's is channels_last,
     and int_mm's patch extraction after it bakes the traced strides in)."""
     from mixdq.plan import LayerBits
-    from mixdq.quant import prepack
+    from mixdq.quant import prepare
     from mixdq.quant.layers import QuantConv2d
     from mixdq.quant.quantizers import ActRange
 
@@ -452,7 +488,7 @@ def test_traced_convs_chain_across_backends(monkeypatch, tmp_path, first, second
         assert conv.backend == backend
         convs.append(conv)
     model = torch.nn.Sequential(*convs)
-    prepack(model)
+    prepare(model)
     x = torch.randn(2, 8, 6, 7)
     with torch.no_grad():
         eager = model(x)
@@ -567,13 +603,13 @@ def test_machine_probes_keep_the_layers_prepacked_copies(monkeypatch, tmp_path):
     cleared every cache, and SDXL's first W8A8 step re-prepacked all 794 layers)."""
     if "onednn" not in _backends(B.LINEAR_KERNELS):
         pytest.skip("onednn not in this torch build")
-    from mixdq.quant import prepack
+    from mixdq.quant import prepare
 
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
     monkeypatch.setenv("MIXDQ_INT8_BACKEND", "onednn")
     made = _quant_layers(7)
     for layer, x in made.values():
-        prepack(layer)
+        prepare(layer)
     first = {name: layer(x) for name, (layer, x) in made.items()}
     machine.probe_saturates.cache_clear()
     for backend in ("onednn", "fbgemm", "int_mm"):
