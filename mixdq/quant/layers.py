@@ -142,9 +142,8 @@ class QuantLayer(nn.Module):
         holds two copies of every weight; on the CPU's `int_mm` the epilogue constants
         (scale, bias with the zero-point term).  Made during the first step instead,
         those small lasting tensors land between the step's large transient buffers in
-        the heap and keep their pages resident: SDXL-Turbo's first W8A8 step on `int_mm`
-        peaked at 670 MiB above its start, against 219 MiB with the constants made
-        here (later steps: 136-151 MiB)."""
+        the heap and keep their pages resident: that step then peaked at three times
+        the memory of a later one."""
         if self._held_prepacked is not None:
             return
         if self.backend in PREPACKED or (self.backend == "int_mm" and self.device.type == "cpu"):

@@ -32,8 +32,8 @@ def weight_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 # Codes are made a block of rows at a time through one reused float32 buffer of
 # this many elements: whole-weight float temporaries (the quotient, its rounding)
-# are fresh pages for every layer, and faulting them in cost more than the
-# arithmetic (SDXL's 10240x1280 weight: 101 -> 25 ms, 1 thread).
+# are fresh pages for every layer, and faulting them in costs more than the
+# arithmetic (several times, on SDXL's large weights).
 _QUANT_BLOCK = 1 << 18
 
 

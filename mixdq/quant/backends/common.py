@@ -91,10 +91,9 @@ class _Scratch:
     1280-channel 3x3 conv weight into a reused buffer took its float path from 147
     to 117 ms); and below it, after it has risen (up to 32 MiB), from the heap,
     where buffers of ever-changing sizes interleaved with the step's longer-lived
-    activations leave holes that stay resident (the first W8A8 step of SDXL-Turbo on
-    `int_mm` peaked at 4x a later step's).  Each buffer holds the largest size seen:
-    working memory like an activation, not a held weight.  Callers use one only
-    within a call and never return it (or a view of it).
+    activations leave holes that stay resident.  Each buffer holds the largest size
+    seen: working memory like an activation, not a held weight.  Callers use one
+    only within a call and never return it (or a view of it).
 
     Only the `THREADS` threads that used them last keep theirs: a server runs each
     request on whichever thread of its pool is free, and buffers per thread would
@@ -333,13 +332,13 @@ def _epilogue_consts(w_q2d: torch.Tensor, w_scale: torch.Tensor, bias, x_scale, 
 def _rowsum(w_q2d: torch.Tensor) -> torch.Tensor:
     """sum_k W per output row, in int32, once per layer at its first call.
 
-    On the CPU an int8 GEMM of W by a column of ones: some 15x faster than
-    `sum(dtype=int32)`, which converts its input first (SDXL's 10240x1280 weight:
-    1.7 vs 30 ms; over all of SDXL-Turbo's weights, seconds of the first step).  W is
-    the left operand because kernels without VNNI shift that one to uint8 (+128), which
-    is exact; as the right operand, a code of -128 came out wrong under oneDNN capped to
-    AVX2.  Elsewhere a block of rows at a time, so that the conversion never holds 4x
-    the codes (200 MiB for SDXL's largest weight)."""
+    On the CPU an int8 GEMM of W by a column of ones: an order of magnitude faster
+    than `sum(dtype=int32)`, which converts its input first (over SDXL-Turbo's
+    weights, seconds of the first step).  W is the left operand because kernels
+    without VNNI shift that one to uint8 (+128), which is exact; as the right
+    operand, a code of -128 came out wrong under oneDNN capped to AVX2.  Elsewhere
+    a block of rows at a time, so that the conversion never holds 4x the codes
+    (200 MiB for SDXL's largest weight)."""
     if torch.compiler.is_compiling():
         return w_q2d.sum(dim=1, dtype=torch.int32)
     if w_q2d.device.type == "cpu":
