@@ -161,6 +161,7 @@ def test_large_accumulators_run_in_row_blocks_with_identical_results(monkeypatch
     monkeypatch.setattr(B.int_mm, "_ACC_BLOCK", 64 * 4 * 40 // 3)  # not a divisor of the rows
     calls = []
     real = torch._int_mm
+
     def counted(a, b, **kw):
         if b.shape[1] > 1:  # not the weight's row sums (common._rowsum)
             calls.append(a.shape[0])
