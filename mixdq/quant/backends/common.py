@@ -141,6 +141,14 @@ def scratch(purpose: str, shape, dtype) -> torch.Tensor:
     return _SCRATCH.get(purpose, shape, dtype)
 
 
+def contiguous_in_scratch(purpose: str, t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous tensor, for the current call only: copied into the reusable
+    buffer for `purpose` in CPU eager calls, else t.contiguous() (CUDA, traced graphs)."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return t.contiguous()
+    return scratch(purpose, t.shape, t.dtype).copy_(t)
+
+
 # ---------------------------------------------------------------------------
 # per-weight constants, computed once and cached
 # ---------------------------------------------------------------------------
