@@ -1,6 +1,5 @@
 """Sensitivity analysis on a tiny random-weight SDXL pipeline: values, cache, resume, shards."""
 import json
-import math
 import os
 import subprocess
 import sys

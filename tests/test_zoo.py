@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from mixdq import zoo
-from mixdq.zoo import build, checker, world
+from mixdq.zoo import build, world
 
 # Ids produced by the reference CLIP tokenizer (open_clip's SimpleTokenizer, i.e. OpenAI's
 # BPE) for these texts; verified when these tests were written, and re-verified below
