@@ -444,6 +444,37 @@ def test_packed_codes_take_their_own_backend(monkeypatch, tmp_path):
             assert ran == [(layer, expected)] and _rel(out, _reference(layer, x)) < 1e-5, (name, bits)
 
 
+def test_a_build_without_the_prepacked_kernels_measures_and_runs_without_them(monkeypatch, tmp_path):
+    """A torch build without oneDNN's int8 ops and FBGEMM (ARM builds have neither):
+    the machine's measurement and saturation probes leave them out instead of calling
+    them, and every layer runs what the build has, matching the reference."""
+    def missing(*args, **kwargs):
+        raise AttributeError("'_OpNamespace' 'onednn' object has no attribute 'qlinear_pointwise'")
+
+    for name in B.PREPACKED:
+        monkeypatch.setattr(B.REGISTRY[name], "supports", lambda *args, **kwargs: False)
+        monkeypatch.setitem(B.LINEAR_KERNELS, name, missing)
+    monkeypatch.setitem(B.CONV_KERNELS, "onednn", missing)
+    monkeypatch.setattr(machine, "conv2d_onednn", missing)
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setattr(machine, "_CPU_CHOICES", {})
+    machine.probe_saturates.cache_clear()
+    try:
+        choice = machine.cpu_choice()
+        assert all(choice[f"{kind}_s"][name] == float("inf") for kind in ("linear", "conv") for name in B.PREPACKED
+                   if name in choice[f"{kind}_s"])
+        assert all(machine.saturates(name) and machine.saturates(name, "conv") for name in B.PREPACKED)
+        for bits in (7, 4):
+            for name, (layer, x) in _quant_layers(bits).items():
+                assert layer.backend in ("int_mm", "float"), (name, bits)
+                with kernels.recording() as ran:
+                    out = layer(x)
+                assert [b for _, b in ran] == [layer.backend]
+                assert _rel(out, _reference(layer, x)) < 1e-5, (name, bits)
+    finally:
+        machine.probe_saturates.cache_clear()  # the real kernels' answers, asked again
+
+
 @pytest.mark.parametrize("backend", ["int_mm", "onednn", "fbgemm"])
 def test_quantized_layers_trace_whole_on_each_backend(monkeypatch, tmp_path, backend):
     """torch.compile(fullgraph=True) of quantized layers on every backend the dispatch can

@@ -149,6 +149,8 @@ def probe_saturates(backend: str, op: str = "linear") -> bool:
     """What the host's kernels really do, whatever MIXDQ_CPU says: run the backend once
     on codes that overflow a saturating int16 pair sum (255 * 127 * 2 > 32767) and
     see whether it returns the exact sum."""
+    if not _built(backend, op):
+        return True  # missing in this build: never chosen anyway
     k = 64
     w = torch.full((16, k), 127, dtype=torch.int8)
     ws = torch.ones(16)
@@ -178,14 +180,17 @@ def saturation_allowed() -> bool:
 def _interleaved_best(fns: dict, rounds: int = 7) -> dict:
     """Fastest of `rounds` calls of each fn, the fns taking turns in every round (so a
     burst of load on a shared machine slows them all, not one); inf where a backend is
-    missing from this torch build."""
+    missing from this torch build (fn None) or fails to run."""
     best = {}
     for name, fn in fns.items():
+        best[name] = None
+        if fn is None:
+            continue
         try:
             fn()  # warm-up: caches, prepacked weights
             best[name] = float("inf")
         except (RuntimeError, NotImplementedError):
-            best[name] = None
+            pass
     for _ in range(rounds):
         for name, fn in fns.items():
             if best[name] is not None:
@@ -193,6 +198,12 @@ def _interleaved_best(fns: dict, rounds: int = 7) -> dict:
                 fn()
                 best[name] = min(best[name], time.perf_counter() - t)
     return {k: float("inf") if v is None else v for k, v in best.items()}
+
+
+def _built(backend: str, op: str) -> bool:
+    """Whether this torch build has `backend`'s CPU kernels for `op` (oneDNN's int8 ops
+    and FBGEMM come with x86 builds: elsewhere, e.g. on ARM, calling them fails)."""
+    return REGISTRY[backend].supports(op, "cpu")
 
 
 def _time_backends() -> dict:
@@ -215,7 +226,7 @@ def _time_backends() -> dict:
     xs, xz = 8.0 / 255, 128
     lin = {"float32": lambda: F.linear(x, w, b)}
     for be in ("int_mm", "fbgemm", "onednn"):
-        lin[be] = (lambda f=LINEAR_KERNELS[be]: f(x, xs, xz, wq, ws, b))
+        lin[be] = (lambda f=LINEAR_KERNELS[be]: f(x, xs, xz, wq, ws, b)) if _built(be, "linear") else None
     c, h = 320, 32
     xc = torch.randn(1, c, h, h)
     wc = torch.randn(c, c, 3, 3) / (9 * c) ** 0.5
@@ -223,7 +234,7 @@ def _time_backends() -> dict:
     wcq = torch.round(wc / wcs[:, None, None, None]).to(torch.int8)
     conv = {"float32": lambda: F.conv2d(xc, wc, None, 1, 1)}
     for be in ("int_mm", "onednn"):
-        conv[be] = (lambda f=CONV_KERNELS[be]: f(xc, xs, xz, wcq, wcs, None, 1, 1))
+        conv[be] = (lambda f=CONV_KERNELS[be]: f(xc, xs, xz, wcq, wcs, None, 1, 1)) if _built(be, "conv") else None
 
     with torch.inference_mode():
         t_lin, t_conv = _interleaved_best(lin), _interleaved_best(conv)
