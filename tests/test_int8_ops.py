@@ -445,7 +445,7 @@ def test_packed_codes_take_their_own_backend(monkeypatch, tmp_path):
 
 
 def test_a_build_without_the_prepacked_kernels_measures_and_runs_without_them(monkeypatch, tmp_path):
-    """A torch build without oneDNN's int8 ops and FBGEMM (ARM builds have neither):
+    """A torch build without oneDNN's int8 ops and FBGEMM (FBGEMM is x86-only):
     the machine's measurement and saturation probes leave them out instead of calling
     them, and every layer runs what the build has, matching the reference."""
     def missing(*args, **kwargs):

@@ -201,8 +201,9 @@ def _interleaved_best(fns: dict, rounds: int = 7) -> dict:
 
 
 def _built(backend: str, op: str) -> bool:
-    """Whether this torch build has `backend`'s CPU kernels for `op` (oneDNN's int8 ops
-    and FBGEMM come with x86 builds: elsewhere, e.g. on ARM, calling them fails)."""
+    """Whether this torch build has `backend`'s CPU kernels for `op` (FBGEMM is x86-only,
+    oneDNN's int8 ops come only with builds that include oneDNN: calling a missing one
+    raises AttributeError, which the measurement must not meet)."""
     return REGISTRY[backend].supports(op, "cpu")
 
 
