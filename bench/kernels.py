@@ -18,12 +18,12 @@ records it in RESULTS.md and the JSON).
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
 from mixdq.quant.backends import CONV_KERNELS, LINEAR_KERNELS
+from mixdq.quant.machine import built, interleaved_times
 
 # (label, M, K, N): tokens x in x out
 LINEAR_SHAPES = [
@@ -55,30 +55,9 @@ def _quantized(w: torch.Tensor):
     return wq, ws
 
 
-def _interleaved(fns: dict, reps: int, budget_s: float) -> dict:
-    for f in fns.values():  # warm-up (prepacks, caches, allocator)
-        f()
-    times = {k: [] for k in fns}
-    t_end = time.perf_counter() + budget_s
-    for r in range(reps):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-        if r >= 2 and time.perf_counter() > t_end:
-            break
+def _median_ms(fns: dict, reps: int, budget_s: float) -> dict:
+    times = interleaved_times(fns, reps, budget_s)
     return {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
-
-
-def _available(name):
-    try:
-        if name == "onednn":
-            return hasattr(torch.ops.onednn, "qlinear_pointwise")
-        if name == "fbgemm":
-            return "fbgemm" in torch.backends.quantized.supported_engines
-    except Exception:  # pragma: no cover - op registry differences
-        return False
-    return True
 
 
 def torchao_version() -> str | None:
@@ -116,7 +95,7 @@ def compare(small: bool = False, reps: int = 7, budget_s: float = 6.0, backends=
     quick: a subset of the shapes (for slow emulated ISAs).  torchao: add its
     W8A8 recipe to the linear rows (an error when torchao cannot be imported)."""
     torch.manual_seed(0)
-    backends = [b for b in (backends or ("int_mm", "onednn", "fbgemm")) if _available(b)]
+    backends = [b for b in (backends or ("int_mm", "onednn", "fbgemm")) if built(b)]
     if torchao and torchao_version() is None:
         raise RuntimeError("torchao is not importable here: pip install torchao (see requirements-dev.txt)")
     rows = []
@@ -136,7 +115,7 @@ def compare(small: bool = False, reps: int = 7, budget_s: float = 6.0, backends=
                 for name, layer in _torchao_linears(w, b).items():
                     xt = x.to(layer.weight.dtype)
                     fns[name] = (lambda layer=layer, xt=xt: layer(xt))
-            ms = _interleaved(fns, reps, budget_s)
+            ms = _median_ms(fns, reps, budget_s)
             rows.append({"type": "linear", "label": label, "shape": [m, k, n], "ms": ms})
         for label, c, o, h, kk, st in (TINY_CONV if small else QUICK_CONV if quick else CONV_SHAPES):
             x = torch.randn(1, c, h, h)
@@ -152,7 +131,7 @@ def compare(small: bool = False, reps: int = 7, budget_s: float = 6.0, backends=
                 if be in CONV_KERNELS:
                     f = CONV_KERNELS[be]
                     fns[be] = (lambda f=f: f(x, s, z, wq, ws, b, st, pad))
-            ms = _interleaved(fns, reps, budget_s)
+            ms = _median_ms(fns, reps, budget_s)
             rows.append({"type": "conv", "label": label, "shape": [c, o, h, kk, st], "ms": ms})
     for r in rows:
         r["speedup_vs_float32"] = {k: r["ms"]["float32"] / v for k, v in r["ms"].items()}

@@ -149,7 +149,7 @@ def probe_saturates(backend: str, op: str = "linear") -> bool:
     """What the host's kernels really do, whatever MIXDQ_CPU says: run the backend once
     on codes that overflow a saturating int16 pair sum (255 * 127 * 2 > 32767) and
     see whether it returns the exact sum."""
-    if not _built(backend, op):
+    if not built(backend, op):
         return True  # missing in this build: never chosen anyway
     k = 64
     w = torch.full((16, k), 127, dtype=torch.int8)
@@ -177,30 +177,38 @@ def saturation_allowed() -> bool:
 # tensors' entries go with the tensors (weakly keyed), while clearing the caches
 # would drop the prepacked copies of every layer already quantized (asked about
 # saturation after quantize, the first step re-prepacked all of SDXL's).
-def _interleaved_best(fns: dict, rounds: int = 7) -> dict:
-    """Fastest of `rounds` calls of each fn, the fns taking turns in every round (so a
-    burst of load on a shared machine slows them all, not one); inf where a backend is
-    missing from this torch build (fn None) or fails to run."""
-    best = {}
+def interleaved_times(fns: dict, rounds: int, budget_s: float | None = None) -> dict:
+    """{name: seconds of each timed call}: one warm-up call of each fn (caches, prepacked
+    weights), then `rounds` rounds in which the fns take turns (a burst of load on a
+    shared machine slows them all, not one), or at least 3 once `budget_s` is spent.
+    A fn that is None (missing from this torch build) or fails its warm-up gets no entry."""
+    times = {}
     for name, fn in fns.items():
-        best[name] = None
         if fn is None:
             continue
         try:
-            fn()  # warm-up: caches, prepacked weights
-            best[name] = float("inf")
+            fn()
+            times[name] = []
         except (RuntimeError, NotImplementedError):
             pass
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            if best[name] is not None:
-                t = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - t)
-    return {k: float("inf") if v is None else v for k, v in best.items()}
+    end = None if budget_s is None else time.perf_counter() + budget_s
+    for r in range(rounds):
+        for name, runs in times.items():
+            t = time.perf_counter()
+            fns[name]()
+            runs.append(time.perf_counter() - t)
+        if end is not None and r >= 2 and time.perf_counter() > end:
+            break
+    return times
 
 
-def _built(backend: str, op: str) -> bool:
+def _fastest(fns: dict, rounds: int = 7) -> dict:
+    """Seconds of each fn's fastest call (interleaved_times); inf where it has none."""
+    times = interleaved_times(fns, rounds)
+    return {name: min(times[name]) if times.get(name) else float("inf") for name in fns}
+
+
+def built(backend: str, op: str = "linear") -> bool:
     """Whether this torch build has `backend`'s CPU kernels for `op` (FBGEMM is x86-only,
     oneDNN's int8 ops come only with builds that include oneDNN: calling a missing one
     raises AttributeError, which the measurement must not meet)."""
@@ -227,7 +235,7 @@ def _time_backends() -> dict:
     xs, xz = 8.0 / 255, 128
     lin = {"float32": lambda: F.linear(x, w, b)}
     for be in ("int_mm", "fbgemm", "onednn"):
-        lin[be] = (lambda f=LINEAR_KERNELS[be]: f(x, xs, xz, wq, ws, b)) if _built(be, "linear") else None
+        lin[be] = (lambda f=LINEAR_KERNELS[be]: f(x, xs, xz, wq, ws, b)) if built(be, "linear") else None
     c, h = 320, 32
     xc = torch.randn(1, c, h, h)
     wc = torch.randn(c, c, 3, 3) / (9 * c) ** 0.5
@@ -235,10 +243,10 @@ def _time_backends() -> dict:
     wcq = torch.round(wc / wcs[:, None, None, None]).to(torch.int8)
     conv = {"float32": lambda: F.conv2d(xc, wc, None, 1, 1)}
     for be in ("int_mm", "onednn"):
-        conv[be] = (lambda f=CONV_KERNELS[be]: f(xc, xs, xz, wcq, wcs, None, 1, 1)) if _built(be, "conv") else None
+        conv[be] = (lambda f=CONV_KERNELS[be]: f(xc, xs, xz, wcq, wcs, None, 1, 1)) if built(be, "conv") else None
 
     with torch.inference_mode():
-        t_lin, t_conv = _interleaved_best(lin), _interleaved_best(conv)
+        t_lin, t_conv = _fastest(lin), _fastest(conv)
     return {"linear_s": t_lin, "conv_s": t_conv}
 
 
