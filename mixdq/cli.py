@@ -156,12 +156,12 @@ def add_sensitivity_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def import_sensitivity(args) -> Sensitivity:
     """`mixdq sensitivity --import-mixdq DIR --out PATH`: no model, no measuring."""
-    from .published import import_mixdq_tables, origin_text
+    from .published import MIXDQ_SDXL_TURBO, import_mixdq_tables, origin_text
 
     if not args.out:
         raise PlanError("--import-mixdq needs --out PATH, the sensitivity table to write "
                         "(e.g. presets/sdxl-turbo/sensitivity.json)")
-    sens = import_mixdq_tables(args.import_mixdq, args.model or "stabilityai/sdxl-turbo")
+    sens = import_mixdq_tables(args.import_mixdq, args.model or MIXDQ_SDXL_TURBO.model)
     sens.save(args.out)
     n_c = sum(1 for g in sens.group.values() if g == CONTENT)
     _log(f"wrote {args.out}: {len(sens.layers)} layers ({n_c} content, {len(sens.layers) - n_c} quality) of "
@@ -510,11 +510,12 @@ def cmd_presets(args):
     import torch
 
     from .presets import PRESETS_DIR, make_published_presets, regenerate
+    from .published import MIXDQ_SDXL_TURBO
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.published:
-        for s in make_published_presets(args.model or "stabilityai/sdxl-turbo", args.out, args.bits):
+        for s in make_published_presets(args.model or MIXDQ_SDXL_TURBO.model, args.out, args.bits):
             _log(f"{s['preset']}: {s['size_mb']:.3f} MB, predicted loss {s['predicted_loss']['total']:.4g}, "
                  f"{s['summary']}")
     else:

@@ -31,6 +31,7 @@ from .allocation import (DEFAULT_RATIOS, TOTAL, Allocator, PlanEvaluator, defaul
 from .calibrate import Calibration
 from .errors import MixDQError
 from .plan import Plan
+from .published import MIXDQ_SDXL_TURBO
 from .quant.machine import cpu_name
 from .resources import shipped
 
@@ -252,10 +253,10 @@ def make_evidence(model=None, path: Path | None = None, eval_prompts: int = 16, 
 
 # Presets of a published model, from its architecture and a published table: no weights,
 # no images, so each preset is the plan of least predicted loss at its budget.
-PUBLISHED_PRESETS = {"stabilityai/sdxl-turbo": "sdxl-turbo"}
+PUBLISHED_PRESETS = {MIXDQ_SDXL_TURBO.model: "sdxl-turbo"}
 
 
-def make_published_presets(model: str = "stabilityai/sdxl-turbo", out: Path | None = None,
+def make_published_presets(model: str = MIXDQ_SDXL_TURBO.model, out: Path | None = None,
                            bits=PRESET_BITS, sens=None) -> list[dict]:
     """Presets for a published model at the sizes of uniform W{b}A8, from the published
     architecture on the meta device (exact layer costs) and the table shipped beside them

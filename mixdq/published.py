@@ -158,7 +158,7 @@ def _names_diff(what: str, got: set[str], want: list[str], path: Path, fix: str)
         raise PublishedTableError(f"{path} does not name exactly {what}: {'; '.join(parts)}; {fix}")
 
 
-def import_mixdq_tables(folder, model: str = "stabilityai/sdxl-turbo", *, unet=None,
+def import_mixdq_tables(folder, model: str = MIXDQ_SDXL_TURBO.model, *, unet=None,
                         source: dict | None = None) -> Sensitivity:
     """The MixDQ authors' sensitivity files in `folder` as a mixdq Sensitivity for `model`.
 
