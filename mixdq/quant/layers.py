@@ -285,7 +285,7 @@ class QuantLayer(nn.Module):
             return self.weight.to(dtype)
         q = self._codes_now()
         scale = self.weight_scale.to(dtype).view((-1,) + (1,) * (q.dim() - 1))
-        if scratch and q.device.type == "cpu" and not torch.compiler.is_compiling():
+        if scratch and common.scratch_ok(q):
             return common.scratch("weight", q.shape, dtype).copy_(q).mul_(scale)
         # in place: `q.to(dtype) * scale` allocates the float weight twice (and
         # the int8 * float promotion runs unvectorised: 2.4x slower on SDXL's

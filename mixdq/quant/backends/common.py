@@ -136,6 +136,12 @@ class _Scratch:
 _SCRATCH = _Scratch()
 
 
+def scratch_ok(t: torch.Tensor) -> bool:
+    """Whether a call on t uses the reusable buffers: CPU eager calls (CUDA's caching
+    allocator already reuses memory, and a traced graph plans its own)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def scratch(purpose: str, shape, dtype) -> torch.Tensor:
     """This thread's reusable CPU buffer for `purpose`, viewed as `shape` (see _Scratch)."""
     return _SCRATCH.get(purpose, shape, dtype)
@@ -144,7 +150,7 @@ def scratch(purpose: str, shape, dtype) -> torch.Tensor:
 def contiguous_in_scratch(purpose: str, t: torch.Tensor) -> torch.Tensor:
     """t as a contiguous tensor, for the current call only: copied into the reusable
     buffer for `purpose` in CPU eager calls, else t.contiguous() (CUDA, traced graphs)."""
-    if t.device.type != "cpu" or torch.compiler.is_compiling():
+    if not scratch_ok(t):
         return t.contiguous()
     return scratch(purpose, t.shape, t.dtype).copy_(t)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import (SHIFT, _epilogue, _epilogue_consts, _pair, _scalar, contiguous_in_scratch, quantize_act,
-                     scratch)
+                     scratch, scratch_ok)
 from .reference import conv2d_reference
 
 NAME = "int_mm"
@@ -58,7 +58,7 @@ def _int_mm_epilogue(a: torch.Tensor, b: torch.Tensor, scale, beff, dtype) -> to
     """_epilogue(torch._int_mm(a, b), ...), by blocks of rows where the accumulator is large
     (a: the activation codes, made contiguous here as _int_mm needs)."""
     a = a.contiguous()
-    if a.device.type != "cpu" or torch.compiler.is_compiling():
+    if not scratch_ok(a):
         return _epilogue(torch._int_mm(a, b), scale, beff, dtype)
     m, n = a.shape[0], b.shape[1]
     if m * n * 4 <= _ACC_SPLIT_ABOVE:
