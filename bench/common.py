@@ -164,6 +164,7 @@ def mixed_plan(layers: dict, target_bits: float, low: int, act: int = 8, lowest:
 
 
 KEEP_W8 = "-keep-w8"  # variant suffix: quantize(int8_safe=False): W8A8 layers stay 8-bit everywhere
+FLOAT_ATTENTION = "-float-attention"  # variant suffix: quantized with MIXDQ_ATTENTION=float
 ON = "@"  # variant suffix: W8A8@onednn is W8A8 quantized with MIXDQ_INT8_BACKEND=onednn
 
 
@@ -173,23 +174,29 @@ def split_variant(v: str) -> tuple[str, str | None]:
     return base, backend or None
 
 
-class forced_backend:
-    """MIXDQ_INT8_BACKEND set while one variant is quantized (layers resolve their
-    backend then, once); None leaves the library's own choice."""
+class forced_env:
+    """Environment variables set while one variant is quantized (layers resolve their
+    backend, and the UNet its attention, then, once); a None value leaves the
+    library's own choice."""
 
-    def __init__(self, value: str | None):
-        self.value = value
+    def __init__(self, **values: str | None):
+        self.values = {k: v for k, v in values.items() if v is not None}
 
     def __enter__(self):
-        self.old = os.environ.get("MIXDQ_INT8_BACKEND")
-        if self.value is not None:
-            os.environ["MIXDQ_INT8_BACKEND"] = self.value
+        self.old = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
 
     def __exit__(self, *exc):
-        if self.old is None:
-            os.environ.pop("MIXDQ_INT8_BACKEND", None)
-        else:
-            os.environ["MIXDQ_INT8_BACKEND"] = self.old
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def forced_backend(value: str | None) -> forced_env:
+    """MIXDQ_INT8_BACKEND=value while one variant is quantized (None: the library's choice)."""
+    return forced_env(MIXDQ_INT8_BACKEND=value)
 
 
 def make_plans(layers: dict, variants) -> dict:
@@ -208,8 +215,8 @@ def make_plans(layers: dict, variants) -> dict:
             out[v] = Plan.uniform(names, 7, 8, meta={"mean_weight_bits": 7})
         elif v == "W4A16":
             out[v] = Plan.uniform(names, 4, 16, meta={"mean_weight_bits": 4})
-        elif v.endswith(KEEP_W8) or ON in v:
-            base = split_variant(v)[0].removesuffix(KEEP_W8)
+        elif v.endswith((KEEP_W8, FLOAT_ATTENTION)) or ON in v:
+            base = split_variant(v)[0].removesuffix(FLOAT_ATTENTION).removesuffix(KEEP_W8)
             out[v] = make_plans(layers, [base])[base]
         else:
             raise ValueError(f"unknown variant {v!r}")
@@ -249,18 +256,20 @@ def bench_bos(inputs) -> torch.Tensor:
     return inputs["encoder_hidden_states"][0, 0].detach().clone()
 
 
-def build_variant(unet, plan, ranges, int8_safe: bool = True, bos=None, kernel=None, backend=None):
+def build_variant(unet, plan, ranges, int8_safe: bool = True, bos=None, kernel=None, backend=None,
+                  attention=None):
     """The quantized variant as `mixdq.quantize` makes it (mixdq.quantize_unet: W8A8
     layers as W7A8 where their int8 backend saturates on 8-bit codes, prepacked
     copies made layer by layer), sharing the float model's unquantized tensors.
-    backend: a MIXDQ_INT8_BACKEND value for this variant (None: the library's choice)."""
+    backend, attention: MIXDQ_INT8_BACKEND / MIXDQ_ATTENTION values for this variant (None:
+    the library's choice)."""
     from mixdq import model_nbytes, quantize_unet
 
     trim()
     rss0 = rss_bytes()
     t = time.perf_counter()
     clone = shared_clone(unet)
-    with torch.no_grad(), forced_backend(backend):
+    with torch.no_grad(), forced_env(MIXDQ_INT8_BACKEND=backend, MIXDQ_ATTENTION=attention):
         report = quantize_unet(clone, plan, ranges, bos=bos, kernel=kernel, int8_safe=int8_safe)
     dt = time.perf_counter() - t
     trim()
@@ -273,5 +282,6 @@ def build_variant(unet, plan, ranges, int8_safe: bool = True, bos=None, kernel=N
         "quantize_s": dt, "weight_bytes": model_nbytes(clone), "stored_bytes": report.quantized_bytes,
         "rss_delta_bytes": None if rss0 is None else rss1 - rss0,
         "kernel": report.kernel["kernel"], "routed_int8_layers": report.int8_layers, "backends": report.backends,
+        "attention": report.attention,
         "w8a8_as_w7a8_layers": report.plan.meta.get("fitted", {}).get("layers", 0),
     }

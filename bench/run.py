@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from .common import (KEEP_W8, ON, MiB, bench_bos, build_variant, environment, fix_malloc_threshold, make_plans,
-                     observe_ranges, peak_bytes, reset_peak, rss_bytes, split_variant, trim)
+from .common import (FLOAT_ATTENTION, KEEP_W8, ON, MiB, bench_bos, build_variant, environment, fix_malloc_threshold,
+                     make_plans, observe_ranges, peak_bytes, reset_peak, rss_bytes, split_variant, trim)
 from .openvino_variants import VARIANTS as OPENVINO_VARIANTS  # the tool a CPU user would pick instead
 
 HERE = Path(__file__).resolve().parent
@@ -134,7 +134,8 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
     for v, plan in plans.items():
         base, backend = split_variant(v)
         model, meta = build_variant(unet, plan, ranges, int8_safe=not base.endswith(KEEP_W8),
-                                    bos=bench_bos(inputs), backend=backend)
+                                    bos=bench_bos(inputs), backend=backend,
+                                    attention="float" if base.endswith(FLOAT_ATTENTION) else None)
         built[v] = model
         info[v] = meta
         log(f"  {v}: {meta['plan']} -> {meta['weight_bytes'] / MiB:.0f} MiB, quantized in {meta['quantize_s']:.1f} s")
@@ -226,7 +227,8 @@ def ratios(model_result: dict) -> dict:
 # ---------------------------------------------------------------------------
 DEFAULT_MODELS = ("sdxl-turbo", "sd-turbo", "sd15")
 DEFAULT_VARIANTS = ("W8A8", "W5A8", "W4A8", "W4A16")
-VARIANTS = DEFAULT_VARIANTS + ("W7A8",) + tuple(v + KEEP_W8 for v in ("W8A8", "W5A8", "W4A8")) + OPENVINO_VARIANTS
+VARIANTS = (DEFAULT_VARIANTS + ("W7A8",) + tuple(v + suffix for suffix in (KEEP_W8, FLOAT_ATTENTION)
+                                                 for v in ("W8A8", "W5A8", "W4A8")) + OPENVINO_VARIANTS)
 
 
 def variant_arg(v: str) -> str:

@@ -43,6 +43,7 @@ from .defaults import META_FILE, default_device
 from .plan import Plan
 from .quant import (QuantConv2d, QuantLinear, is_bos_layer, kernels, prepare, quantizable_layers, quantized_layers,
                     shortcut_splits)
+from .quant.attention import use_measured_attention
 from .quantization import QuantState, _device_of, current_plan, fit_plan_to_device
 
 FORMAT = "mixdq-export/2"
@@ -193,6 +194,7 @@ class QuantizedUNet2DConditionModel(UNet2DConditionModel):
         unet._mixdq_load = {"kernel": kernel, "int8_safe": int8_safe, "source": str(folder)}
         unet._fit_plan(unet._use_this_devices_kernel())
         prepare(unet)  # now, layer by layer: the first call then neither prepacks nor holds two copies
+        use_measured_attention(unet, device)
         return unet
 
     @classmethod

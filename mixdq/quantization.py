@@ -11,7 +11,8 @@ the BOS embedding from its own text encoders and a calibration run.
 Steps: fit the plan to the device (`fit_plan_to_device`), swap each planned layer
 for a packed quantized one (the float weight is dropped), calibrate activation
 ranges sequentially (or take given ones), make the prepacked int8 copies where a
-backend runs on them.  What was done is kept in `unet.mixdq_state` (QuantState),
+backend runs on them, and run the attention products in bfloat16 where this CPU
+measured that faster (quant/attention.py).  What was done is kept in `unet.mixdq_state` (QuantState),
 which an export saves.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .memory import MB, model_nbytes, prepacked_extra_nbytes, stored_nbytes
 from .plan import FLOAT_BITS, LayerBits, Plan
 from .quant import (QuantLayer, kernels, layer_spec, prepare, quantizable_layers, quantized_layers, replace_layers,
                     shortcut_splits)
+from .quant.attention import use_measured_attention
 from .quant.backends import PREPACKED
 from .quant.quantizers import ActRange
 
@@ -77,6 +79,7 @@ class QuantReport:
     notes: list[str] = field(default_factory=list)    # what the user should know about speed
     backends: dict = field(default_factory=dict)      # backend -> how many layers it runs
     held_bytes: int = 0                               # what the UNet holds: + prepacked int8 copies
+    attention: str = "float"                          # the attention products' dtype: float | bfloat16
 
     @property
     def ratio(self) -> float:
@@ -90,7 +93,8 @@ class QuantReport:
         """The measurement behind the backend choice, where the machine made one (a GPU: its
         `times_s` per layer type; a CPU: `linear_s` / `conv_s`), fastest first."""
         times = self.kernel.get("times_s") or {
-            k[:-2]: self.kernel[k] for k in ("linear_s", "conv_s") if isinstance(self.kernel.get(k), dict)}
+            k[:-2]: self.kernel[k] for k in ("linear_s", "conv_s", "attention_s")
+            if isinstance(self.kernel.get(k), dict)}
         return "; ".join(f"{kind}: " + ", ".join(f"{name} {t * 1e3:.3g} ms" for name, t in
                                                  sorted(paths.items(), key=lambda item: item[1]))
                          for kind, paths in times.items())
@@ -100,6 +104,7 @@ class QuantReport:
         return (f"UNet {self.float_bytes / MB:.2f} MB -> {self.quantized_bytes / MB:.2f} MB "
                 f"({self.ratio:.3f}x{self._held()}), {self.plan.summary()}, "
                 f"backends: {', '.join(f'{k} {v}' for k, v in sorted(self.backends.items()))}, "
+                + ("attention in bfloat16, " if self.attention == "bfloat16" else "") +
                 f"quantize {self.seconds_quantize:.2f}s + calibrate {self.seconds_calibrate:.2f}s"
                 + (f"\nbackends measured here: {measured}" if measured else "")
                 + "".join(f"\nnote: {n}" for n in self.notes))
@@ -164,6 +169,7 @@ def quantize_unet(unet: nn.Module, plan: Plan, ranges: dict[str, list[ActRange]]
         with observing(unet, "quantize"):
             run()
     prepare(unet)
+    attention = use_measured_attention(unet, device)
     t2 = time.perf_counter()
     unet.mixdq_state = QuantState(bos_aware=bos is not None, kernel=chosen, calibration=calibration,
                                   fitted=dict(plan.meta.get("fitted", {})))
@@ -177,9 +183,14 @@ def quantize_unet(unet: nn.Module, plan: Plan, ranges: dict[str, list[ActRange]]
         notes.append(f"{low} 2-4-bit layers run on {'/'.join(sorted(set(backends) & set(PREPACKED)))}, "
                      f"which has no low-bit kernels: they hold int8 copies, {extra / MB:.2f} MB more than "
                      "the plan's packed codes (exports stay packed).")
+    report = kernels.kernel_report(device) | {"kernel": chosen}
+    if attention == "bfloat16":
+        measured = report.get("attention_s") or {}
+        why = (f"{measured['float32'] / measured['bfloat16']:.1f}x faster than float32 measured here"
+               if measured.get("bfloat16") else "MIXDQ_ATTENTION=bfloat16")
+        notes.append(f"attention products run in bfloat16 ({why}); MIXDQ_ATTENTION=float keeps them in float32.")
     return QuantReport(plan=plan, float_bytes=float_bytes, quantized_bytes=stored_nbytes(unet),
-                       held_bytes=model_nbytes(unet),
-                       kernel=kernels.kernel_report(device) | {"kernel": chosen},
+                       held_bytes=model_nbytes(unet), kernel=report, attention=attention,
                        seconds_quantize=t1 - t0, seconds_calibrate=t2 - t1, bos_aware=bos is not None,
                        calibration=calibration, counts=counts,
                        int8_layers=sum(1 for layer in layers.values() if layer._int_path()),

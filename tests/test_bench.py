@@ -226,19 +226,24 @@ def test_cli_args_round_trip(tmp_path):
 
 def test_variants_with_a_forced_backend_run_beside_the_chosen_one(tmp_path, capsys):
     """VARIANT@BACKEND: the same plan quantized with that int8 backend forced, in the same
-    run; the environment is as it was afterwards; unknown backends or bases are refused."""
+    run (VARIANT-float-attention: with the attention products kept in float); the
+    environment is as it was afterwards; unknown backends or bases are refused."""
+    from mixdq.quant.attention import attention_choice
+
     p = brun.add_bench_args(argparse.ArgumentParser())
     for bad in ("W8A8@magic", "openvino-fp32@onednn", "W3A3@onednn"):
         with pytest.raises(SystemExit):
             p.parse_args(["--variants", bad])
         assert f"unknown variant {bad!r}" in capsys.readouterr().err
-    args = p.parse_args(["--variants", "W8A8", "W8A8@float", "W7A8@int_mm"])
-    assert args.variants == ["W8A8", "W8A8@float", "W7A8@int_mm"]
-    before = os.environ.get("MIXDQ_INT8_BACKEND")
+    args = p.parse_args(["--variants", "W8A8", "W8A8@float", "W7A8@int_mm", "W8A8-float-attention"])
+    assert args.variants == ["W8A8", "W8A8@float", "W7A8@int_mm", "W8A8-float-attention"]
+    before = os.environ.get("MIXDQ_INT8_BACKEND"), os.environ.get("MIXDQ_ATTENTION")
     res = brun.run(models=("tiny-sdxl",), variants=args.variants, reps=1, px=64, out_dir=tmp_path, threads=1,
                    kernels_table=False, log=lambda *a: None, argv=["--test"], time_bfloat16=False)
-    assert os.environ.get("MIXDQ_INT8_BACKEND") == before
+    assert (os.environ.get("MIXDQ_INT8_BACKEND"), os.environ.get("MIXDQ_ATTENTION")) == before
     v, n = res["models"][0]["variants"], res["models"][0]["layers"]["quantizable"]
+    assert v["W8A8"]["attention"] == attention_choice("cpu") and v["W8A8-float-attention"]["attention"] == "float"
+    assert v["W8A8-float-attention"]["plan"] == v["W8A8"]["plan"]
     assert v["W8A8@float"]["backends"] == {"float": n} and v["W8A8@float"]["routed_int8_layers"] == 0
     assert v["W7A8@int_mm"]["backends"] == {"int_mm": n} and v["W7A8@int_mm"]["routed_int8_layers"] == n
     assert all(v[k]["step_s"] > 0 for k in args.variants)

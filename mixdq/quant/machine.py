@@ -41,7 +41,7 @@ from .quantizers import fake_quantize_act
 
 CPU_KINDS = ("avx2", "avx512_vnni")
 # bump when _time_backends measures or pick_backends decides anew, so cached choices are redone
-_MEASURE_VERSION = 5
+_MEASURE_VERSION = 6
 
 
 def cache_dir() -> Path:
@@ -281,11 +281,37 @@ def pick_backends(times: dict, vnni: bool) -> dict:
     return out
 
 
+def _time_attention() -> dict:
+    """Seconds per call of a scaled dot product attention over 1024 tokens (SDXL's
+    32x32 stage at 512 px; 5 heads of 64 to keep it short) in float32 and in bfloat16
+    (the casts to and from float32 included: what attention.BFloat16Attention runs)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 5, 1024, 64) for _ in range(3))
+    with torch.inference_mode():
+        return _fastest({
+            "float32": lambda: F.scaled_dot_product_attention(q, k, v),
+            "bfloat16": lambda: F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).float(),
+        }, rounds=5)
+
+
+# bfloat16 attention only where it is this much faster: it rounds Q, K and V to 8
+# mantissa bits, which is worth a clear gain only
+ATTENTION_MARGIN = 1.25
+
+
+def pick_attention(times: dict) -> str:
+    """'bfloat16' where its measured attention is ATTENTION_MARGIN faster than float32, else 'float'."""
+    return "bfloat16" if times["bfloat16"] * ATTENTION_MARGIN < times["float32"] else "float"
+
+
 def _choose_cpu() -> dict:
-    """This machine's measured choice (pick_backends over _time_backends)."""
+    """This machine's measured choice (pick_backends over _time_backends, pick_attention
+    over _time_attention)."""
     times = _time_backends()
+    attention = _time_attention()
     flags = sorted(cpu_flags() & VNNI_FLAGS)
-    return {**times, **pick_backends(times, bool(flags)), "version": _MEASURE_VERSION,
+    return {**times, **pick_backends(times, bool(flags)), "attention_s": attention,
+            "attention": pick_attention(attention), "version": _MEASURE_VERSION,
             "reason": ("VNNI (" + ", ".join(flags) + "): int_mm, or a prepacked backend "
                        f"{PREPACK_MARGIN}x faster than it" if flags else
                        "no VNNI: fastest of float32 / int_mm / prepacked backends")}
