@@ -24,6 +24,7 @@ Overrides, read when a layer's backend is resolved:
   MIXDQ_INT8_BACKEND=linear=fbgemm,conv=onednn   type (auto: the measured choice)
   MIXDQ_INT8_SATURATE=allow              run 8-bit codes on saturating kernels anyway
   MIXDQ_CPU=avx2|avx512_vnni             decide for that CPU kind (machine.py)
+  MIXDQ_ATTENTION=bfloat16|float         the attention products' dtype (attention.py)
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ is several times faster than float32 matmul; on an AVX2-only EPYC it is 30-100x
 slower, while oneDNN's and FBGEMM's prepacked int8 kernels are about 2x faster
 than float32; on a Xeon with AMX oneDNN's are twice as fast as `torch._int_mm`.
 So the choice is measured once per machine (a micro-benchmark of well under a
-second, cached in ~/.cache/mixdq) and made by `pick_backends`.
+second, cached in ~/.cache/mixdq) and made by `pick_backends`; the same measurement
+times attention in float32 and bfloat16 for `pick_attention` (attention.py).
 
 MIXDQ_CPU=avx2|avx512_vnni makes the library decide for that kind of CPU instead
 of the detected one (tests and CI use it to check one kind's decisions on the other).
