@@ -12,8 +12,8 @@ Steps: fit the plan to the device (`fit_plan_to_device`), swap each planned laye
 for a packed quantized one (the float weight is dropped), calibrate activation
 ranges sequentially (or take given ones), make the prepacked int8 copies where a
 backend runs on them, and run the attention products in bfloat16 where this CPU
-measured that faster (quant/attention.py).  What was done is kept in `unet.mixdq_state` (QuantState),
-which an export saves.
+measured that faster (quant/attention.py).  What was done is kept in
+`unet.mixdq_state` (QuantState), which an export saves.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from .memory import MB, model_nbytes, prepacked_extra_nbytes, stored_nbytes
 from .plan import FLOAT_BITS, LayerBits, Plan
 from .quant import (QuantLayer, kernels, layer_spec, prepare, quantizable_layers, quantized_layers, replace_layers,
                     shortcut_splits)
-from .quant.attention import use_measured_attention
+from .quant.attention import forced_attention, use_measured_attention
 from .quant.backends import PREPACKED
 from .quant.quantizers import ActRange
 
@@ -91,7 +91,8 @@ class QuantReport:
 
     def kernel_times(self) -> str:
         """The measurement behind the backend choice, where the machine made one (a GPU: its
-        `times_s` per layer type; a CPU: `linear_s` / `conv_s`), fastest first."""
+        `times_s` per layer type; a CPU: `linear_s` / `conv_s`, and `attention_s` for the
+        attention's dtype), fastest first."""
         times = self.kernel.get("times_s") or {
             k[:-2]: self.kernel[k] for k in ("linear_s", "conv_s", "attention_s")
             if isinstance(self.kernel.get(k), dict)}
@@ -186,8 +187,8 @@ def quantize_unet(unet: nn.Module, plan: Plan, ranges: dict[str, list[ActRange]]
     report = kernels.kernel_report(device) | {"kernel": chosen}
     if attention == "bfloat16":
         measured = report.get("attention_s") or {}
-        why = (f"{measured['float32'] / measured['bfloat16']:.1f}x faster than float32 measured here"
-               if measured.get("bfloat16") else "MIXDQ_ATTENTION=bfloat16")
+        why = ("MIXDQ_ATTENTION=bfloat16" if forced_attention() or not measured.get("bfloat16") else
+               f"{measured['float32'] / measured['bfloat16']:.1f}x faster than float32 measured here")
         notes.append(f"attention products run in bfloat16 ({why}); MIXDQ_ATTENTION=float keeps them in float32.")
     return QuantReport(plan=plan, float_bytes=float_bytes, quantized_bytes=stored_nbytes(unet),
                        held_bytes=model_nbytes(unet), kernel=report, attention=attention,

@@ -28,15 +28,21 @@ from . import machine
 CHOICES = ("auto", "bfloat16", "float")
 
 
-def attention_choice(device) -> str:
-    """'bfloat16' or 'float' (the UNet's own dtype) for a quantized UNet on `device`:
-    MIXDQ_ATTENTION, else this CPU's measured choice; other devices keep float (a GPU
-    UNet runs in float16 or bfloat16 already)."""
+def forced_attention() -> str | None:
+    """MIXDQ_ATTENTION, validated: 'bfloat16' or 'float', or None for the measured choice."""
     forced = os.environ.get("MIXDQ_ATTENTION", "auto").strip().lower() or "auto"
     if forced not in CHOICES:
         raise ValueError(f"MIXDQ_ATTENTION={forced!r}: choose one of {CHOICES} "
                          "(auto: what this machine measured faster)")
-    if forced != "auto":
+    return None if forced == "auto" else forced
+
+
+def attention_choice(device) -> str:
+    """'bfloat16' or 'float' (the UNet's own dtype) for a quantized UNet on `device`:
+    MIXDQ_ATTENTION, else this CPU's measured choice; other devices keep float (a GPU
+    UNet runs in float16 or bfloat16 already)."""
+    forced = forced_attention()
+    if forced:
         return forced
     if torch.device(device).type != "cpu":
         return "float"
