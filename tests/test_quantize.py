@@ -115,6 +115,7 @@ def test_w8a8_layers_become_w7a8_where_int8_kernels_saturate(tiny_sdxl_dir, monk
     monkeypatch.setenv("MIXDQ_CPU", kind)
     monkeypatch.setenv("MIXDQ_INT8_BACKEND", "onednn")
     monkeypatch.delenv("MIXDQ_INT8_SATURATE", raising=False)
+    monkeypatch.setenv("MIXDQ_ATTENTION", "float")  # its note is not this test's (test_attention.py)
     cal = Calibration(PROMPTS[:2])
     pipe = mixdq.load_pipeline(tiny_sdxl_dir, device="cpu")
     names = list(mixdq.quantizable_layers(pipe.unet))
