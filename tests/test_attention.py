@@ -82,6 +82,8 @@ def test_the_choice_follows_the_measurement_and_the_override_is_checked(monkeypa
     monkeypatch.setenv("MIXDQ_ATTENTION", "fp16")
     with pytest.raises(ValueError, match="MIXDQ_ATTENTION='fp16'.*auto"):
         attention.attention_choice("cpu")
+    monkeypatch.setenv("MIXDQ_ATTENTION", "bfloat16")
+    assert attention.attention_choice("meta") == "float"  # off the CPU the processor would not round
     monkeypatch.setenv("MIXDQ_ATTENTION", "auto")
     assert attention.attention_choice("meta") == "float"  # only the CPU's choice is measured
     assert attention.attention_choice("cpu") == machine.cpu_choice()["attention"]

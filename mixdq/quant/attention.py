@@ -39,14 +39,13 @@ def forced_attention() -> str | None:
 
 def attention_choice(device) -> str:
     """'bfloat16' or 'float' (the UNet's own dtype) for a quantized UNet on `device`:
-    MIXDQ_ATTENTION, else this CPU's measured choice; other devices keep float (a GPU
-    UNet runs in float16 or bfloat16 already)."""
+    on the CPU MIXDQ_ATTENTION, else its measured choice; other devices keep float
+    whatever is forced (a GPU UNet runs in float16 or bfloat16 already, and
+    BFloat16Attention passes their calls on unchanged)."""
     forced = forced_attention()
-    if forced:
-        return forced
     if torch.device(device).type != "cpu":
         return "float"
-    return machine.cpu_choice().get("attention", "float")
+    return forced or machine.cpu_choice().get("attention", "float")
 
 
 class BFloat16Attention:
