@@ -221,10 +221,11 @@ def _time_backends() -> dict:
     included) and of float32, for a linear and a 3x3 conv of SDXL's 640-channel stage:
     {"linear_s": {...}, "conv_s": {...}}.
 
-    Shapes are kept small enough for well under 1 s in all; the backends' relative speed
-    is what matters, and it is a property of the instruction set (VNNI, AMX or
-    neither), not of the exact shape.  The weight codes are 7-bit: what the
-    saturating backends would run.
+    Shapes are kept small enough for well under 1 s in all: the ranking follows the
+    instruction set (VNNI, AMX or neither) far more than the shape, though not wholly
+    (wider outputs favour the prepacked backends, 1x1 convs int_mm), so one common
+    shape per layer type decides and PREPACK_MARGIN keeps a near tie copy-free.  The
+    weight codes are 7-bit: what the saturating backends would run.
     """
     torch.manual_seed(0)
     m, k, n = 1024, 640, 640
