@@ -22,6 +22,10 @@ on weight values; the architecture is the published config, bench/configs.py):
    above the resident set at the step's start.
 4. Convert the float model to bfloat16 (weight bytes = float16's), time it too
    (a strong CPU baseline on AVX-512 BF16 machines), and record its bytes.
+5. OpenVINO FP32 / NNCF INT8 (--variants openvino-fp32 openvino-int8): converted
+   to IR before step 4, compiled once the torch models are gone (their weights and
+   OpenVINO's copy do not fit together beside an SDXL-size UNet in 24 GiB), each
+   timed in rounds taking turns with the first mixdq variant, rebuilt the same.
 
 Results: `<out>/results-<device>.json` and `<out>/RESULTS.md` (all result JSONs
 found in <out>, CPU and GPU, are rendered together).
@@ -34,6 +38,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +46,7 @@ import torch
 
 from .common import (FLOAT_ATTENTION, KEEP_W8, ON, MiB, bench_bos, build_variant, environment, fix_malloc_threshold,
                      make_plans, observe_ranges, peak_bytes, reset_peak, rss_bytes, split_variant, trim)
+from . import openvino_variants
 from .openvino_variants import VARIANTS as OPENVINO_VARIANTS  # the tool a CPU user would pick instead
 
 HERE = Path(__file__).resolve().parent
@@ -129,27 +135,20 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
     log(f"  calibration step (float32, hooks): {t_cal:.1f} s")
     layers = quantizable_layers(unet)
     plans = make_plans(layers, [v for v in variants if v not in OPENVINO_VARIANTS])
+    ov_variants = [v for v in variants if v in OPENVINO_VARIANTS]
+
+    def quantized(unet, v):
+        base, backend = split_variant(v)
+        return build_variant(unet, plans[v], ranges, int8_safe=not base.endswith(KEEP_W8),
+                             bos=bench_bos(inputs), backend=backend,
+                             attention="float" if base.endswith(FLOAT_ATTENTION) else None)
+
     built = {}
     info = {}
-    for v, plan in plans.items():
-        base, backend = split_variant(v)
-        model, meta = build_variant(unet, plan, ranges, int8_safe=not base.endswith(KEEP_W8),
-                                    bos=bench_bos(inputs), backend=backend,
-                                    attention="float" if base.endswith(FLOAT_ATTENTION) else None)
-        built[v] = model
-        info[v] = meta
-        log(f"  {v}: {meta['plan']} -> {meta['weight_bytes'] / MiB:.0f} MiB, quantized in {meta['quantize_s']:.1f} s")
-    for v in (v for v in variants if v in OPENVINO_VARIANTS):
-        from . import openvino_variants
-
-        trim()
-        rss_before = rss_bytes()
-        built[v], info[v] = openvino_variants.build(unet, inputs, v, torch.get_num_threads())
-        trim()
-        # what converting and compiling added: OpenVINO holds its own copy of the weights
-        info[v]["weight_bytes"] = rss_bytes() - rss_before if rss_before is not None else 0
-        log(f"  {v}: converted in {info[v]['convert_s']:.1f} s, compiled in {info[v]['compile_s']:.1f} s")
-
+    for v in plans:
+        built[v], info[v] = quantized(unet, v)
+        log(f"  {v}: {info[v]['plan']} -> {info[v]['weight_bytes'] / MiB:.0f} MiB, "
+            f"quantized in {info[v]['quantize_s']:.1f} s")
     timing = interleaved({"float32": unet, **built}, inputs, device, reps, log=log)
     out = {"model": name, "params": n_params, "px": px, "batch": batch, "device": device,
            "build_s": t_build, "calibration_step_s": t_cal,
@@ -168,8 +167,13 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
                               "peak_step_bytes": timing[v]["peak_step_bytes"],
                               "peak_first_step_bytes": timing[v]["first_peak"],
                               "rel_err_vs_float32": _rel_err(timing[v]["out"], timing["float32"]["out"])}
+    f32_out = timing["float32"]["out"]
     del built, timing
     trim()
+    if ov_variants:  # converted while the float32 UNet is here, compiled once it is gone
+        ov_folder = tempfile.TemporaryDirectory(prefix="mixdq-bench-openvino-")
+        ir_path, convert_s = openvino_variants.convert(unet, inputs, ov_folder.name)
+        log(f"  OpenVINO IR saved in {convert_s:.1f} s")
 
     # bfloat16 / float16 weights: the same module converted in place
     rss_before = rss_bytes()
@@ -191,7 +195,45 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
                                   "note": "same bytes as bfloat16 (2 per parameter); not timed on CPU"}
     del unet
     trim()
+    if ov_variants:
+        # the first mixdq variant takes turns with OpenVINO's, so the two are compared in
+        # the same rounds; rebuilt from the same seed, its float UNet gone once it is built
+        partner = next(iter(plans), None)
+        partner_model = None
+        if partner:
+            unet = build_unet(name, dtype=torch.float32, device=device)
+            partner_model, _ = quantized(unet, partner)
+            del unet
+        for v in ov_variants:
+            out["variants"][v] = _time_openvino(v, ir_path, inputs, reps, partner, partner_model, f32_out, log)
+            out["variants"][v]["convert_s"] = convert_s
+        del partner_model
+        ov_folder.cleanup()
+        trim()
     return out
+
+
+def _time_openvino(variant, ir_path, inputs, reps, partner, partner_model, f32_out, log) -> dict:
+    """One OpenVINO variant built from the saved IR and timed in rounds of its own, taking
+    turns with `partner` (a mixdq variant, rebuilt the same) where there is one."""
+    trim()
+    rss_before = rss_bytes()
+    step, info = openvino_variants.build(ir_path, inputs, variant, torch.get_num_threads())
+    trim()
+    # what building and compiling added: OpenVINO holds its own copy of the weights
+    info["weight_bytes"] = rss_bytes() - rss_before if rss_before is not None else 0
+    log(f"  {variant}: compiled in {info['compile_s']:.1f} s")
+    models = {variant: step} | ({partner: partner_model} if partner else {})
+    timing = interleaved(models, inputs, "cpu", reps, log=log)
+    t = timing[variant]
+    info.update(step_s=t["median_s"], step_times_s=t["times"], peak_step_bytes=t["peak_step_bytes"],
+                peak_first_step_bytes=t["first_peak"], rel_err_vs_float32=_rel_err(t["out"], f32_out),
+                timed_after="float32 and quantized rounds"
+                + (f", beside {partner} (its median in these rounds {timing[partner]['median_s']:.2f} s)"
+                   if partner else ""))
+    if partner:
+        info["beside"] = {partner: timing[partner]["median_s"]}
+    return info
 
 
 def ratios(model_result: dict) -> dict:

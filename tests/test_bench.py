@@ -152,8 +152,9 @@ def test_cpu_bench_runs_on_small_configs(tmp_path):
 
 
 def test_openvino_variants_timed_beside_ours(tmp_path):
-    """OpenVINO FP32 and NNCF INT8 of the same UNet, timed in the same interleaved rounds
-    on the same inputs: FP32 computes what torch float32 computes, INT8 close to it."""
+    """OpenVINO FP32 and NNCF INT8 of the same UNet on the same inputs, each timed in
+    rounds of its own beside mixdq's W8A8 (the float32 UNet is gone by then): FP32
+    computes what torch float32 computes, INT8 close to it."""
     pytest.importorskip("openvino")  # requirements-dev.txt installs it, and nncf
     pytest.importorskip("nncf")
     res = brun.main(["--models", "tiny-sdxl", "--reps", "1", "--px", "64", "--out", str(tmp_path),
@@ -165,7 +166,10 @@ def test_openvino_variants_timed_beside_ours(tmp_path):
         assert res["models"][0]["ratios"][k]["speedup_vs_float32"] > 0
     assert v["openvino-fp32"]["rel_err_vs_float32"] < 1e-4
     assert v["openvino-int8"]["quantize_s"] > 0 and v["openvino-int8"]["rel_err_vs_float32"] < 0.5
-    assert "| openvino-int8 |" in (tmp_path / "RESULTS.md").read_text()
+    for k in ("openvino-fp32", "openvino-int8"):
+        assert v[k]["beside"]["W8A8"] > 0 and "beside W8A8" in v[k]["timed_after"]
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "| openvino-int8 |" in md and "openvino-fp32 after float32 and quantized rounds, beside W8A8" in md
 
 
 def test_kernel_table_alone_with_torchao(tmp_path):
