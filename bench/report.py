@@ -85,7 +85,9 @@ def _model_table(m: dict) -> list[str]:
         lines.append("Individual timed steps (s): " + "; ".join(
             f"{k} " + ", ".join(f"{t:.2f}" for t in ts) for k, ts in times.items()))
         lines.append("")
-    apart = [f"{k} after {d['timed_after']}" for k, d in v.items() if d.get("timed_after") and d.get("step_s")]
+    apart = [f"{k} after {d['timed_after']}" + "".join(f" ({p}'s median in these rounds {s:.2f} s)"
+                                                       for p, s in d.get("beside", {}).items())
+             for k, d in v.items() if d.get("timed_after") and d.get("step_s")]
     if apart:
         lines += ["Timed in rounds of their own: " + "; ".join(apart) + ".", ""]
     in_bf16 = [k for k, d in v.items() if d.get("attention") == "bfloat16"]

@@ -228,9 +228,7 @@ def _time_openvino(variant, ir_path, inputs, reps, partner, partner_model, f32_o
     t = timing[variant]
     info.update(step_s=t["median_s"], step_times_s=t["times"], peak_step_bytes=t["peak_step_bytes"],
                 peak_first_step_bytes=t["first_peak"], rel_err_vs_float32=_rel_err(t["out"], f32_out),
-                timed_after="float32 and quantized rounds"
-                + (f", beside {partner} (its median in these rounds {timing[partner]['median_s']:.2f} s)"
-                   if partner else ""))
+                timed_after="float32 and quantized rounds" + (f", beside {partner}" if partner else ""))
     if partner:
         info["beside"] = {partner: timing[partner]["median_s"]}
     return info
