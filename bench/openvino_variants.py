@@ -16,6 +16,8 @@ machines (the process was killed when they were built side by side).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -105,26 +107,52 @@ def convert(unet, inputs: dict, folder) -> tuple[str, float]:
     return path, time.perf_counter() - t
 
 
-def build(ir_path: str, inputs: dict, variant: str, threads: int) -> tuple[CompiledStep, dict]:
-    """(the compiled step, what building it took): the IR `convert` saved, quantized by
-    NNCF for openvino-int8 (calibrated on `inputs`), compiled for the CPU."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown OpenVINO variant {variant!r}; choose one of {VARIANTS}")
-    import nncf
+def quantize(ir_path: str, inputs: dict) -> tuple[str, float]:
+    """(the INT8 IR's path, seconds): NNCF's default post-training quantization of the IR
+    `convert` saved, calibrated on `inputs`, saved beside it.  Run in a process of its
+    own: NNCF's statistics pass compiles its own copy of the model, and the memory that
+    pass took goes back to the system only when the process that ran it ends."""
+    import numpy as np
+
+    folder = os.path.dirname(ir_path)
+    calibration = os.path.join(folder, "calibration.npz")
+    np.savez(calibration, *[v.numpy() for v in _flat(inputs).values()])
+    out = os.path.join(folder, "unet-int8.xml")
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "bench.openvino_variants", ir_path, calibration, out],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if done.returncode != 0:
+        why = (f"killed by signal {-done.returncode}" if done.returncode < 0 else f"exit status {done.returncode}")
+        raise RuntimeError(f"NNCF's quantization of {ir_path} failed ({why}; signal 9 is most often the "
+                           "out-of-memory killer): leave openvino-int8 out of --variants, or run it on a "
+                           "machine with more memory")
+    return out, time.perf_counter() - t
+
+
+def build(ir_path: str, inputs: dict, threads: int) -> tuple[CompiledStep, dict]:
+    """(the compiled step, what compiling it took): a saved IR compiled for the CPU with
+    `threads` threads, called with the step's `inputs`."""
     import openvino as ov
 
-    flat = _flat(inputs)
-    keys = list(flat)
     core = ov.Core()
     model = core.read_model(ir_path)
-    meta = versions()
-    if variant == "openvino-int8":
-        t = time.perf_counter()
-        sample = [flat[k].numpy() for k in keys]
-        model = nncf.quantize(model, nncf.Dataset([sample]), subset_size=1)
-        meta["quantize_s"] = time.perf_counter() - t
     t = time.perf_counter()
     compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
                                                  "INFERENCE_PRECISION_HINT": "f32"})
-    meta["compile_s"] = time.perf_counter() - t
-    return CompiledStep(compiled, keys), meta
+    return CompiledStep(compiled, list(_flat(inputs))), {**versions(), "compile_s": time.perf_counter() - t}
+
+
+def _quantize_main(ir_path: str, calibration: str, out: str) -> None:
+    import nncf
+    import numpy as np
+    import openvino as ov
+
+    _no_telemetry()
+    with np.load(calibration) as npz:
+        sample = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+    model = nncf.quantize(ov.Core().read_model(ir_path), nncf.Dataset([sample]), subset_size=1)
+    ov.save_model(model, out, compress_to_fp16=False)
+
+
+if __name__ == "__main__":  # quantize's own process: python -m bench.openvino_variants IR NPZ OUT
+    _quantize_main(*sys.argv[1:])

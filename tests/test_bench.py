@@ -151,6 +151,18 @@ def test_cpu_bench_runs_on_small_configs(tmp_path):
         assert r["ms"]["float32"] > 0 and r["fastest_int8"] in r["ms"]
 
 
+def test_openvino_int8_quantization_that_fails_names_the_way_out(tmp_path):
+    """NNCF runs in a process of its own (for the memory); when that process fails, the
+    error says which IR and what to do, rather than a bare exit status."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from bench import openvino_variants
+
+    missing = str(tmp_path / "unet.xml")
+    with pytest.raises(RuntimeError, match=r"unet\.xml failed \(exit status 1.*leave openvino-int8 out"):
+        openvino_variants.quantize(missing, {"sample": torch.zeros(1, 4, 8, 8)})
+
+
 def test_openvino_variants_timed_beside_ours(tmp_path):
     """OpenVINO FP32 and NNCF INT8 of the same UNet on the same inputs, each timed in
     rounds of its own beside mixdq's W8A8 (the float32 UNet is gone by then): FP32
