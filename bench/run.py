@@ -169,7 +169,8 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
                               "peak_first_step_bytes": timing[v]["first_peak"],
                               "rel_err_vs_float32": _rel_err(timing[v]["out"], timing["float32"]["out"])}
     f32_out = timing["float32"]["out"]
-    del built, timing
+    # `layers` holds the UNet's modules: kept, it would keep their weights past `del unet`
+    del built, timing, layers
     trim()
     if ov_variants:  # converted while the float32 UNet is here, compiled once it is gone
         ov_folder = tempfile.TemporaryDirectory(prefix="mixdq-bench-openvino-")
