@@ -286,3 +286,34 @@ def test_report_shows_the_measurement_behind_the_backend_choice():
     cpu = dataclasses.replace(gpu, kernel={"linear_s": {"float32": 9e-3, "onednn": 4.2e-3}, "linear_backend": "onednn"})
     assert "backends measured here: linear: onednn 4.2 ms, float32 9 ms" in str(cpu)
     assert "measured here" not in str(dataclasses.replace(gpu, kernel={"reason": "VNNI: avx512_vnni"}))
+
+
+def test_observing_float_ranges_holds_no_second_copy_of_the_weights(tiny_sdxl_pipe):
+    """Calibration runs the float UNet through the quantized layers' code kept in float:
+    those layers use the float layers' own weight tensors, so an SDXL-size UNet is not
+    held twice while its ranges are observed; the ranges come out all the same."""
+    from mixdq.calibrate import observe_float_ranges
+    from mixdq.quant import quantizable_layers
+    from mixdq.quant.layers import QuantLayer
+
+    unet = tiny_sdxl_pipe.unet
+    own = {n: m.weight.data_ptr() for n, m in quantizable_layers(unet).items()}
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(sample=torch.randn(1, unet.config.in_channels, 8, 8, generator=g), timestep=torch.tensor(999),
+                  encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim, generator=g),
+                  added_cond_kwargs={"text_embeds": torch.randn(1, unet.config.projection_class_embeddings_input_dim
+                                                                - 6 * unet.config.addition_time_embed_dim,
+                                                                generator=g),
+                                     "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]])})
+    seen = {}
+
+    def run():
+        for n, m in unet.named_modules():
+            if isinstance(m, QuantLayer):
+                seen[n] = m.weight.data_ptr()
+        with torch.no_grad():
+            unet(**inputs)
+
+    ranges = observe_float_ranges(unet, run)
+    assert seen == own
+    assert set(ranges) == set(own) and all(r.batches > 0 for rs in ranges.values() for r in rs)

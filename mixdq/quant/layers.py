@@ -199,7 +199,9 @@ class QuantLayer(nn.Module):
     def _load_float(self, weight: torch.Tensor, bias: torch.Tensor | None, bos_embedding=None):
         with torch.no_grad():
             if self.weight_bits == FLOAT_BITS:
-                self.weight.copy_(weight)
+                # the float layer's own tensor, not a copy: observing an SDXL-size UNet's
+                # ranges in float would otherwise hold its weights twice
+                self.weight = weight.detach()
             else:
                 if codes_per_byte(self.weight_bits) == 1:  # the buffer holds the codes as they are
                     _, scale = quantize_weight(weight, self.weight_bits, out=self.weight_packed)
