@@ -65,10 +65,22 @@ def check_request(prompt, seed, steps) -> tuple[str, int, int]:
 # ------------------------------------------------------------------------------------------
 # Pipelines side by side.
 # ------------------------------------------------------------------------------------------
+def _unet_copy(unet):
+    """A copy of `unet` whose tensors are new objects over the same storage.  Quantizing
+    the copy replaces its layers, so the pair holds the float weights once (a deep copy
+    held an SDXL-size float32 UNet, 10 GiB, twice until quantizing freed it); new
+    Parameter objects, so casting, moving or re-allocating one side (`tensor.data = ...`)
+    leaves the other alone.  Neither side writes into its weights in place."""
+    memo = {id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in unet.parameters()}
+    memo.update({id(b): b.detach() for b in unet.buffers()})
+    return copy.deepcopy(unet, memo)
+
+
 def pair(pipe):
     """(float_pipe, copy) sharing text encoders, tokenizers, VAE and scheduler config; the copy
-    owns a deep copy of the UNet, ready for `mixdq.quantize` (which works in place)."""
-    twin = type(pipe)(**{**pipe.components, "unet": copy.deepcopy(pipe.unet),
+    owns its UNet (its tensors over the float UNet's storage, see _unet_copy), ready for
+    `mixdq.quantize` (which works in place)."""
+    twin = type(pipe)(**{**pipe.components, "unet": _unet_copy(pipe.unet),
                          "scheduler": copy.deepcopy(pipe.scheduler)})
     for attr in ("_mixdq_source", "_mixdq_defaults"):
         if hasattr(pipe, attr):

@@ -3,6 +3,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 import mixdq
 from mixdq import measure, memory, tables
@@ -41,6 +42,25 @@ def test_pair_shares_all_but_the_unet(tiny_sdxl_pipe):
     assert q.unet is not f.unet and q.vae is f.vae and q.text_encoder is f.text_encoder
     assert mixdq.generation_defaults(q) == mixdq.generation_defaults(f)
     assert measure.same_architecture(f, q)
+
+
+def test_pair_holds_the_float_weights_once_and_each_side_stays_its_own(tiny_sdxl_pipe):
+    """The copy's tensors start over the float UNet's storage (an SDXL-size float32 UNet is
+    not held twice while it is quantized); quantizing, casting or re-allocating the copy
+    leaves the float UNet's tensors, values and images as they were."""
+    f, q = measure.pair(tiny_sdxl_pipe)
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in f.unet.state_dict().items()}
+    assert {n: p.data_ptr() for n, p in q.unet.state_dict().items()} == {n: v[0] for n, v in before.items()}
+    settings = mixdq.generation_defaults(f)
+    image = measure.generate(f, "a red circle", 1, settings)
+    mixdq.quantize(q, mixdq.Plan.uniform(mixdq.quantizable_layers(q.unet), 8, 8),
+                   mixdq.Calibration(SMALL_CAL, batch_size=2), progress=False)
+    q.unet.to(torch.bfloat16)
+    for p in q.unet.parameters():
+        p.data = p.data.clone()
+    for n, t in f.unet.state_dict().items():
+        assert t.dtype == torch.float32 and t.data_ptr() == before[n][0] and torch.equal(t, before[n][1]), n
+    assert measure.generate(f, "a red circle", 1, settings).tobytes() == image.tobytes()
 
 
 def test_compare_measures_everything(quantized_pair):
