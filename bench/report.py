@@ -90,6 +90,8 @@ def _model_table(m: dict) -> list[str]:
              for k, d in v.items() if d.get("timed_after") and d.get("step_s")]
     if apart:
         lines += ["Timed in rounds of their own: " + "; ".join(apart) + ".", ""]
+    for k, why in m.get("not_timed", {}).items():
+        lines += [f"Not timed: {k}: {why}", ""]
     in_bf16 = [k for k, d in v.items() if d.get("attention") == "bfloat16"]
     if in_bf16:
         lines += ["Attention products in bfloat16 (the machine's measured choice, or forced): "

@@ -163,6 +163,27 @@ def test_openvino_int8_quantization_that_fails_names_the_way_out(tmp_path):
         openvino_variants.quantize(missing, {"sample": torch.zeros(1, 4, 8, 8)})
 
 
+def test_openvino_int8_that_fails_loses_none_of_the_run(tmp_path, monkeypatch):
+    """NNCF killed for memory (simulated) after the torch rounds: the run still writes its
+    results, openvino-fp32 timed, and the report says why openvino-int8 is missing."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from bench import openvino_variants
+
+    def killed(ir_path, inputs):
+        raise RuntimeError(f"NNCF's quantization of {ir_path} failed (killed by signal 9; ...)")
+
+    monkeypatch.setattr(openvino_variants, "quantize", killed)
+    res = brun.main(["--models", "tiny-sdxl", "--reps", "1", "--px", "64", "--out", str(tmp_path),
+                     "--threads", "1", "--no-kernels-table", "--no-bfloat16-step",
+                     "--variants", "openvino-fp32", "openvino-int8"])
+    m = res["models"][0]
+    assert m["variants"]["openvino-fp32"]["step_s"] > 0 and "openvino-int8" not in m["variants"]
+    assert "killed by signal 9" in m["not_timed"]["openvino-int8"]
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "Not timed: openvino-int8: NNCF's quantization of" in md
+
+
 def test_openvino_variants_timed_beside_ours(tmp_path, monkeypatch):
     """OpenVINO FP32 and NNCF INT8 of the same UNet on the same inputs, each timed in
     rounds of its own beside mixdq's W8A8: FP32 computes what torch float32 computes,
