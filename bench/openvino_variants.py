@@ -11,7 +11,9 @@ CPUs that have it, which no other variant uses.  requirements-dev.txt installs b
 Why saved and timed afterwards: OpenVINO's compiled FP32 model holds its own copy of
 the weights (about 1.1x them), so an SDXL-size float32 UNet (10 GiB), its quantized
 variants and OpenVINO's copy do not fit together in the 24 GiB of the project's
-machines (the process was killed when they were built side by side).
+machines (the process was killed when they were built side by side).  NNCF's pass over
+that IR needs about 15 GiB more on its own, so it runs in a process of its own once the
+torch UNet is gone (`quantize`), and writes an INT8 IR that `build` compiles.
 """
 from __future__ import annotations
 
