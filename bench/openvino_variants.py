@@ -18,9 +18,12 @@ torch UNet is gone (`quantize`), and writes an INT8 IR that `build` compiles.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -90,6 +93,36 @@ def _no_telemetry() -> None:
     if not os.path.exists(checker.consent_file()):
         checker.update_result(ConsentCheckResult.DECLINED)
         print(f"OpenVINO telemetry: no decision recorded; opted out in {checker.consent_file()}")
+
+
+FOLDER_PREFIX = "mixdq-bench-openvino-"
+
+
+def ir_folder() -> tempfile.TemporaryDirectory:
+    """A temporary folder for the IRs, marked with this process's id.  A killed run cannot
+    remove its folder (an SDXL-size IR is 10 GiB): folders whose process is gone are
+    removed first; unmarked ones are left alone."""
+    for old in Path(tempfile.gettempdir()).glob(FOLDER_PREFIX + "*"):
+        try:
+            pid = int((old / "pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if not _alive(pid):
+            shutil.rmtree(old, ignore_errors=True)
+            print(f"removed {old}: left by a benchmark run that was killed (pid {pid})")
+    folder = tempfile.TemporaryDirectory(prefix=FOLDER_PREFIX)
+    Path(folder.name, "pid").write_text(str(os.getpid()))
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def convert(unet, inputs: dict, folder) -> tuple[str, float]:

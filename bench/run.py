@@ -39,7 +39,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -173,7 +172,7 @@ def bench_model(name: str, variants, reps: int, px: int, batch: int, device: str
     del built, timing, layers
     trim()
     if ov_variants:  # converted while the float32 UNet is here, compiled once it is gone
-        ov_folder = tempfile.TemporaryDirectory(prefix="mixdq-bench-openvino-")
+        ov_folder = openvino_variants.ir_folder()
         ir_path, convert_s = openvino_variants.convert(unet, inputs, ov_folder.name)
         log(f"  OpenVINO IR saved in {convert_s:.1f} s")
 

@@ -163,6 +163,30 @@ def test_openvino_int8_quantization_that_fails_names_the_way_out(tmp_path):
         openvino_variants.quantize(missing, {"sample": torch.zeros(1, 4, 8, 8)})
 
 
+def test_openvino_ir_folders_left_by_killed_runs_are_removed(tmp_path, monkeypatch):
+    """A killed run leaves its IR folder (10 GiB for SDXL); the next run removes folders
+    whose process is gone, keeps live runs' and unmarked ones."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from bench import openvino_variants as ov
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    marked = {"gone": gone, "live": str(os.getpid())}
+    for name, pid in marked.items():
+        (tmp_path / f"{ov.FOLDER_PREFIX}{name}").mkdir()
+        (tmp_path / f"{ov.FOLDER_PREFIX}{name}" / "pid").write_text(pid)
+    (tmp_path / f"{ov.FOLDER_PREFIX}unmarked").mkdir()
+    folder = ov.ir_folder()
+    left = sorted(p.name.removeprefix(ov.FOLDER_PREFIX) for p in tmp_path.iterdir())
+    assert "gone" not in left and {"live", "unmarked"} <= set(left) and len(left) == 3
+    assert (tmp_path / folder.name / "pid").read_text() == str(os.getpid())
+    folder.cleanup()
+
+
 def test_openvino_int8_that_fails_loses_none_of_the_run(tmp_path, monkeypatch):
     """NNCF killed for memory (simulated) after the torch rounds: the run still writes its
     results, openvino-fp32 timed, and the report says why openvino-int8 is missing."""
