@@ -3,7 +3,6 @@ probes, the environment record, the benchmarked plans, and building a quantized
 variant beside the float UNet the way `mixdq.quantize_unet` builds it."""
 from __future__ import annotations
 
-import copy
 import gc
 import os
 import platform
@@ -223,15 +222,6 @@ def make_plans(layers: dict, variants) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------
-# building variants without a second float copy
-# ---------------------------------------------------------------------------
-def shared_clone(unet):
-    """A structural copy of `unet` whose tensors are the very same objects."""
-    memo = {id(t): t for t in list(unet.parameters()) + list(unet.buffers())}
-    return copy.deepcopy(unet, memo)
-
-
 def observe_ranges(unet, inputs) -> tuple[dict, float, torch.Tensor]:
     """One float step observed by the library (calibrate.observe_float_ranges): each
     quantizable layer's activation ranges, the step's seconds and output.  Token 0
@@ -264,11 +254,12 @@ def build_variant(unet, plan, ranges, int8_safe: bool = True, bos=None, kernel=N
     backend, attention: MIXDQ_INT8_BACKEND / MIXDQ_ATTENTION values for this variant (None:
     the library's choice)."""
     from mixdq import model_nbytes, quantize_unet
+    from mixdq.measure import shared_copy
 
     trim()
     rss0 = rss_bytes()
     t = time.perf_counter()
-    clone = shared_clone(unet)
+    clone = shared_copy(unet)
     with torch.no_grad(), forced_env(MIXDQ_INT8_BACKEND=backend, MIXDQ_ATTENTION=attention):
         report = quantize_unet(clone, plan, ranges, bos=bos, kernel=kernel, int8_safe=int8_safe)
     dt = time.perf_counter() - t

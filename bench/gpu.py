@@ -168,13 +168,14 @@ def build_variants(unet, ranges, bos, variants, m: dict, device, kernel="int_mm"
     """{variant: quantized clone sharing the float model's other tensors}; bytes, backends
     and build times into m."""
     from mixdq import model_nbytes, quantize_unet
+    from mixdq.measure import shared_copy
     from mixdq.quant import hold_epilogue as hold, quantizable_layers
     from .common import forced_backend
 
     out = {}
     for name, plan in _plans(quantizable_layers(unet), variants).items():
         a1, t = _alloc(device), time.perf_counter()
-        clone = _shared_clone(unet)
+        clone = shared_copy(unet)
         with torch.no_grad(), forced_backend(variant_backends(name, int8_backend)):
             report = quantize_unet(clone, plan, ranges, bos=bos, kernel=None if kernel == "auto" else kernel)
         if device.type == "cuda":
@@ -193,12 +194,6 @@ def build_variants(unet, ranges, bos, variants, m: dict, device, kernel="int_mm"
 
 def _alloc(device) -> int:
     return torch.cuda.memory_allocated() if device.type == "cuda" else 0
-
-
-def _shared_clone(unet):
-    from .common import shared_clone
-
-    return shared_clone(unet)
 
 
 class Run:

@@ -65,7 +65,7 @@ def check_request(prompt, seed, steps) -> tuple[str, int, int]:
 # ------------------------------------------------------------------------------------------
 # Pipelines side by side.
 # ------------------------------------------------------------------------------------------
-def _unet_copy(unet):
+def shared_copy(unet):
     """A copy of `unet` whose tensors are new objects over the same storage.  Quantizing
     the copy replaces its layers, so the pair holds the float weights once (a deep copy
     held an SDXL-size float32 UNet, 10 GiB, twice until quantizing freed it); new
@@ -78,9 +78,9 @@ def _unet_copy(unet):
 
 def pair(pipe):
     """(float_pipe, copy) sharing text encoders, tokenizers, VAE and scheduler config; the copy
-    owns its UNet (its tensors over the float UNet's storage, see _unet_copy), ready for
+    owns its UNet (its tensors over the float UNet's storage, see shared_copy), ready for
     `mixdq.quantize` (which works in place)."""
-    twin = type(pipe)(**{**pipe.components, "unet": _unet_copy(pipe.unet),
+    twin = type(pipe)(**{**pipe.components, "unet": shared_copy(pipe.unet),
                          "scheduler": copy.deepcopy(pipe.scheduler)})
     for attr in ("_mixdq_source", "_mixdq_defaults"):
         if hasattr(pipe, attr):

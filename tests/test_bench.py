@@ -14,6 +14,7 @@ import torch
 
 from bench import common as bcommon, configs, run as brun
 from bench.models import build_unet, unet_inputs
+from mixdq.measure import shared_copy
 
 
 @pytest.mark.parametrize("name", ["sdxl-turbo", "sd-turbo", "sd15"])
@@ -78,7 +79,7 @@ def test_routed_layers_match_the_library_reference():
     ranges, _, _ = brun.observe_ranges(unet, inputs)
     names = list(quantizable_layers(unet))
     for bits in ((8, 8), (4, 8), (2, 8)):
-        v = bcommon.shared_clone(unet)
+        v = shared_copy(unet)
         replace_layers(v, Plan.uniform(names, *bits), ranges)
         seen = {}
         hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].clone()))
