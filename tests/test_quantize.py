@@ -291,20 +291,15 @@ def test_report_shows_the_measurement_behind_the_backend_choice():
 def test_observing_float_ranges_holds_no_second_copy_of_the_weights(tiny_sdxl_pipe):
     """Calibration runs the float UNet through the quantized layers' code kept in float:
     those layers use the float layers' own weight tensors, so an SDXL-size UNet is not
-    held twice while its ranges are observed; the ranges come out all the same."""
+    held twice while its ranges are observed; every layer's range is still observed."""
+    from mixdq.architectures import sample_inputs
     from mixdq.calibrate import observe_float_ranges
     from mixdq.quant import quantizable_layers
     from mixdq.quant.layers import QuantLayer
 
     unet = tiny_sdxl_pipe.unet
     own = {n: m.weight.data_ptr() for n, m in quantizable_layers(unet).items()}
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(sample=torch.randn(1, unet.config.in_channels, 8, 8, generator=g), timestep=torch.tensor(999),
-                  encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim, generator=g),
-                  added_cond_kwargs={"text_embeds": torch.randn(1, unet.config.projection_class_embeddings_input_dim
-                                                                - 6 * unet.config.addition_time_embed_dim,
-                                                                generator=g),
-                                     "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]])})
+    inputs = sample_inputs(unet)
     seen = {}
 
     def run():
