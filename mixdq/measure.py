@@ -67,10 +67,10 @@ def check_request(prompt, seed, steps) -> tuple[str, int, int]:
 # ------------------------------------------------------------------------------------------
 def shared_copy(unet):
     """A copy of `unet` whose tensors are new objects over the same storage.  Quantizing
-    the copy replaces its layers, so the pair holds the float weights once (a deep copy
-    held an SDXL-size float32 UNet, 10 GiB, twice until quantizing freed it); new
-    Parameter objects, so casting, moving or re-allocating one side (`tensor.data = ...`)
-    leaves the other alone.  Neither side writes into its weights in place."""
+    the copy replaces its layers, so the pair holds the float weights once (an SDXL-size
+    float32 UNet is 10 GiB); new Parameter objects, so casting, moving or re-allocating
+    one side (`tensor.data = ...`) leaves the other alone.  Neither side writes into its
+    weights in place."""
     memo = {id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in unet.parameters()}
     memo.update({id(b): b.detach() for b in unet.buffers()})
     return copy.deepcopy(unet, memo)
