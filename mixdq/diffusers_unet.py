@@ -44,6 +44,7 @@ from .plan import Plan
 from .quant import (QuantConv2d, QuantLinear, is_bos_layer, kernels, prepare, quantizable_layers, quantized_layers,
                     shortcut_splits)
 from .quant.attention import use_measured_attention
+from .quant.layout import keep_channels_last
 from .quantization import QuantState, _device_of, current_plan, fit_plan_to_device
 
 FORMAT = "mixdq-export/2"
@@ -195,6 +196,7 @@ class QuantizedUNet2DConditionModel(UNet2DConditionModel):
         unet._fit_plan(unet._use_this_devices_kernel())
         prepare(unet)  # now, layer by layer: the first call then neither prepacks nor holds two copies
         use_measured_attention(unet, device)
+        keep_channels_last(unet, device.type == "cpu")
         return unet
 
     @classmethod

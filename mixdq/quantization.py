@@ -32,6 +32,7 @@ from .plan import FLOAT_BITS, LayerBits, Plan
 from .quant import (QuantLayer, kernels, layer_spec, prepare, quantizable_layers, quantized_layers, replace_layers,
                     shortcut_splits)
 from .quant.attention import forced_attention, use_measured_attention
+from .quant.layout import keep_channels_last
 from .quant.backends import PREPACKED
 from .quant.quantizers import ActRange
 
@@ -171,6 +172,7 @@ def quantize_unet(unet: nn.Module, plan: Plan, ranges: dict[str, list[ActRange]]
             run()
     prepare(unet)
     attention = use_measured_attention(unet, device)
+    keep_channels_last(unet, device.type == "cpu")
     t2 = time.perf_counter()
     unet.mixdq_state = QuantState(bos_aware=bos is not None, kernel=chosen, calibration=calibration,
                                   fitted=dict(plan.meta.get("fitted", {})))
