@@ -90,6 +90,10 @@ def _model_table(m: dict) -> list[str]:
              for k, d in v.items() if d.get("timed_after") and d.get("step_s")]
     if apart:
         lines += ["Timed in rounds of their own: " + "; ".join(apart) + ".", ""]
+    if any(k.startswith("openvino-") for k in v):
+        lines += ["OpenVINO's weights MiB is what building and compiling added to the resident set: its "
+                  "IR is memory-mapped and the first inference makes the compiled weight layouts, so its "
+                  "weights show up in the first step's peak; compare the step peak totals.", ""]
     for k, why in m.get("not_timed", {}).items():
         lines += [f"Not timed: {k}: {why}", ""]
     in_bf16 = [k for k, d in v.items() if d.get("attention") == "bfloat16"]

@@ -15,7 +15,7 @@ that convs running float kernels, which keep their input's layout, do not start 
 down path in NCHW and mix the two layouts again where the skips are concatenated.
 
 `quantize` and loading an export install this on CPU UNets; calls on another device
-keep diffusers' own path.  The float model a quantized one is compared with keeps it too.
+keep diffusers' own path, and so does the float model a quantized one is compared with.
 """
 from __future__ import annotations
 
