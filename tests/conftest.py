@@ -77,6 +77,22 @@ def _scheduler():
                                   rescale_betas_zero_snr=True, steps_offset=1)
 
 
+def unet_call(unet, seed=0):
+    """One no-grad call of a tiny UNet on random inputs of a 16x16 latent (SDXL's added
+    text_time conditioning where its config has it): the sample it returns."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = unet.config
+    x = torch.randn(2, cfg.in_channels, 16, 16, generator=g)
+    ctx = torch.randn(2, 7, cfg.cross_attention_dim, generator=g)
+    kwargs = {}
+    if cfg.addition_embed_type == "text_time":
+        text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, text, generator=g),
+                                       "time_ids": torch.randn(2, 6, generator=g)}
+    with torch.no_grad():
+        return unet(x, 10, encoder_hidden_states=ctx, **kwargs).sample
+
+
 def build_tiny_sdxl(folder):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection

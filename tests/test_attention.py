@@ -5,38 +5,27 @@ import torch
 import mixdq
 from mixdq import Calibration, Plan
 from mixdq.quant import attention, machine
+from conftest import unet_call
 from mixdq.quant.attention import BFloat16Attention, attention_in_use, set_attention
 
 PROMPTS = ["a red circle", "a blue square"]
 
 
-def _unet_call(unet, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cfg = unet.config
-    x = torch.randn(2, cfg.in_channels, 16, 16, generator=g)
-    ctx = torch.randn(2, 7, cfg.cross_attention_dim, generator=g)
-    added = {"text_embeds": torch.randn(2, cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim,
-                                        generator=g),
-             "time_ids": torch.randn(2, 6, generator=g)}
-    with torch.no_grad():
-        return unet(x, 10, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
-
-
 def test_the_processor_computes_what_diffusers_does_in_float32_and_rounds_only_the_product(tiny_sdxl_pipe):
     unet = tiny_sdxl_pipe.unet
-    reference = _unet_call(unet)
+    reference = unet_call(unet)
     # float32 through BFloat16Attention's own path: the very ops of diffusers' processor
     assert set_attention(unet, "bfloat16", dtype=torch.float32) > 0
-    assert torch.equal(_unet_call(unet), reference)
+    assert torch.equal(unet_call(unet), reference)
     set_attention(unet, "bfloat16")
     assert attention_in_use(unet) == "bfloat16"
-    rounded = _unet_call(unet)
+    rounded = unet_call(unet)
     assert not torch.equal(rounded, reference)  # it did run in bfloat16
     assert (rounded - reference).abs().max() < 0.05 * reference.abs().max()
     set_attention(unet, "float")  # diffusers' processors back, not a wrapper of a wrapper
     assert attention_in_use(unet) == "float"
     assert not any(isinstance(p, BFloat16Attention) for p in unet.attn_processors.values())
-    assert torch.equal(_unet_call(unet), reference)
+    assert torch.equal(unet_call(unet), reference)
 
 
 def test_other_calls_go_to_the_replaced_processor(tiny_sdxl_pipe):
@@ -69,10 +58,10 @@ def test_quantize_and_load_run_the_chosen_attention(forced, tiny_sdxl_pipe, tmp_
     assert len(notes) == (expected == "bfloat16")
     assert all(("MIXDQ_ATTENTION=bfloat16" in n) == (forced == "bfloat16") for n in notes)  # why, truly
     assert "attention:" in report.kernel_times()  # the measurement behind the choice is reported
-    before = _unet_call(tiny_sdxl_pipe.unet)
+    before = unet_call(tiny_sdxl_pipe.unet)
     loaded = mixdq.load_pipeline(mixdq.save_quantized(tiny_sdxl_pipe, tmp_path / "export"), device="cpu")
     assert attention_in_use(loaded.unet) == expected
-    assert torch.equal(_unet_call(loaded.unet), before)
+    assert torch.equal(unet_call(loaded.unet), before)
 
 
 def test_the_choice_follows_the_measurement_and_the_override_is_checked(monkeypatch):
@@ -92,6 +81,6 @@ def test_the_choice_follows_the_measurement_and_the_override_is_checked(monkeypa
 def test_bfloat16_attention_traces_without_graph_breaks(tiny_sdxl_pipe):
     unet = tiny_sdxl_pipe.unet
     set_attention(unet, "bfloat16")
-    eager = _unet_call(unet)
+    eager = unet_call(unet)
     compiled = torch.compile(unet, fullgraph=True, backend="eager")
-    assert torch.equal(_unet_call(compiled), eager)
+    assert torch.equal(unet_call(compiled), eager)

@@ -9,23 +9,10 @@ import torch
 import mixdq
 from mixdq import Calibration, Plan
 from mixdq.quant import QuantConv2d, quantized_layers
+from conftest import unet_call
 from mixdq.quant.layout import ChannelsLastTransformer2D, channels_last_kept, keep_channels_last
 
 PROMPTS = ["a red circle", "a blue square"]
-
-
-def _unet_call(unet, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cfg = unet.config
-    x = torch.randn(2, cfg.in_channels, 16, 16, generator=g)
-    ctx = torch.randn(2, 7, cfg.cross_attention_dim, generator=g)
-    kwargs = {}
-    if cfg.addition_embed_type == "text_time":
-        text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, text, generator=g),
-                                       "time_ids": torch.randn(2, 6, generator=g)}
-    with torch.no_grad():
-        return unet(x, 10, encoder_hidden_states=ctx, **kwargs).sample
 
 
 def _conv_inputs(unet):
@@ -36,7 +23,7 @@ def _conv_inputs(unet):
             hooks.append(m.register_forward_hook(
                 lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out))))
     try:
-        _unet_call(unet)
+        unet_call(unet)
     finally:
         for h in hooks:
             h.remove()
@@ -50,16 +37,16 @@ def _channels_last(x):
 @pytest.mark.parametrize("arch", ["sdxl", "sd15"])  # linear projections / 1x1 conv projections
 def test_the_float_unet_computes_the_same_with_channels_last_kept(arch, request):
     unet = request.getfixturevalue(f"tiny_{arch}_pipe").unet
-    reference = _unet_call(unet)
+    reference = unet_call(unet)
     nchw = _conv_inputs(unet)
     assert keep_channels_last(unet) > 0 and channels_last_kept(unet)
     kept = _conv_inputs(unet)  # convs in the order they ran
     names = [n for n in kept if kept[n][0].shape[-1] > 1]  # 1x1 pixels: both layouts at once
     assert all(_channels_last(kept[n][0]) for n in names)
     assert not any(_channels_last(nchw[n][0]) for n in names)  # the float model, as diffusers runs it
-    torch.testing.assert_close(_unet_call(unet), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unet_call(unet), reference, rtol=1e-5, atol=1e-5)
     assert keep_channels_last(unet, False) == 0 and not channels_last_kept(unet)
-    assert torch.equal(_unet_call(unet), reference)  # diffusers' own class back
+    assert torch.equal(unet_call(unet), reference)  # diffusers' own class back
 
 
 @pytest.mark.parametrize("backend", ["auto", "int_mm", "onednn", "float"])
@@ -94,17 +81,17 @@ def test_kept_through_copies_exports_and_compile(tiny_sdxl_pipe, tmp_path):
     names = list(mixdq.quantizable_layers(tiny_sdxl_pipe.unet))
     mixdq.quantize(tiny_sdxl_pipe, Plan({n: (8, 8) for n in names}), Calibration(PROMPTS), progress=False)
     unet = tiny_sdxl_pipe.unet
-    before = _unet_call(unet)
+    before = unet_call(unet)
     buf = io.BytesIO()
     torch.save(unet, buf)
     buf.seek(0)
     for twin in (copy.deepcopy(unet), torch.load(buf, weights_only=False)):
         assert channels_last_kept(twin)
-        assert torch.equal(_unet_call(twin), before)
+        assert torch.equal(unet_call(twin), before)
     loaded = mixdq.load_pipeline(mixdq.save_quantized(tiny_sdxl_pipe, tmp_path / "export"), device="cpu")
     assert channels_last_kept(loaded.unet)
-    assert torch.equal(_unet_call(loaded.unet), before)
-    compiled = _unet_call(torch.compile(unet, fullgraph=True, backend="eager"))  # the pre-hook traces too
+    assert torch.equal(unet_call(loaded.unet), before)
+    compiled = unet_call(torch.compile(unet, fullgraph=True, backend="eager"))  # the pre-hook traces too
     # traced int_mm layers round activations near a tie apart from eager's (test_quantize)
     assert float((compiled - before).norm() / before.norm()) < 0.05
 
