@@ -496,6 +496,35 @@ def test_quantized_layers_trace_whole_on_each_backend(monkeypatch, tmp_path, bac
             assert _rel(traced, _reference(layer, x)) < 1e-5, (name, bits)
 
 
+@pytest.mark.parametrize("backend", ["int_mm", "onednn"])
+def test_inductor_compiles_quantized_layers_to_the_eager_values(monkeypatch, tmp_path, backend):
+    """torch.compile's default backend (inductor, which generates C++ for the elementwise
+    work around the GEMMs) gives each layer eager's output: exactly where the layer is one
+    custom op (oneDNN), within a flipped activation code where inductor fuses the
+    quantization (int_mm: x / s rounds apart from quantize_per_tensor near a tie)."""
+    import shutil
+
+    if backend not in _backends(B.LINEAR_KERNELS):
+        pytest.skip(f"{backend} not in this torch build")
+    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        pytest.skip("inductor needs a C++ compiler on the CPU; none on this machine")
+    from mixdq.quant import prepare
+
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", backend)
+    for name, (layer, x) in _quant_layers(7).items():
+        prepare(layer)
+        with torch.no_grad():
+            eager = layer(x)
+            torch._dynamo.reset()
+            compiled = torch.compile(layer, fullgraph=True)(x)
+        if layer.backend == "onednn" and not layer.split:
+            assert torch.equal(compiled, eager), name
+        else:
+            assert _rel(compiled, eager) < 1e-4, (name, layer.backend)
+        assert _rel(compiled, _reference(layer, x)) < 1e-3, name
+
+
 @pytest.mark.parametrize("first, second", [(a, b) for a in ("int_mm", "onednn", "float")
                                              for b in ("int_mm", "onednn", "float")])
 def test_traced_convs_chain_across_backends(monkeypatch, tmp_path, first, second):
