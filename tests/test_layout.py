@@ -49,8 +49,9 @@ def test_the_float_unet_computes_the_same_with_channels_last_kept(arch, request)
     assert torch.equal(unet_call(unet), reference)  # diffusers' own class back
 
 
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
 @pytest.mark.parametrize("backend", ["auto", "int_mm", "onednn", "float"])
-def test_quantized_convs_give_the_same_values_on_either_layout(backend, tiny_sdxl_pipe, monkeypatch, tmp_path):
+def test_quantized_convs_give_the_same_values_on_either_layout(backend, arch, request, monkeypatch, tmp_path):
     """Each quantized conv, fed the channels_last input it met in the UNet, returns what
     it returns on that input made NCHW: exactly on the integer kernels (7-bit codes, so
     exact on every CPU), within float rounding on the float path."""
@@ -59,9 +60,10 @@ def test_quantized_convs_give_the_same_values_on_either_layout(backend, tiny_sdx
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
     if backend != "auto":
         monkeypatch.setenv("MIXDQ_INT8_BACKEND", backend)
-    unet = tiny_sdxl_pipe.unet
+    pipe = request.getfixturevalue(f"tiny_{arch}_pipe")
+    unet = pipe.unet
     names = list(mixdq.quantizable_layers(unet))
-    mixdq.quantize(tiny_sdxl_pipe, Plan({n: (7, 8) for n in names}), Calibration(PROMPTS), progress=False)
+    mixdq.quantize(pipe, Plan({n: (7, 8) for n in names}), Calibration(PROMPTS), progress=False)
     assert channels_last_kept(unet)  # quantize installs it on the CPU
     layers = quantized_layers(unet)
     ran = {n: (x, out) for n, (x, out) in _conv_inputs(unet).items() if n in layers}
