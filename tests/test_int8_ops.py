@@ -508,6 +508,13 @@ def test_inductor_compiles_quantized_layers_to_the_eager_values(monkeypatch, tmp
         pytest.skip(f"{backend} not in this torch build")
     if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
         pytest.skip("inductor needs a C++ compiler on the CPU; none on this machine")
+    y = torch.randn(1000)
+    torch._dynamo.reset()
+    if not torch.allclose(torch.compile(torch.sin)(y), torch.sin(y)):
+        # e.g. ATEN_CPU_CAPABILITY=avx2 on an AVX-512 host (CI's other-kind pass): inductor
+        # then steps by 16 floats over 8-float vectors and leaves outputs unwritten
+        pytest.skip(f"inductor miscompiles even torch.sin here (ATEN_CPU_CAPABILITY="
+                    f"{os.environ.get('ATEN_CPU_CAPABILITY')}): a torch problem, not one of these layers")
     from mixdq.quant import prepare
 
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
