@@ -22,7 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from mixdq.quant.backends import CONV_KERNELS, LINEAR_KERNELS
+from mixdq.quant.backends import CONV_KERNELS, LINEAR_KERNELS, int_mm
 from mixdq.quant.machine import built, interleaved_times
 
 # (label, M, K, N): tokens x in x out
@@ -130,7 +130,8 @@ def compare(small: bool = False, reps: int = 7, budget_s: float = 6.0, backends=
             for be in backends:
                 if be in CONV_KERNELS:
                     f = CONV_KERNELS[be]
-                    fns[be] = (lambda f=f: f(x, s, z, wq, ws, b, st, pad))
+                    w_be = int_mm.TapMajorCodes(wq, 8) if be == "int_mm" else wq  # as a layer holds them
+                    fns[be] = (lambda f=f, w_be=w_be: f(x, s, z, w_be, ws, b, st, pad))
             ms = _median_ms(fns, reps, budget_s)
             rows.append({"type": "conv", "label": label, "shape": [c, o, h, kk, st], "ms": ms})
     for r in rows:

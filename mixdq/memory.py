@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .plan import WEIGHT_BITS, LayerBits, Plan
 from .quant import QuantLayer, is_bos_layer, layer_spec, quantizable_layers, quantized_nbytes, shortcut_splits
+from .quant.backends.common import held_nbytes
 
 MB = 1_000_000
 
@@ -43,9 +44,10 @@ def stored_nbytes(module: nn.Module) -> int:
 
 def prepacked_extra_nbytes(module: nn.Module) -> int:
     """Bytes the prepacked int8 copies hold beyond the packed codes they replace:
-    one byte per weight of 2-4-bit layers instead of their packed size (0 elsewhere)."""
-    return sum(math.prod(m.weight_shape) - m.weight_packed.nbytes for m in module.modules()
-               if isinstance(m, QuantLayer) and m._held_prepacked is not None)
+    one byte per weight of 2-4-bit layers instead of their packed size (0 elsewhere,
+    and for int_mm's patch-order copies, packed as the layer packs)."""
+    return sum(held_nbytes(m._held_prepacked, math.prod(m.weight_shape)) - m.weight_packed.nbytes
+               for m in module.modules() if isinstance(m, QuantLayer) and m._held_prepacked is not None)
 
 
 @dataclass

@@ -298,7 +298,7 @@ def test_prepare_makes_int_mm_constants_before_the_first_call(monkeypatch, tmp_p
         prepare(layer)
         made = dict(B.common._CACHE[layer.weight_packed])
         assert set(made) == ({"split_epi0", "split_epi1"} if layer.split else
-                             {"lin_epi"} if name == "linear" else {"conv_epi"}), name
+                             {"lin_epi"} if name == "linear" else {"conv_epi", B.int_mm.TAPS}), name
         out = layer(x)
         after = B.common._CACHE[layer.weight_packed]
         assert set(after) == set(made) and all(after[k][1] is made[k][1] for k in made), name
@@ -636,8 +636,9 @@ def test_wide_codes_leave_saturating_backends(monkeypatch, tmp_path, backend):
 @pytest.mark.parametrize("backend", ["onednn", "fbgemm", "int_mm"])
 def test_prepacked_backends_unpack_low_bit_codes_once(monkeypatch, tmp_path, backend):
     """4-bit layers hand the prepacked backends their unpacking method: the codes are
-    unpacked when the prepacked copy is made, not on every call (int_mm, which has
-    no copy, unpacks per call); results equal the reference either way."""
+    unpacked when the prepacked copy is made, not on every call (int_mm's linears, which
+    have no copy, unpack the layer's codes per call; its convs unpack them once, into
+    their patch-order copy); results equal the reference either way."""
     if backend not in _backends(B.LINEAR_KERNELS):
         pytest.skip(f"{backend} not in this torch build")
     from mixdq.plan import LayerBits
@@ -662,7 +663,8 @@ def test_prepacked_backends_unpack_low_bit_codes_once(monkeypatch, tmp_path, bac
         calls.clear()
         for _ in range(3):
             assert _rel(q(x), ref) < 1e-5
-        assert len(calls) == (3 if backend == "int_mm" else 1), type(q).__name__
+        per_call = backend == "int_mm" and isinstance(q, L.QuantLinear)
+        assert len(calls) == (3 if per_call else 1), type(q).__name__
 
 
 def test_machine_probes_keep_the_layers_prepacked_copies(monkeypatch, tmp_path):
@@ -766,3 +768,46 @@ def _dims(m):
     if isinstance(m, torch.nn.Linear):
         return m.in_features, m.out_features
     return m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding
+
+
+@pytest.mark.parametrize("bits", [7, 4])  # one code a byte, and packed (7 bits: exact on every CPU)
+def test_int_mm_convs_hold_their_codes_in_patch_order(monkeypatch, tmp_path, bits):
+    """A 3x3 int_mm conv on the CPU keeps its codes as a TapMajorCodes (the NHWC patches'
+    order, the plan's bytes), in place of its buffer: no per-call weight transpose, the
+    reference's output, nothing held beyond the plan, and the codes read back exactly
+    (state_dict, copies), after which the next call holds the copy alone again."""
+    import copy
+
+    from mixdq.memory import model_nbytes, stored_nbytes
+    from mixdq.plan import LayerBits
+    from mixdq.quant import prepare
+    from mixdq.quant.layers import QuantConv2d
+    from mixdq.quant.quantizers import ActRange
+
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", "int_mm")
+    torch.manual_seed(6)
+    layer = QuantConv2d.from_float(torch.nn.Conv2d(12, 10, 3, padding=1), LayerBits(bits, 8))
+    layer.set_ranges([ActRange(-3.0, 3.0, 1)])
+    layer.kernel = "int_mm"
+    assert layer.backend == "int_mm"
+    x = torch.randn(2, 12, 7, 5).contiguous(memory_format=torch.channels_last)
+    codes = layer.int_codes().clone()
+    ref = _reference(layer, x)
+    prepare(layer)
+    held = layer._held_prepacked
+    assert [name for name, _ in held] == [B.int_mm.TAPS] and layer.weight_packed.untyped_storage().nbytes() == 0
+    assert held[0][1].nbytes == layer.weight_packed.nbytes and model_nbytes(layer) == stored_nbytes(layer)
+    transposes = []
+    real = B.int_mm.contiguous_in_scratch
+    monkeypatch.setattr(B.int_mm, "contiguous_in_scratch", lambda p, t: transposes.append(p) or real(p, t))
+    with torch.no_grad():
+        out = layer(x)
+    assert "int_mm_weight" not in transposes and _rel(out, ref) < 1e-5
+    assert torch.equal(layer.int_codes(), codes)
+    state = layer.state_dict()  # the buffer's codes back, exactly
+    assert torch.equal(B.common.unpack(state["weight_packed"], bits, codes.shape), codes)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        assert torch.equal(twin(x), out) and torch.equal(layer(x), out)
+    assert layer._held_prepacked is not None  # held alone again after the next call

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..plan import FLOAT_BITS, LayerBits
 from . import kernels
-from .backends import PREPACKED, REGISTRY, common
+from .backends import PREPACKED, REGISTRY, common, int_mm
 from .backends.int_mm import int_mm_ok
 from .packing import codes_per_byte, pack, packed_nbytes, unpack
 from .quantizers import ActRange, act_qparams, fake_quantize_act, quantize_weight
@@ -247,13 +247,19 @@ class QuantLayer(nn.Module):
 
     def int_codes(self) -> torch.Tensor:
         """Integer weight codes (int8) in the weight's shape: a view for 5-8 bits,
-        unpacked for 2/3/4 bits (a transient int8 tensor, never a float copy).  On the
-        prepacked backends a copy for 5-8 bits too: their next integer call drops the
-        buffer's storage (_release_codes), and a view of it would then read freed memory."""
+        unpacked for 2/3/4 bits (a transient int8 tensor, never a float copy).  Where the
+        backend copies the codes (_copies_codes) a copy for 5-8 bits too: its next integer
+        call drops the buffer's storage (_release_codes), and a view would read freed memory."""
         codes = self._codes_now()
-        if self.weight_bits >= 5 and self._held_prepacked is None and self.backend in PREPACKED:
+        if self.weight_bits >= 5 and self._held_prepacked is None and self._copies_codes():
             return codes.clone()
         return codes
+
+    def _copies_codes(self) -> bool:
+        """Whether this layer's integer calls make their own copy of the codes, which
+        then replaces the buffer's (_release_codes): the prepacked backends, and
+        int_mm's convs on the CPU (patch-order codes, int_mm.TapMajorCodes)."""
+        return self.backend in PREPACKED or (self.backend == "int_mm" and int_mm.holds_taps(self))
 
     def _codes_now(self) -> torch.Tensor:
         """int_codes for use within the current call only (5-8 bits: always the view)."""

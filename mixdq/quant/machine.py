@@ -35,14 +35,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .backends import CONV_KERNELS, LINEAR_KERNELS, PREPACKED, REGISTRY
+from .backends import CONV_KERNELS, LINEAR_KERNELS, PREPACKED, REGISTRY, int_mm
 from .backends.int_mm import linear_int_mm
 from .backends.onednn import conv2d_onednn
 from .quantizers import fake_quantize_act
 
 CPU_KINDS = ("avx2", "avx512_vnni")
 # bump when _time_backends measures or pick_backends decides anew, so cached choices are redone
-_MEASURE_VERSION = 6
+_MEASURE_VERSION = 7
 
 
 def cache_dir() -> Path:
@@ -245,7 +245,8 @@ def _time_backends() -> dict:
     wcq = torch.round(wc / wcs[:, None, None, None]).to(torch.int8)
     conv = {"float32": lambda: F.conv2d(xc, wc, None, 1, 1)}
     for be in ("int_mm", "onednn"):
-        conv[be] = (lambda f=CONV_KERNELS[be]: f(xc, xs, xz, wcq, wcs, None, 1, 1)) if built(be, "conv") else None
+        w = int_mm.TapMajorCodes(wcq, 8) if be == "int_mm" else wcq  # the codes as a layer holds them
+        conv[be] = (lambda f=CONV_KERNELS[be], w=w: f(xc, xs, xz, w, wcs, None, 1, 1)) if built(be, "conv") else None
 
     with torch.inference_mode():
         t_lin, t_conv = _fastest(lin), _fastest(conv)

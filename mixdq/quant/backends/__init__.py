@@ -7,7 +7,8 @@ and how it runs a quantized layer (`linear(layer, x)`, `conv2d(layer, x)`), besi
 its raw kernels.  `kernels.layer_backend` picks one per layer; layers hold its name
 (`layer.backend`), 'float' for none: their own dequantize + float op path.
 
-  int_mm     torch._int_mm, copy-free (int_mm.py)
+  int_mm     torch._int_mm, no second copy (int_mm.py; its CPU convs hold their codes in
+             patch order instead of the buffer's, same bytes)
   onednn     oneDNN qlinear / qconv on a prepacked copy (onednn.py)
   fbgemm     FBGEMM's float-in/float-out int8 linear on a prepacked copy (fbgemm.py)
   triton     fused Triton W8A8 kernels for CUDA, linears and convs (triton_cuda.py;

@@ -222,10 +222,24 @@ def clear_cache() -> None:
 # "<kind>/<part>" (the parts, read back and joined along K, are the whole weight).
 # Each prepacked backend registers how its kinds read back (register_read_back).
 _READ_BACK: dict = {}
+_NBYTES: dict = {}
 
 
-def register_read_back(kind: str, fn) -> None:
+def register_read_back(kind: str, fn, nbytes=None) -> None:
+    """fn(copy) -> the int8 codes a copy of `kind` holds; nbytes(copy) -> its bytes, for
+    copies that are not one byte per weight (default: int8, the weight's numel)."""
     _READ_BACK[kind] = fn
+    if nbytes is not None:
+        _NBYTES[kind] = nbytes
+
+
+def held_nbytes(held, numel: int) -> int:
+    """Bytes of the copies in `held` (take_fresh_prepacked's list) for a weight of
+    `numel` codes: their own count where their kind has one, else one byte per weight."""
+    kinds = [name.partition("/")[0] for name, _ in held]
+    if all(k in _NBYTES for k in kinds):
+        return sum(_NBYTES[k](copy) for k, (_, copy) in zip(kinds, held))
+    return numel
 
 _FRESH = WeakIdKeyDictionary()  # key -> names of the prepacked copies made since take_fresh_prepacked
 

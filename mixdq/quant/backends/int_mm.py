@@ -2,8 +2,9 @@
 
 Activations shifted to int8 (codes - 128, zero point - 128), epilogue
 s_a s_w (acc - z' sum_k W) + b with the zero-point term folded into an effective
-bias.  Needs no weight copy, so 2-4-bit layers run it too (codes unpacked to int8
-for the call).  Convs run as an NHWC im2col + the same GEMM; the split shortcut
+bias.  Needs no second weight copy, so 2-4-bit layers run it too (codes unpacked to
+int8 for the call).  Convs run as an NHWC im2col + the same GEMM (on the CPU a layer
+keeps its codes in the patches' order, TapMajorCodes: same bytes); the split shortcut
 conv as one GEMM per slice.  On AVX-512 VNNI it ran 3.7x (linears) and 2.8x
 (convs) faster than float32 over SDXL's layer shapes; on AVX2-only CPUs
 `_int_mm` is 30-100x *slower* (README), and the dispatch measures that.
@@ -15,8 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import (SHIFT, _epilogue, _epilogue_consts, _pair, _scalar, contiguous_in_scratch, quantize_act,
-                     scratch, scratch_ok)
+from ..packing import pack, unpack
+from .common import (SHIFT, _epilogue, _epilogue_consts, _pair, _prepacked, _scalar, _versions,
+                     contiguous_in_scratch, quantize_act, register_read_back, scratch, scratch_ok)
 from .reference import conv2d_reference
 
 NAME = "int_mm"
@@ -42,8 +44,50 @@ def conv2d(layer, x: torch.Tensor) -> torch.Tensor:
     if layer.split:
         return split_conv1x1_int_mm(x, layer.act_scale, layer.act_zero_point, layer.split, layer.int_codes(),
                                     layer.weight_scale, layer.bias, key=layer.weight_packed)
-    return conv2d_int_mm(x, layer.act_scale[0], layer.act_zero_point[0], layer.int_codes(), layer.weight_scale,
-                         layer.bias, key=layer.weight_packed, **layer.conv_args)
+    codes = layer.int_codes
+    if holds_taps(layer) and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        # the layer's copy in patch order, made once, then held alone (QuantLayer._release_codes)
+        codes = _prepacked(layer.weight_packed, TAPS, lambda: _versions(layer.weight_packed),
+                           lambda: TapMajorCodes(layer._codes_now(), layer.weight_bits))
+    return conv2d_int_mm(x, layer.act_scale[0], layer.act_zero_point[0], codes if isinstance(codes, TapMajorCodes)
+                         else codes(), layer.weight_scale, layer.bias, key=layer.weight_packed, **layer.conv_args)
+
+
+TAPS = "int_mm_taps"
+
+
+def holds_taps(layer) -> bool:
+    """Whether this conv layer's eager CPU calls keep its codes as a TapMajorCodes."""
+    return layer.op == "conv" and layer.kernel_size != (1, 1) and layer.device.type == "cpu"
+
+
+class TapMajorCodes:
+    """A conv's codes packed as the layer packs them (same bits, same bytes), but in
+    (O, kh, kw, C) order: the order of the NHWC patches the GEMM multiplies them with.
+    Weights stored (O, C, kh, kw) would be transposed on every call otherwise (SDXL's
+    1280x1280x3x3: 4.5 ms, beside an 18 ms GEMM at 16x16; no faster way in torch).
+    A layer keeps this copy alone, like the prepacked backends' (read back for export)."""
+
+    def __init__(self, codes: torch.Tensor, bits: int):
+        self.bits, self.shape = bits, tuple(codes.shape)
+        self.packed = pack(codes.permute(0, 2, 3, 1), bits)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+    def taps(self) -> torch.Tensor:
+        """(O, kh * kw * C) int8 codes: a view for 5-8 bits, unpacked for 2-4."""
+        o = self.shape[0]
+        return unpack(self.packed, self.bits, (o, math.prod(self.shape[1:])))
+
+    def codes(self) -> torch.Tensor:
+        """The codes in the weight's own (O, C, kh, kw) order (a view of taps())."""
+        o, c, kh, kw = self.shape
+        return self.taps().view(o, kh, kw, c).permute(0, 3, 1, 2)
+
+
+register_read_back(TAPS, TapMajorCodes.codes, nbytes=lambda held: held.nbytes)
 
 
 # On the CPU the int32 accumulator is a reused buffer (common.scratch: a fresh
@@ -111,17 +155,20 @@ def _im2col_nhwc(xq_nhwc: torch.Tensor, pad_value: int, kh, kw, stride, padding,
 def conv2d_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0, dilation=1,
                   groups=1, key=None):
     """Implicit-GEMM conv: NHWC im2col of the int8 codes, then the int8 GEMM.
+    w_q: (O, C, kh, kw) int8 codes, or a TapMajorCodes (already in patch order).
 
     Zero padding of the float input is the zero point in code space, so patches
     are padded with z - 128.  Output is returned as an NCHW-shaped view of the
     NHWC GEMM result (channels_last memory), which the following GroupNorm /
     SiLU / add accept without a copy.
     """
+    taps = w_q if isinstance(w_q, TapMajorCodes) else None
     if groups != 1:
+        w_q = taps.codes() if taps is not None else w_q
         return conv2d_reference(x, x_scale, x_zp, w_q, w_scale, bias, stride, padding, dilation, groups)
     o, c, kh, kw = w_q.shape
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    key = w_q if key is None else key
+    key = (taps.packed if taps is not None else w_q) if key is None else key
     if (torch.compiler.is_compiling() or x.is_cuda) and padding != (0, 0):
         # the patches' pad code (the zero point) is a tensor value in a traced
         # graph, and reading a CUDA one is a host sync per call (which a CUDA
@@ -136,20 +183,22 @@ def conv2d_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0
         xq = quantize_act(x, x_scale, x_zp, signed=True).permute(0, 2, 3, 1)  # NCHW codes, one pass
     if kh == 1 and kw == 1 and padding == (0, 0) and stride == (1, 1):
         cols, (b, ho, wo) = xq.reshape(-1, c), (x.shape[0], x.shape[2], x.shape[3])
-        w2 = w_q.reshape(o, c)
     else:
         # read only where there is padding (never on CUDA or in a traced graph: above)
         zp_s8 = int(round(_scalar(x_zp))) - SHIFT if padding != (0, 0) else 0
         cols, (b, ho, wo) = _im2col_nhwc(xq, zp_s8, kh, kw, stride, padding, dilation)
-        # weight in (O, kh, kw, C) order to match the patches: a per-call copy of
-        # the codes (caching it would double the layer's memory; on the CPU it is
-        # written into this thread's reusable buffer).  The
-        # bytes are copied as uint8, for which torch's transposing copy is 1.8x
-        # faster than for int8 (SDXL 1280x1280x3x3: 8.4 -> 4.6 ms, next to an
-        # 18.6 ms GEMM at 16x16)
+    if taps is not None:
+        w2 = taps.taps()
+    elif kh == 1 and kw == 1:
+        w2 = w_q.reshape(o, c)
+    else:
+        # weight in (O, kh, kw, C) order to match the patches: a per-call copy into this
+        # thread's reusable buffer (layers hold a TapMajorCodes instead).  The bytes are
+        # copied as uint8, for which torch's transposing copy is 1.8x faster than for int8
         w2 = contiguous_in_scratch("int_mm_weight", w_q.view(torch.uint8).permute(0, 2, 3, 1))
         w2 = w2.view(o, kh * kw * c).view(torch.int8)
-    scale, beff = _epilogue_consts(w_q.reshape(o, -1), w_scale, bias, x_scale, x_zp, key, "conv_epi")
+    # row sums do not depend on the order within a row: patch-order codes serve as well
+    scale, beff = _epilogue_consts(w2, w_scale, bias, x_scale, x_zp, key, "conv_epi")
     y = _int_mm_epilogue(cols, w2.t(), scale, beff, x.dtype)
     return y.view(b, ho, wo, o).permute(0, 3, 1, 2)
 
