@@ -124,11 +124,12 @@ def test_conv_backends_match_reference(backend, kw, layout):
     _assert_exact_unless_saturating(out, ref, backend, 8, "conv")
 
 
-def test_split_shortcut_conv_matches_per_slice_reference():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_split_shortcut_conv_matches_per_slice_reference(layout):
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(1, 12, 5, 6, generator=g) * 20
     skip = torch.randn(1, 8, 5, 6, generator=g) * 0.1
-    x = torch.cat([hidden, skip], 1)
+    x = torch.cat([hidden, skip], 1).contiguous(memory_format=layout)
     wq = _codes((10, 20, 1, 1), 8, g)
     ws = torch.rand(10, generator=g) * 0.02 + 1e-3
     b = torch.randn(10, generator=g)

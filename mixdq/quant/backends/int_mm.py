@@ -213,9 +213,13 @@ def split_conv1x1_int_mm(x, x_scales, x_zps, split: int, w_q, w_scale, bias=None
     key = w_q if key is None else key
     w2 = w_q.reshape(o, c)
     y = None
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
     for i, (lo, hi) in enumerate(((0, split), (split, c))):
         xi = x[:, lo:hi]
-        xq = quantize_act(xi, x_scales[i], x_zps[i], signed=True).permute(0, 2, 3, 1).reshape(-1, hi - lo)
+        if channels_last:  # the slice's pixels are rows of NHWC memory: gathered, not transposed
+            xq = quantize_act(xi.permute(0, 2, 3, 1), x_scales[i], x_zps[i], signed=True).reshape(-1, hi - lo)
+        else:
+            xq = quantize_act(xi, x_scales[i], x_zps[i], signed=True).permute(0, 2, 3, 1).reshape(-1, hi - lo)
         wi = w2[:, lo:hi]
         scale, beff = _epilogue_consts(wi, w_scale, bias if i == 0 else None, x_scales[i], x_zps[i],
                                        key, f"split_epi{i}")
