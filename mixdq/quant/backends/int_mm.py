@@ -44,13 +44,14 @@ def conv2d(layer, x: torch.Tensor) -> torch.Tensor:
     if layer.split:
         return split_conv1x1_int_mm(x, layer.act_scale, layer.act_zero_point, layer.split, layer.int_codes(),
                                     layer.weight_scale, layer.bias, key=layer.weight_packed)
-    codes = layer.int_codes
-    if holds_taps(layer) and x.device.type == "cpu" and not torch.compiler.is_compiling():
+    if holds_taps(layer) and not torch.compiler.is_compiling():
         # the layer's copy in patch order, made once, then held alone (QuantLayer._release_codes)
         codes = _prepacked(layer.weight_packed, TAPS, lambda: _versions(layer.weight_packed),
                            lambda: TapMajorCodes(layer._codes_now(), layer.weight_bits))
-    return conv2d_int_mm(x, layer.act_scale[0], layer.act_zero_point[0], codes if isinstance(codes, TapMajorCodes)
-                         else codes(), layer.weight_scale, layer.bias, key=layer.weight_packed, **layer.conv_args)
+    else:
+        codes = layer.int_codes()
+    return conv2d_int_mm(x, layer.act_scale[0], layer.act_zero_point[0], codes, layer.weight_scale, layer.bias,
+                         key=layer.weight_packed, **layer.conv_args)
 
 
 TAPS = "int_mm_taps"
@@ -64,9 +65,9 @@ def holds_taps(layer) -> bool:
 class TapMajorCodes:
     """A conv's codes packed as the layer packs them (same bits, same bytes), but in
     (O, kh, kw, C) order: the order of the NHWC patches the GEMM multiplies them with.
-    Weights stored (O, C, kh, kw) would be transposed on every call otherwise (SDXL's
-    1280x1280x3x3: 4.5 ms, beside an 18 ms GEMM at 16x16; no faster way in torch).
-    A layer keeps this copy alone, like the prepacked backends' (read back for export)."""
+    Codes stored (O, C, kh, kw) would otherwise be transposed on every call, a byte
+    transpose that torch does slowly, beside GEMMs only a few times longer.  A layer
+    keeps this copy alone, like the prepacked backends' (read back for export)."""
 
     def __init__(self, codes: torch.Tensor, bits: int):
         self.bits, self.shape = bits, tuple(codes.shape)
