@@ -22,7 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from mixdq.quant.backends import CONV_KERNELS, LINEAR_KERNELS, int_mm
+from mixdq.quant.backends import CONV_KERNELS, LINEAR_KERNELS, conv_codes_as_held
 from mixdq.quant.machine import built, interleaved_times
 
 # (label, M, K, N): tokens x in x out
@@ -130,7 +130,7 @@ def compare(small: bool = False, reps: int = 7, budget_s: float = 6.0, backends=
             for be in backends:
                 if be in CONV_KERNELS:
                     f = CONV_KERNELS[be]
-                    w_be = int_mm.TapMajorCodes(wq, 8) if be == "int_mm" else wq  # as a layer holds them
+                    w_be = conv_codes_as_held(be, wq, 8)
                     fns[be] = (lambda f=f, w_be=w_be: f(x, s, z, w_be, ws, b, st, pad))
             ms = _median_ms(fns, reps, budget_s)
             rows.append({"type": "conv", "label": label, "shape": [c, o, h, kk, st], "ms": ms})

@@ -43,9 +43,7 @@ from .defaults import META_FILE, default_device
 from .plan import Plan
 from .quant import (QuantConv2d, QuantLinear, is_bos_layer, kernels, prepare, quantizable_layers, quantized_layers,
                     shortcut_splits)
-from .quant.attention import use_measured_attention
-from .quant.layout import keep_channels_last
-from .quantization import QuantState, _device_of, current_plan, fit_plan_to_device
+from .quantization import QuantState, _device_of, adjust_to_device, current_plan, fit_plan_to_device
 
 FORMAT = "mixdq-export/2"
 OLD_FORMAT = "mixdq-export/1"   # the UNet's mixdq.json and plan.json lay at the export's root
@@ -195,8 +193,7 @@ class QuantizedUNet2DConditionModel(UNet2DConditionModel):
         unet._mixdq_load = {"kernel": kernel, "int8_safe": int8_safe, "source": str(folder)}
         unet._fit_plan(unet._use_this_devices_kernel())
         prepare(unet)  # now, layer by layer: the first call then neither prepacks nor holds two copies
-        use_measured_attention(unet, device)
-        keep_channels_last(unet, device.type == "cpu")
+        adjust_to_device(unet, device)
         return unet
 
     @classmethod

@@ -171,8 +171,7 @@ def quantize_unet(unet: nn.Module, plan: Plan, ranges: dict[str, list[ActRange]]
         with observing(unet, "quantize"):
             run()
     prepare(unet)
-    attention = use_measured_attention(unet, device)
-    keep_channels_last(unet, device.type == "cpu")
+    attention = adjust_to_device(unet, device)
     t2 = time.perf_counter()
     unet.mixdq_state = QuantState(bos_aware=bos is not None, kernel=chosen, calibration=calibration,
                                   fitted=dict(plan.meta.get("fitted", {})))
@@ -198,6 +197,15 @@ def quantize_unet(unet: nn.Module, plan: Plan, ranges: dict[str, list[ActRange]]
                        calibration=calibration, counts=counts,
                        int8_layers=sum(1 for layer in layers.values() if layer._int_path()),
                        backends=backends, notes=notes)
+
+
+def adjust_to_device(unet: nn.Module, device) -> str:
+    """What a quantized UNet gets on `device`, quantized or loaded alike: its attention
+    products' dtype (the measured choice, returned) and, on the CPU, activations kept
+    channels_last."""
+    attention = use_measured_attention(unet, device)
+    keep_channels_last(unet, torch.device(device).type == "cpu")
+    return attention
 
 
 def _device_of(module: nn.Module) -> torch.device:

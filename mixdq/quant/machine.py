@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .backends import CONV_KERNELS, LINEAR_KERNELS, PREPACKED, REGISTRY, int_mm
+from .backends import CONV_KERNELS, LINEAR_KERNELS, PREPACKED, REGISTRY, conv_codes_as_held
 from .backends.int_mm import linear_int_mm
 from .backends.onednn import conv2d_onednn
 from .quantizers import fake_quantize_act
@@ -245,7 +245,7 @@ def _time_backends() -> dict:
     wcq = torch.round(wc / wcs[:, None, None, None]).to(torch.int8)
     conv = {"float32": lambda: F.conv2d(xc, wc, None, 1, 1)}
     for be in ("int_mm", "onednn"):
-        w = int_mm.TapMajorCodes(wcq, 8) if be == "int_mm" else wcq  # the codes as a layer holds them
+        w = conv_codes_as_held(be, wcq, 8)
         conv[be] = (lambda f=CONV_KERNELS[be], w=w: f(xc, xs, xz, w, wcs, None, 1, 1)) if built(be, "conv") else None
 
     with torch.inference_mode():

@@ -35,3 +35,9 @@ if triton_cuda.available():
 
 __all__ = ["REGISTRY", "PREPACKED", "LINEAR_KERNELS", "CONV_KERNELS", "linear_reference", "conv2d_reference",
            "int_mm", "onednn", "fbgemm", "triton_cuda", "triton_fp8"]
+
+
+def conv_codes_as_held(backend: str, codes, bits: int):
+    """Conv codes in the form a layer on `backend` holds them (int_mm: patch order), to
+    time that backend's raw conv kernel as the layers run it."""
+    return int_mm.TapMajorCodes(codes, bits) if backend == "int_mm" else codes
