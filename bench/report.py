@@ -43,6 +43,8 @@ def _env_lines(env: dict) -> list[str]:
         else:
             lines.append("- allocator: glibc defaults (its mmap threshold rises after frees, so freed tensors can "
                          "stay resident: step peaks read from VmHWM are upper bounds)")
+        lines.append("- timed CPU steps: " + (env.get("step_timing") or "each on a heap just trimmed (its temporaries "
+                                                               "fault their pages in afresh; runs before 33)"))
         if env.get("emulation"):
             lines.append("- **emulated instruction set** (fresh process, every kernel library capped): "
                          + ", ".join(f"{k}={v}" for k, v in env["emulation"].items()))

@@ -60,8 +60,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+STEP_TIMING = ("the second of two steps in a row (the first, on a trimmed heap, reads the peak): "
+               "steady state, as a pipeline's next step")
+
+
 def step_once(model, inputs, device):
-    """One UNet step: seconds, peak bytes above the start (CPU: VmHWM; CUDA: allocator)."""
+    """One UNet step: seconds, peak bytes above the start (CPU: VmHWM; CUDA: allocator).
+
+    On the CPU the step runs twice.  The first starts on a heap handed back to the
+    system (trim), so its peak above the start is all the memory the step touches;
+    the second is timed, on the heap the first left, as a pipeline's next step runs.
+    Timing the first would charge torch's variants a page fault per page of every
+    temporary they allocate afresh (tens of thousands per SDXL step), which OpenVINO's
+    compiled model, holding its buffers from one call to the next, never pays."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -75,18 +86,21 @@ def step_once(model, inputs, device):
     trim()
     base = rss_bytes()
     ok = reset_peak()
-    t = time.perf_counter()
     with torch.inference_mode():
         out = model(**inputs).sample
-    dt = time.perf_counter() - t
     peak = peak_bytes() if ok else None
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model(**inputs)
+    dt = time.perf_counter() - t
     return dt, (None if peak is None or base is None else peak - base), out
 
 
 def interleaved(models: dict, inputs, device, reps: int, warmup: int = 1, log=print) -> dict:
-    """Timed rounds after `warmup` ones, the models interleaved in each.  Peaks are
-    kept apart: the timed steps' (steady state) and the first step's, which also
-    makes whatever a model builds once (the int8 backends' prepacked weights)."""
+    """Timed rounds after `warmup` ones, the models interleaved in each (step_once: on
+    the CPU a step for the memory, then the timed one).  Peaks are kept apart: the
+    timed rounds' (steady state) and the first step's, which also makes whatever a
+    model builds once (the int8 backends' prepacked weights)."""
     res = {k: {"times": [], "peak": [], "first_peak": None, "out": None} for k in models}
     for r in range(warmup + reps):
         for k, m in models.items():
@@ -349,11 +363,14 @@ def _run(models, variants, reps, px, batch, device, out_dir, kernels_table, smal
     torch.set_flush_denormal(True)  # random weights must not hit denormal slow paths
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"env": {**environment(device, argv), "allocator": alloc_info or {}}, "models": [], "kernels": None,
-              "notes": {"peak_step": "peak resident set during one timed step (after the warm-up) above "
-                                     "the resident set at its start (CPU: VmHWM); add weight_bytes for the "
-                                     "step's total (the larger of this and the first step's). first step: the "
-                                     "warm-up step's, which also makes the int8 backends' prepacked weights",
+    result = {"env": {**environment(device, argv), "allocator": alloc_info or {},
+                      "step_timing": STEP_TIMING if device == "cpu" else "one step per round"},
+              "models": [], "kernels": None,
+              "notes": {"peak_step": "peak resident set during one step of a timed round (after the warm-up) "
+                                     "above the resident set at its start (CPU: VmHWM, the step on a trimmed "
+                                     "heap before the timed one); add weight_bytes for the step's total (the "
+                                     "larger of this and the first step's). first step: the warm-up round's, "
+                                     "which also makes the int8 backends' prepacked weights",
                         "quantize_s": "replace_layers time, calibration excluded; calibration_step_s "
                                       "is the one float step that collected the activation ranges",
                         "routed": "routed_int8_layers: layers on the integer kernels (8-bit "

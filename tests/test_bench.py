@@ -408,3 +408,29 @@ def test_step_peak_total_counts_the_larger_of_first_and_timed_steps():
     assert r["W8A8"]["step_peak_total_bytes"] == 80 * mib  # the first step's, not the timed ones'
     assert r["W8A8"]["step_peak_total_vs_half"] == 80 / 120 and r["W8A8"]["speedup_vs_float32"] == 2.0
     assert r["W8A8"]["weights_vs_float16"] == 0.5
+
+
+def test_cpu_steps_are_timed_on_the_heap_the_step_before_left():
+    """step_once on the CPU: the first of two steps reads the peak (on a trimmed heap),
+    the second is timed; the second's work is what the seconds measure."""
+    import time
+
+    calls = []
+
+    class Step(torch.nn.Module):
+        def forward(self, **inputs):
+            calls.append(len(calls))
+            if len(calls) == 1:  # the memory step: touches 64 MiB
+                buf = torch.ones(16 << 20)
+                out = buf[:4].clone()
+            else:  # the timed step: slow, small
+                time.sleep(0.2)
+                out = torch.zeros(4)
+            return argparse.Namespace(sample=out)
+
+    dt, peak, out = brun.step_once(Step(), {}, "cpu")
+    assert calls == [0, 1]
+    assert dt >= 0.2
+    if peak is not None:  # VmHWM readable here
+        assert peak >= 48 << 20
+    assert torch.equal(out, torch.ones(4))  # the output is the memory step's
