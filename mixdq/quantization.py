@@ -32,6 +32,7 @@ from .plan import FLOAT_BITS, LayerBits, Plan
 from .quant import (QuantLayer, kernels, layer_spec, prepare, quantizable_layers, quantized_layers, replace_layers,
                     shortcut_splits)
 from .quant.attention import forced_attention, use_measured_attention
+from .quant.fusion import fuse_residuals
 from .quant.layout import keep_channels_last
 from .quant.backends import PREPACKED
 from .quant.quantizers import ActRange
@@ -202,9 +203,11 @@ def quantize_unet(unet: nn.Module, plan: Plan, ranges: dict[str, list[ActRange]]
 def adjust_to_device(unet: nn.Module, device) -> str:
     """What a quantized UNet gets on `device`, quantized or loaded alike: its attention
     products' dtype (the measured choice, returned) and, on the CPU, activations kept
-    channels_last."""
+    channels_last and residual sums inside the output projections."""
     attention = use_measured_attention(unet, device)
-    keep_channels_last(unet, torch.device(device).type == "cpu")
+    on_cpu = torch.device(device).type == "cpu"
+    keep_channels_last(unet, on_cpu)
+    fuse_residuals(unet, on_cpu)
     return attention
 
 

@@ -6,7 +6,7 @@ import mixdq
 from mixdq import Calibration, Plan
 from mixdq.quant import attention, machine
 from conftest import unet_call
-from mixdq.quant.attention import BFloat16Attention, attention_in_use, set_attention
+from mixdq.quant.attention import CpuAttention, attention_in_use, set_attention
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -14,7 +14,7 @@ PROMPTS = ["a red circle", "a blue square"]
 def test_the_processor_computes_what_diffusers_does_in_float32_and_rounds_only_the_product(tiny_sdxl_pipe):
     unet = tiny_sdxl_pipe.unet
     reference = unet_call(unet)
-    # float32 through BFloat16Attention's own path: the very ops of diffusers' processor
+    # float32 through CpuAttention's own path: the very ops of diffusers' processor
     assert set_attention(unet, "bfloat16", dtype=torch.float32) > 0
     assert torch.equal(unet_call(unet), reference)
     set_attention(unet, "bfloat16")
@@ -22,9 +22,12 @@ def test_the_processor_computes_what_diffusers_does_in_float32_and_rounds_only_t
     rounded = unet_call(unet)
     assert not torch.equal(rounded, reference)  # it did run in bfloat16
     assert (rounded - reference).abs().max() < 0.05 * reference.abs().max()
-    set_attention(unet, "float")  # diffusers' processors back, not a wrapper of a wrapper
+    set_attention(unet, "float")  # its float32 product, not a wrapper of a wrapper
     assert attention_in_use(unet) == "float"
-    assert not any(isinstance(p, BFloat16Attention) for p in unet.attn_processors.values())
+    assert all(type(p.replaced) is not CpuAttention for p in unet.attn_processors.values())
+    assert torch.equal(unet_call(unet), reference)
+    set_attention(unet, None)  # diffusers' processors back
+    assert not any(isinstance(p, CpuAttention) for p in unet.attn_processors.values())
     assert torch.equal(unet_call(unet), reference)
 
 
@@ -37,7 +40,7 @@ def test_other_calls_go_to_the_replaced_processor(tiny_sdxl_pipe):
         calls.append(args)
         return args[1]
 
-    proc = BFloat16Attention(replaced)
+    proc = CpuAttention(replaced)
     h = torch.randn(1, 4, attn.to_q.in_features)
     proc(attn, h.double())
     proc(attn, h, attention_mask=torch.ones(1, 4))

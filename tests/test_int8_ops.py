@@ -812,3 +812,49 @@ def test_int_mm_convs_hold_their_codes_in_patch_order(monkeypatch, tmp_path, bit
     with torch.no_grad():
         assert torch.equal(twin(x), out) and torch.equal(layer(x), out)
     assert layer._held_prepacked is not None  # held alone again after the next call
+
+
+def test_onednn_convs_prepack_for_the_input_they_run(monkeypatch, tmp_path):
+    """A oneDNN conv's prepacked copy is made for the shape of its first input after
+    prepare() (whose probe says nothing of the inputs to come), then kept: a later shape
+    runs on that copy.  Outputs are the exact integer result either way, the layer holds
+    one copy, and its codes read back unchanged from the copy made again."""
+    if "onednn" not in _backends(B.CONV_KERNELS):
+        pytest.skip("this torch build has no oneDNN int8 ops")
+    from mixdq.memory import model_nbytes
+    from mixdq.plan import LayerBits
+    from mixdq.quant import layers as L
+    from mixdq.quant.backends import common
+    from mixdq.quant.quantizers import ActRange
+
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", "onednn")
+    torch.manual_seed(7)
+    conv = torch.nn.Conv2d(16, 24, 3, padding=1)
+
+    def quant():
+        q = L.QuantConv2d.from_float(conv, LayerBits(7, 8))  # 7-bit: exact on every CPU's oneDNN
+        q.kernel = "int_mm"
+        q.set_ranges([ActRange(-3.0, 3.0, 1)])
+        return q
+
+    def made_for(q):  # the input shape the layer's prepacked copy was made for
+        return common._CACHE[common._owner(q.weight_packed)]["onednn_conv"][0][-1]
+
+    q, unshaped = quant(), quant()
+    assert q.backend == "onednn"
+    codes = q.int_codes().clone()
+    x1, x2 = torch.randn(1, 16, 12, 12), torch.randn(2, 16, 5, 7)
+    q.prepare()
+    held = model_nbytes(q)
+    assert made_for(q) is None and q.weight_packed.untyped_storage().nbytes() == 0
+    with torch.no_grad():
+        y1 = q(x1)
+        assert made_for(q) == tuple(x1.shape)
+        y2 = q(x2)
+        assert made_for(q) == tuple(x1.shape)  # kept, not made again for x2
+        with common.probing():  # the copy made for no shape, as before this layer ran
+            assert torch.equal(y1, unshaped(x1)) and torch.equal(y2, unshaped(x2))
+        assert made_for(unshaped) is None
+    assert model_nbytes(q) == held and q.weight_packed.untyped_storage().nbytes() == 0
+    assert torch.equal(q.int_codes(), codes)

@@ -147,7 +147,7 @@ class QuantLayer(nn.Module):
         if self._held_prepacked is not None:
             return
         if self.backend in PREPACKED or (self.backend == "int_mm" and self.device.type == "cpu"):
-            with torch.no_grad():
+            with torch.no_grad(), common.probing():
                 self(self._probe_input())
 
     # -- one copy of the codes on prepacked backends ------------------------------
@@ -396,23 +396,34 @@ class QuantLinear(QuantLayer):
     def _probe_input(self) -> torch.Tensor:
         return torch.zeros(1, self.weight_shape[1], dtype=self.dtype, device=self.device)
 
-    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         # torch._int_mm's shape limits on CUDA bind only that backend (the triton kernel
         # takes any shape: a step's few-row time-embedding linears stay on it)
         rows = x.numel() // x.shape[-1]
         if self._int_path() and (self.backend != "int_mm"
                                  or int_mm_ok(rows, x.shape[-1], self.weight_shape[0], x.device)):
             kernels.note_ran(self, self.backend)
-            y = REGISTRY[self.backend].linear(self, x)
+            backend = REGISTRY[self.backend]
+            if (residual is not None and hasattr(backend, "linear_add")
+                    and _sums_into(residual, x, self.weight_shape[0])):
+                y = backend.linear_add(self, x, residual)
+            else:
+                y = add_into(residual, backend.linear(self, x))
             self._after_int_call()
             return y
         kernels.note_ran(self, "float")
         w = self.dequantized_weight(x.dtype, scratch=True)
-        return F.linear(self._quantize_input(x, -1), w, self.bias)
+        return add_into(residual, F.linear(self._quantize_input(x, -1), w, self.bias))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's output, or with `residual` (a tensor of its shape) residual + output:
+        written into residual's memory outside autograd and tracing (add_into), by the
+        kernel itself where the backend has `linear_add`."""
         if not self.bos_aware or x.dim() != 3:
-            return self._linear(x)
+            return self._linear(x, residual)
+        return add_into(residual, self._bos_aware(x))
+
+    def _bos_aware(self, x: torch.Tensor) -> torch.Tensor:
         # BOS-aware K/V: token 0 in full precision, tokens 1.. quantized (and only
         # they set the activation range).
         is_bos = (x[:, 0, :BOS_KEY_LEN] == self.bos_key).all(dim=-1)
@@ -435,6 +446,26 @@ class QuantLinear(QuantLayer):
             exact = F.linear(first, self.dequantized_weight(x.dtype), self.bias)
             head = torch.where(is_bos.view(-1, 1, 1), head, exact)
         return torch.cat([head, rest], dim=1)
+
+
+def add_into(residual: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """residual + y (y without a residual), summed in residual's memory where nothing can
+    need the residual apart: outside autograd and tracing.  Float addition commutes, so
+    the sum has the bits of diffusers' `y + residual`."""
+    if residual is None:
+        return y
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or residual.shape != y.shape
+            or residual.dtype != y.dtype or (residual.is_inference() and not torch.is_inference_mode_enabled())):
+        return y + residual
+    return residual.add_(y)
+
+
+def _sums_into(residual: torch.Tensor, x: torch.Tensor, n: int) -> bool:
+    """Whether a kernel can add its n outputs per row of x into residual's memory
+    (linear_add): where add_into would sum in place, into dense float32 of the output's shape."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and residual.dtype == x.dtype == torch.float32 and residual.shape == (*x.shape[:-1], n)
+            and residual.is_contiguous() and (not residual.is_inference() or torch.is_inference_mode_enabled()))
 
 
 class QuantConv2d(QuantLayer):

@@ -287,7 +287,7 @@ def pick_backends(times: dict, vnni: bool) -> dict:
 def _time_attention() -> dict:
     """Seconds per call of a scaled dot product attention over 1024 tokens (SDXL's
     32x32 stage at 512 px; 5 heads of 64 to keep it short) in float32 and in bfloat16
-    (the casts to and from float32 included: what attention.BFloat16Attention runs)."""
+    (the casts to and from float32 included: what attention.CpuAttention runs in bfloat16)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 5, 1024, 64) for _ in range(3))
     with torch.inference_mode():

@@ -271,6 +271,38 @@ def _prepacked(key, name, deps, make):
     return cached(key, name, deps, make_and_note)
 
 
+class probing:
+    """with probing(): calls that only make what a layer's backend makes once
+    (QuantLayer.prepare's probe input), saying nothing of the inputs to come."""
+    active = False
+
+    def __enter__(self):
+        self.outer, probing.active = probing.active, True
+
+    def __exit__(self, *exc):
+        probing.active = self.outer
+
+
+def input_shape(key: torch.Tensor, x: torch.Tensor) -> tuple | None:
+    """The input shape key's prepacked copy is made for: that of its first call outside
+    probing(), kept from then on; None before (probe calls) and while tracing.
+    oneDNN picks the weight layout of an int8 conv for its input's shape; a copy made
+    for another one is reordered inside every call (a sixth to two thirds of the call
+    on SDXL's 3x3 convs).  Kept rather than followed: a later input of another shape
+    runs on that copy, reordered, where re-making the copy at each change of shape
+    would cost more than the reorder if two shapes took turns."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        slot = _CACHE.get(_owner(key))
+    except TypeError:
+        return None
+    hit = None if slot is None else slot.get("input_shape")
+    if hit is not None or probing.active:
+        return None if hit is None else hit[1]
+    return cached(key, "input_shape", (), lambda: tuple(x.shape))
+
+
 def take_fresh_prepacked(key: torch.Tensor):
     """[(name, packed), ...] for the prepacked copies of key's codes made since the
     last call (one, or one per slice of a split conv), else None (one dictionary

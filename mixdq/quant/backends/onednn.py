@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from . import prepacked
-from .common import (_cache_name, _codes, _pair, _prepacked, _scalar, _versions, cached, codes_of, quantize_act,
-                     register_read_back)
+from .common import (_cache_name, _codes, _pair, _prepacked, _scalar, _versions, cached, codes_of, input_shape,
+                     quantize_act, register_read_back)
 
 NAME = "onednn"
 PREPACKED = True
@@ -26,6 +26,13 @@ def supports(op: str, device, weight_shape=(), groups: int = 1) -> bool:
 
 def linear(layer, x: torch.Tensor) -> torch.Tensor:
     return prepacked.run_linear(NAME, layer, x, layer.bias, 0)
+
+
+def linear_add(layer, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + linear(layer, x), summed into residual's float32 memory by oneDNN's sum
+    post-op (no output tensor, no pass of its own); returns residual."""
+    return linear_onednn(x, layer.act_scale[0], layer.act_zero_point[0], layer._codes_arg(), layer.weight_scale,
+                         layer.bias, key=layer.weight_packed, into=residual)
 
 
 def conv2d(layer, x: torch.Tensor) -> torch.Tensor:
@@ -46,9 +53,11 @@ def _onednn_w_zp(n, device):
     return torch.zeros(n, dtype=torch.long, device=device)
 
 
-def linear_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None, part=-1):
+def linear_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None, part=-1, into=None):
     """onednn::qlinear_pointwise on a cached prepacked weight (an extra weight copy).
-    part >= 0: w_q is one input slice of a split conv's weight, cached apart."""
+    part >= 0: w_q is one input slice of a split conv's weight, cached apart.
+    into: a dense float32 tensor of the output's shape that the output is added to, in
+    place (the sum post-op); returned."""
     shape = x.shape
     x2d = x.reshape(-1, shape[-1])
     key = w_q if key is None else key
@@ -58,6 +67,11 @@ def linear_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None, part=-1):
     wz = cached(key, "onednn_wz", (), lambda: _onednn_w_zp(n, w_scale.device))
     ws = w_scale.float().contiguous()
     xq = quantize_act(x2d.float(), x_scale, x_zp, signed=False)
+    if into is not None:
+        torch.ops.onednn.qlinear_pointwise.binary(
+            xq, _scalar(x_scale), int(round(_scalar(x_zp))), packed, ws, wz, into.view(-1, n),
+            None if bias is None else bias.float(), 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
+        return into
     y = torch.ops.onednn.qlinear_pointwise(
         xq, _scalar(x_scale), int(round(_scalar(x_zp))), packed, ws, wz,
         None if bias is None else bias.float(), 1.0, 0, torch.float32, "none", [], "")
@@ -66,13 +80,16 @@ def linear_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None, part=-1):
 
 def conv2d_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0, dilation=1,
                   groups=1, key=None):
-    """onednn::qconv2d_pointwise on a cached prepacked weight (an extra weight copy)."""
+    """onednn::qconv2d_pointwise on a cached prepacked weight (an extra weight copy), made
+    for the shape of the first input it runs (common.input_shape)."""
     stride, padding, dilation = map(lambda v: list(_pair(v)), (stride, padding, dilation))
     key = w_q if key is None else key
     s, z = _scalar(x_scale), int(round(_scalar(x_zp)))
     ws = w_scale.float().contiguous()
-    packed = _prepacked(key, "onednn_conv", lambda: _versions(key, w_scale) + (s, z), lambda: torch.ops.onednn.qconv_prepack(
-        _codes(w_q).contiguous(), ws, s, z, stride, padding, dilation, groups, None))
+    shape = input_shape(key, x)
+    packed = _prepacked(key, "onednn_conv", lambda: _versions(key, w_scale) + (s, z, shape),
+                        lambda: torch.ops.onednn.qconv_prepack(_codes(w_q).contiguous(), ws, s, z, stride, padding,
+                                                               dilation, groups, None if shape is None else list(shape)))
     wz = cached(key, "onednn_wz", (), lambda: _onednn_w_zp(ws.shape[0], ws.device))
     xq = quantize_act(x.float(), s, z, signed=False)
     y = torch.ops.onednn.qconv2d_pointwise(
