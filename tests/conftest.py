@@ -165,3 +165,17 @@ def tiny_sd15_pipe(tiny_sd15_dir):
 def calibration_prompts():
     return ["a red circle", "a blue square on black", "two green triangles", "a photo of a cat",
             "a yellow star", "an orange box"]
+
+
+def quantize_w7a8(pipe, monkeypatch, tmp_path, backend="auto"):
+    """`pipe` quantized at W7A8 everywhere (7-bit codes: exact on every CPU's int8 kernels),
+    on `backend` unless 'auto' (MIXDQ_INT8_BACKEND), measuring into tmp_path's cache."""
+    import mixdq
+    from mixdq import Calibration, Plan
+
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    if backend != "auto":
+        monkeypatch.setenv("MIXDQ_INT8_BACKEND", backend)
+    names = list(mixdq.quantizable_layers(pipe.unet))
+    return mixdq.quantize(pipe, Plan({n: (7, 8) for n in names}), Calibration(["a red circle", "a blue square"]),
+                          progress=False)

@@ -8,7 +8,7 @@ import mixdq
 from mixdq import Calibration, Plan
 from mixdq.quant import QuantLinear, kernels
 from mixdq.quant.fusion import ResidualTransformerBlock, fuse_residuals, residuals_fused
-from conftest import unet_call
+from conftest import quantize_w7a8, unet_call
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -38,13 +38,9 @@ def test_fused_blocks_give_diffusers_values_and_leave_their_input_alone(backend,
     gives what diffusers' blocks give on the same layers: the same bits where the sums are
     in-place adds (float addition commutes), within float rounding where oneDNN's kernel
     adds its output (its sum post-op).  A block never writes the tensor it was called with."""
-    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
-    if backend != "auto":
-        monkeypatch.setenv("MIXDQ_INT8_BACKEND", backend)
     pipe = request.getfixturevalue(f"tiny_{arch}_pipe")
     unet = pipe.unet
-    names = list(mixdq.quantizable_layers(unet))
-    mixdq.quantize(pipe, Plan({n: (7, 8) for n in names}), Calibration(PROMPTS), progress=False)
+    quantize_w7a8(pipe, monkeypatch, tmp_path, backend)
     assert residuals_fused(unet)  # quantize installs it on the CPU
     with kernels.recording() as ran:
         fused = unet_call(unet)
@@ -67,10 +63,8 @@ def test_fused_blocks_give_diffusers_values_and_leave_their_input_alone(backend,
 
 def test_blocks_outside_inference_run_diffusers_forward(tiny_sdxl_pipe, monkeypatch, tmp_path):
     """With autograd on (training, say) nothing is summed in place: diffusers' own forward."""
-    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
     unet = tiny_sdxl_pipe.unet
-    names = list(mixdq.quantizable_layers(unet))
-    mixdq.quantize(tiny_sdxl_pipe, Plan({n: (7, 8) for n in names}), Calibration(PROMPTS), progress=False)
+    quantize_w7a8(tiny_sdxl_pipe, monkeypatch, tmp_path)
     block = next(m for m in unet.modules() if isinstance(m, ResidualTransformerBlock))
     x = torch.randn(1, 5, block.norm1.normalized_shape[0])
     ctx = torch.randn(1, 3, unet.config.cross_attention_dim)

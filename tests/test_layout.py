@@ -9,7 +9,7 @@ import torch
 import mixdq
 from mixdq import Calibration, Plan
 from mixdq.quant import QuantConv2d, quantized_layers
-from conftest import unet_call
+from conftest import quantize_w7a8, unet_call
 from mixdq.quant.layout import ChannelsLastTransformer2D, channels_last_kept, keep_channels_last
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -57,13 +57,9 @@ def test_quantized_convs_give_the_same_values_on_either_layout(backend, arch, re
     exact on every CPU), within float rounding on the float path."""
     if backend == "onednn" and not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
         pytest.skip("this torch build has no oneDNN int8 ops")
-    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
-    if backend != "auto":
-        monkeypatch.setenv("MIXDQ_INT8_BACKEND", backend)
     pipe = request.getfixturevalue(f"tiny_{arch}_pipe")
     unet = pipe.unet
-    names = list(mixdq.quantizable_layers(unet))
-    mixdq.quantize(pipe, Plan({n: (7, 8) for n in names}), Calibration(PROMPTS), progress=False)
+    quantize_w7a8(pipe, monkeypatch, tmp_path, backend)
     assert channels_last_kept(unet)  # quantize installs it on the CPU
     layers = quantized_layers(unet)
     ran = {n: (x, out) for n, (x, out) in _conv_inputs(unet).items() if n in layers}

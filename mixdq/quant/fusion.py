@@ -27,6 +27,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 from .attention import CpuAttention
 from .layers import QuantLinear, add_into
+from .layout import swap_class
 
 
 class ResidualTransformerBlock(BasicTransformerBlock):
@@ -61,12 +62,7 @@ class ResidualTransformerBlock(BasicTransformerBlock):
 def fuse_residuals(unet: nn.Module, on: bool = True) -> int:
     """`unet`'s transformer blocks as ResidualTransformerBlock (on) or as diffusers made
     them; returns how many now fuse their residual sums."""
-    n = 0
-    for block in unet.modules():
-        if type(block) in (BasicTransformerBlock, ResidualTransformerBlock):  # not another subclass's override
-            block.__class__ = ResidualTransformerBlock if on else BasicTransformerBlock
-            n += on
-    return n
+    return swap_class(unet, BasicTransformerBlock, ResidualTransformerBlock, on)
 
 
 def residuals_fused(unet: nn.Module) -> bool:

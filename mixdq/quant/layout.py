@@ -63,10 +63,17 @@ def keep_channels_last(unet: nn.Module, on: bool = True) -> int:
             unet._forward_pre_hooks_with_kwargs.pop(key, None)
     if on:
         unet.register_forward_pre_hook(_sample_channels_last, with_kwargs=True)
+    return swap_class(unet, Transformer2DModel, ChannelsLastTransformer2D, on)
+
+
+def swap_class(root: nn.Module, base: type, replacement: type, on: bool) -> int:
+    """Every module of `root` whose class is exactly `base` or `replacement` (not another
+    subclass's override) made a `replacement` (on) or a `base`; returns how many are now
+    `replacement`.  A class swap keeps the module's state, so the model still pickles."""
     n = 0
-    for block in unet.modules():
-        if type(block) in (Transformer2DModel, ChannelsLastTransformer2D):  # not another subclass's override
-            block.__class__ = ChannelsLastTransformer2D if on else Transformer2DModel
+    for module in root.modules():
+        if type(module) in (base, replacement):
+            module.__class__ = replacement if on else base
             n += on
     return n
 

@@ -42,7 +42,7 @@ from .quantizers import fake_quantize_act
 
 CPU_KINDS = ("avx2", "avx512_vnni")
 # bump when _time_backends measures or pick_backends decides anew, so cached choices are redone
-_MEASURE_VERSION = 7
+_MEASURE_VERSION = 8
 
 
 def cache_dir() -> Path:
