@@ -179,3 +179,12 @@ def quantize_w7a8(pipe, monkeypatch, tmp_path, backend="auto"):
     names = list(mixdq.quantizable_layers(pipe.unet))
     return mixdq.quantize(pipe, Plan({n: (7, 8) for n in names}), Calibration(["a red circle", "a blue square"]),
                           progress=False)
+
+
+def unet_call_hooked(unet, hooks):
+    """unet_call, then the hook handles `hooks` removed, whatever the call did."""
+    try:
+        return unet_call(unet)
+    finally:
+        for h in hooks:
+            h.remove()

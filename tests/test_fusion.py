@@ -8,7 +8,7 @@ import mixdq
 from mixdq import Calibration, Plan
 from mixdq.quant import QuantLinear, kernels
 from mixdq.quant.fusion import ResidualTransformerBlock, fuse_residuals, residuals_fused
-from conftest import quantize_w7a8, unet_call
+from conftest import quantize_w7a8, unet_call, unet_call_hooked
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -22,11 +22,7 @@ def _block_io(unet):
             hooks.append(m.register_forward_pre_hook(
                 lambda mod, args: seen.append([args[0], args[0].clone(), None])))
             hooks.append(m.register_forward_hook(lambda mod, args, out: seen[-1].__setitem__(2, out)))
-    try:
-        unet_call(unet)
-    finally:
-        for h in hooks:
-            h.remove()
+    unet_call_hooked(unet, hooks)
     return seen
 
 

@@ -9,7 +9,7 @@ import torch
 import mixdq
 from mixdq import Calibration, Plan
 from mixdq.quant import QuantConv2d, quantized_layers
-from conftest import quantize_w7a8, unet_call
+from conftest import quantize_w7a8, unet_call, unet_call_hooked
 from mixdq.quant.layout import ChannelsLastTransformer2D, channels_last_kept, keep_channels_last
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -22,11 +22,7 @@ def _conv_inputs(unet):
         if isinstance(m, (torch.nn.Conv2d, QuantConv2d)):
             hooks.append(m.register_forward_hook(
                 lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out))))
-    try:
-        unet_call(unet)
-    finally:
-        for h in hooks:
-            h.remove()
+    unet_call_hooked(unet, hooks)
     return seen
 
 
