@@ -29,8 +29,8 @@ from .calibrate import Calibration, bos_embedding, observing, run_pipeline
 from .errors import PlanError
 from .memory import MB, model_nbytes, prepacked_extra_nbytes, stored_nbytes
 from .plan import FLOAT_BITS, LayerBits, Plan
-from .quant import (QuantLayer, kernels, layer_spec, prepare, quantizable_layers, quantized_layers, replace_layers,
-                    shortcut_splits)
+from .quant import (QuantLayer, kernels, layer_spec, prepare, quantizable_layers, quantized_layers, refit_after_steps,
+                    replace_layers, shortcut_splits)
 from .quant.attention import forced_attention, use_measured_attention
 from .quant.fusion import fuse_residuals
 from .quant.layout import keep_channels_last
@@ -203,11 +203,13 @@ def quantize_unet(unet: nn.Module, plan: Plan, ranges: dict[str, list[ActRange]]
 def adjust_to_device(unet: nn.Module, device) -> str:
     """What a quantized UNet gets on `device`, quantized or loaded alike: its attention
     products' dtype (the measured choice, returned) and, on the CPU, activations kept
-    channels_last and residual sums inside the output projections."""
+    channels_last, residual sums inside the output projections, and prepacked copies
+    made again for the input shapes the first step met (layers.refit)."""
     attention = use_measured_attention(unet, device)
     on_cpu = torch.device(device).type == "cpu"
     keep_channels_last(unet, on_cpu)
     fuse_residuals(unet, on_cpu)
+    refit_after_steps(unet, on_cpu)
     return attention
 
 

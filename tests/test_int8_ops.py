@@ -815,10 +815,11 @@ def test_int_mm_convs_hold_their_codes_in_patch_order(monkeypatch, tmp_path, bit
 
 
 def test_onednn_convs_prepack_for_the_input_they_run(monkeypatch, tmp_path):
-    """A oneDNN conv's prepacked copy is made for the shape of its first input after
-    prepare() (whose probe says nothing of the inputs to come), then kept: a later shape
-    runs on that copy.  Outputs are the exact integer result either way, the layer holds
-    one copy, and its codes read back unchanged from the copy made again."""
+    """A oneDNN conv's prepacked copy, made by prepare() for no input shape (its probe says
+    nothing of the inputs to come), is kept through the call that first meets a shape,
+    then made again for that shape by refit() (between steps), and kept for later shapes.
+    A layer never prepared makes its first copy for its first input.  Outputs are the
+    exact integer result either way, the layer holds one copy, its codes read back unchanged."""
     if "onednn" not in _backends(B.CONV_KERNELS):
         pytest.skip("this torch build has no oneDNN int8 ops")
     from mixdq.memory import model_nbytes
@@ -838,23 +839,50 @@ def test_onednn_convs_prepack_for_the_input_they_run(monkeypatch, tmp_path):
         q.set_ranges([ActRange(-3.0, 3.0, 1)])
         return q
 
-    def made_for(q):  # the input shape the layer's prepacked copy was made for
-        return common._CACHE[common._owner(q.weight_packed)]["onednn_conv"][0][-1]
-
-    q, unshaped = quant(), quant()
+    q, unshaped, fresh = quant(), quant(), quant()
     assert q.backend == "onednn"
     codes = q.int_codes().clone()
     x1, x2 = torch.randn(1, 16, 12, 12), torch.randn(2, 16, 5, 7)
     q.prepare()
     held = model_nbytes(q)
-    assert made_for(q) is None and q.weight_packed.untyped_storage().nbytes() == 0
+    assert _made_for(q) is None and q.weight_packed.untyped_storage().nbytes() == 0
     with torch.no_grad():
         y1 = q(x1)
-        assert made_for(q) == tuple(x1.shape)
+        assert _made_for(q) is None  # not made again inside a step
+        assert q.refit() and _made_for(q) == tuple(x1.shape)
+        assert not q.refit()
         y2 = q(x2)
-        assert made_for(q) == tuple(x1.shape)  # kept, not made again for x2
+        assert _made_for(q) == tuple(x1.shape)  # kept, not made again for x2
+        assert not q.refit()
         with common.probing():  # the copy made for no shape, as before this layer ran
             assert torch.equal(y1, unshaped(x1)) and torch.equal(y2, unshaped(x2))
-        assert made_for(unshaped) is None
+        assert _made_for(unshaped) is None
+        assert torch.equal(fresh(x2), y2) and _made_for(fresh) == tuple(x2.shape) and not fresh.refit()
     assert model_nbytes(q) == held and q.weight_packed.untyped_storage().nbytes() == 0
     assert torch.equal(q.int_codes(), codes)
+
+
+def _made_for(layer):
+    """The input shape a oneDNN conv layer's prepacked copy was made for."""
+    from mixdq.quant.backends import common
+
+    return common._CACHE[common._owner(layer.weight_packed)]["onednn_conv"][0][-1]
+
+
+def test_a_quantized_unet_refits_its_onednn_convs_after_its_first_step(tiny_sdxl_pipe, monkeypatch, tmp_path):
+    if "onednn" not in _backends(B.CONV_KERNELS):
+        pytest.skip("this torch build has no oneDNN int8 ops")
+    from conftest import quantize_w7a8, unet_call, unet_call_hooked
+    from mixdq.quant import quantized_layers
+
+    unet = tiny_sdxl_pipe.unet
+    quantize_w7a8(tiny_sdxl_pipe, monkeypatch, tmp_path, "onednn")
+    convs = {n: m for n, m in quantized_layers(unet).items() if m.backend == "onednn" and m.op == "conv"}
+    assert convs and all(_made_for(m) is None for m in convs.values())  # prepare(): no shape known
+    before = unet_call(unet)
+    shapes = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: shapes.__setitem__(n, tuple(args[0].shape)))
+             for n, m in convs.items()]
+    again = unet_call_hooked(unet, hooks)  # the first step's hook made them again
+    assert {n: _made_for(m) for n, m in convs.items()} == shapes
+    assert torch.equal(again, before)

@@ -10,12 +10,14 @@ import torch.nn as nn
 
 from ..errors import PlanError
 from ..plan import LayerBits, Plan
-from .layers import QuantConv2d, QuantLayer, QuantLinear, hold_epilogue, prepare, quantized_nbytes
+from .layers import (QuantConv2d, QuantLayer, QuantLinear, hold_epilogue, prepare, quantized_nbytes, refit,
+                     refit_after_steps)
 from .quantizers import ActRange
 
 __all__ = ["QuantLayer", "QuantLinear", "QuantConv2d", "ActRange", "quantizable_layers",
            "shortcut_splits", "is_bos_layer", "replace_layers", "restore_layers",
-           "quantized_layers", "quantized_nbytes", "layer_spec", "hold_epilogue", "prepare"]
+           "quantized_layers", "quantized_nbytes", "layer_spec", "hold_epilogue", "prepare",
+           "refit", "refit_after_steps"]
 
 
 def quantizable_layers(unet: nn.Module) -> dict[str, nn.Module]:

@@ -148,7 +148,16 @@ class QuantLayer(nn.Module):
             return
         if self.backend in PREPACKED or (self.backend == "int_mm" and self.device.type == "cpu"):
             with torch.no_grad(), common.probing():
-                self(self._probe_input())
+                self.forward(self._probe_input())  # not the module's hooks: no input of the model's
+
+    def refit(self) -> bool:
+        """Between steps: make the backend's prepacked copy again for the input shape the
+        layer has met, where it was made for none (common.prepack_shape); returns whether."""
+        if self.backend not in PREPACKED or not common.refit_due(self.weight_packed):
+            return False
+        with torch.no_grad(), common.probing():
+            self.forward(self._probe_input())
+        return True
 
     # -- one copy of the codes on prepacked backends ------------------------------
     def _release_codes(self, fresh) -> None:
@@ -523,6 +532,33 @@ def prepare(model: nn.Module) -> int:
     if any(layer._held_prepacked is not None for layer in layers):
         _trim_heap()
     return sum(layer._held_prepacked is not None for layer in layers)
+
+
+def refit(model: nn.Module) -> int:
+    """QuantLayer.refit for every layer whose copy is due, then the freed pages handed
+    back; returns how many were made again.  One check when none is due."""
+    if not common.refit_pending():
+        return 0
+    n = sum(m.refit() for m in model.modules() if isinstance(m, QuantLayer))
+    if n:
+        _trim_heap()
+    return n
+
+
+def _refit_after_step(model, _args, _out) -> None:
+    """Forward hook: the model's step is done, its transient buffers freed: refit now."""
+    if not torch.compiler.is_compiling():
+        refit(model)
+
+
+def refit_after_steps(model: nn.Module, on: bool = True) -> None:
+    """Install (on) or remove the forward hook that refits `model`'s prepacked copies after
+    a step, once its layers have met their input shapes (quantize and load do, on the CPU)."""
+    for key, hook in list(model._forward_hooks.items()):
+        if hook is _refit_after_step:
+            del model._forward_hooks[key]
+    if on:
+        model.register_forward_hook(_refit_after_step)
 
 
 def _trim_heap() -> None:

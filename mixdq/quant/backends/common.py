@@ -272,8 +272,9 @@ def _prepacked(key, name, deps, make):
 
 
 class probing:
-    """with probing(): calls that only make what a layer's backend makes once
-    (QuantLayer.prepare's probe input), saying nothing of the inputs to come."""
+    """with probing(): calls that only make what a layer's backend makes once, at a
+    moment between steps (QuantLayer.prepare's and refit's probe input): they say nothing
+    of the inputs to come, and may make a prepacked copy for the input shape noted."""
     active = False
 
     def __enter__(self):
@@ -283,24 +284,53 @@ class probing:
         probing.active = self.outer
 
 
-def input_shape(key: torch.Tensor, x: torch.Tensor) -> tuple | None:
-    """The input shape key's prepacked copy is made for: that of its first call outside
-    probing(), kept from then on; None before (probe calls) and while tracing.
-    oneDNN picks the weight layout of an int8 conv for its input's shape; a copy made
-    for another one is reordered inside every call (a sixth to two thirds of the call
-    on SDXL's 3x3 convs).  Kept rather than followed: a later input of another shape
-    runs on that copy, reordered, where re-making the copy at each change of shape
-    would cost more than the reorder if two shapes took turns."""
+_REFIT = WeakIdKeyDictionary()  # key -> True: its prepacked copy was made for no input shape, one is noted now
+
+
+def prepack_shape(key: torch.Tensor, name: str, x: torch.Tensor) -> tuple | None:
+    """The input shape key's prepacked copy `name` is (to be) made for, the copy's deps
+    ending with it.  oneDNN picks the weight layout of an int8 conv for its input's
+    shape; a copy made for another (or none, as prepare()'s probe makes it) is reordered
+    inside every call (a sixth to two thirds of the call on SDXL's 3x3 convs).
+
+    The first input shape a call meets outside probing() is noted and kept.  A call
+    outside probing() keeps the copy there is, whatever it was made for: made again in
+    the middle of a step, between the step's transient buffers, copies pin heap pages
+    (the next steps' peaks rose 30-85 %).  A copy made for no shape is then due for
+    QuantLayer.refit, which makes it for the noted shape between steps (inside
+    probing()); a later shape runs on that copy, reordered.  With no copy yet, the
+    call makes one for its own input."""
     if torch.compiler.is_compiling():
         return None
+    owner = _owner(key)
     try:
-        slot = _CACHE.get(_owner(key))
+        slot = _CACHE.setdefault(owner, {})
     except TypeError:
         return None
-    hit = None if slot is None else slot.get("input_shape")
-    if hit is not None or probing.active:
-        return None if hit is None else hit[1]
-    return cached(key, "input_shape", (), lambda: tuple(x.shape))
+    noted = slot.get("input_shape")
+    if probing.active:
+        return None if noted is None else noted[1]
+    if noted is None:
+        slot["input_shape"] = noted = ((), tuple(x.shape))
+    copy = slot.get(name)
+    if copy is None:
+        return noted[1]
+    if copy[0][-1] is None:
+        _REFIT[owner] = True
+    return copy[0][-1]
+
+
+def refit_due(key: torch.Tensor) -> bool:
+    """Whether key's prepacked copy waits to be made for its noted input shape (prepack_shape);
+    answering yes clears it."""
+    try:
+        return _REFIT.pop(_owner(key), None) is not None
+    except TypeError:
+        return False
+
+
+def refit_pending() -> bool:
+    return bool(_REFIT)
 
 
 def take_fresh_prepacked(key: torch.Tensor):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import prepacked
-from .common import (_cache_name, _codes, _pair, _prepacked, _scalar, _versions, cached, codes_of, input_shape,
+from .common import (_cache_name, _codes, _pair, _prepacked, _scalar, _versions, cached, codes_of, prepack_shape,
                      quantize_act, register_read_back)
 
 NAME = "onednn"
@@ -81,12 +81,12 @@ def linear_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None, part=-1, 
 def conv2d_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0, dilation=1,
                   groups=1, key=None):
     """onednn::qconv2d_pointwise on a cached prepacked weight (an extra weight copy), made
-    for the shape of the first input it runs (common.input_shape)."""
+    for the shape of the first input it runs (common.prepack_shape)."""
     stride, padding, dilation = map(lambda v: list(_pair(v)), (stride, padding, dilation))
     key = w_q if key is None else key
     s, z = _scalar(x_scale), int(round(_scalar(x_zp)))
     ws = w_scale.float().contiguous()
-    shape = input_shape(key, x)
+    shape = prepack_shape(key, "onednn_conv", x)
     packed = _prepacked(key, "onednn_conv", lambda: _versions(key, w_scale) + (s, z, shape),
                         lambda: torch.ops.onednn.qconv_prepack(_codes(w_q).contiguous(), ws, s, z, stride, padding,
                                                                dilation, groups, None if shape is None else list(shape)))
