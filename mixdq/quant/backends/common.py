@@ -295,8 +295,8 @@ def prepack_shape(key: torch.Tensor, name: str, x: torch.Tensor) -> tuple | None
 
     The first input shape a call meets outside probing() is noted and kept.  A call
     outside probing() keeps the copy there is, whatever it was made for: made again in
-    the middle of a step, between the step's transient buffers, copies pin heap pages
-    (the next steps' peaks rose 30-85 %).  A copy made for no shape is then due for
+    the middle of a step, between the step's transient buffers, a copy pins heap pages
+    that every later step then touches anew.  A copy made for no shape is then due for
     QuantLayer.refit, which makes it for the noted shape between steps (inside
     probing()); a later shape runs on that copy, reordered.  With no copy yet, the
     call makes one for its own input."""
