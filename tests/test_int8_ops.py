@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -288,7 +289,8 @@ def _quant_layers(bits=7, seed=4):
 def test_prepare_makes_int_mm_constants_before_the_first_call(monkeypatch, tmp_path, bits):
     """quant.prepare (run by quantize and load) makes int_mm's epilogue constants on the
     CPU: the first real call finds them cached and makes none (made during the first step,
-    they pinned heap pages: see QuantLayer.prepare), and its output is the reference's."""
+    they pinned heap pages: see QuantLayer.prepare), and its output is the reference's.
+    It binds the layer's eager call too (common.Bound), which the first call then takes."""
     from mixdq.quant import prepare
 
     monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
@@ -297,6 +299,7 @@ def test_prepare_makes_int_mm_constants_before_the_first_call(monkeypatch, tmp_p
         assert layer.backend == "int_mm", name
         assert layer.weight_packed not in B.common._CACHE, name
         prepare(layer)
+        assert (layer._bound_call() is not None) == (not layer.split), name
         made = dict(B.common._CACHE[layer.weight_packed])
         assert set(made) == ({"split_epi0", "split_epi1"} if layer.split else
                              {"lin_epi"} if name == "linear" else {"conv_epi", B.int_mm.TAPS}), name
@@ -879,6 +882,7 @@ def test_a_quantized_unet_refits_its_onednn_convs_after_its_first_step(tiny_sdxl
     quantize_w7a8(tiny_sdxl_pipe, monkeypatch, tmp_path, "onednn")
     convs = {n: m for n, m in quantized_layers(unet).items() if m.backend == "onednn" and m.op == "conv"}
     assert convs and all(_made_for(m) is None for m in convs.values())  # prepare(): no shape known
+    assert not any(m._bound_call() for m in convs.values())  # bound only to a copy made for a shape
     before = unet_call(unet)
     shapes = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: shapes.__setitem__(n, tuple(args[0].shape)))
@@ -886,3 +890,66 @@ def test_a_quantized_unet_refits_its_onednn_convs_after_its_first_step(tiny_sdxl
     again = unet_call_hooked(unet, hooks)  # the first step's hook made them again
     assert {n: _made_for(m) for n, m in convs.items()} == shapes
     assert torch.equal(again, before)
+    assert all(m._bound_call() for m in convs.values())  # bound to the copies made again
+    assert torch.equal(unet_call(unet), before)
+
+
+@pytest.mark.parametrize("backend", ["int_mm", "onednn", "fbgemm"])
+@pytest.mark.parametrize("bits", [7, 4])
+def test_bound_calls_give_the_first_calls_output_and_follow_every_change(monkeypatch, tmp_path, backend, bits):
+    """After its first eager call a layer runs its backend's bound call (common.Bound: the
+    prepacked copy, epilogue constants and activation parameters resolved once): the same
+    bits as the first call, recorded as the same backend.  It is dropped where its lookups
+    would find something else: new ranges, new weights (load_state_dict), restored codes
+    (state_dict: the next call releases them again), a copy (deepcopy), another backend."""
+    import copy
+
+    if backend not in _backends(B.LINEAR_KERNELS):
+        pytest.skip(f"{backend} not in this torch build")
+    from mixdq.quant.quantizers import ActRange
+
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("MIXDQ_INT8_BACKEND", backend)
+    donors, made = _quant_layers(bits, seed=9), _quant_layers(bits)
+    for name in list(made):
+        layer, x = made.pop(name)
+        expected = layer.backend  # fbgemm has no conv: convs keep the measured choice there
+        assert expected == backend or (backend == "fbgemm" and name.startswith("conv")), name
+        bindable = not layer.split
+        with torch.no_grad():
+            first = layer(x)
+            assert (layer._bound is not None) == bindable, name
+            assert (layer._bound_call() is not None) == bindable, name
+            with kernels.recording() as ran:
+                assert torch.equal(layer(x), first), name
+            assert ran == [(layer, expected)], name
+
+            layer.set_ranges([ActRange(r.lo * 1.5, r.hi * 0.5, 1) for r in layer.ranges])
+            assert _rel(layer(x), _reference(layer, x)) < 1e-5, name
+            layer.load_state_dict(donors[name][0].state_dict())
+            assert _rel(layer(x), _reference(layer, x)) < 1e-5, name
+            again = layer(x)
+            assert torch.equal(layer(x), again), name
+
+            if layer.backend in B.PREPACKED:
+                layer.state_dict()  # reads the codes back into their own storage
+                assert layer.weight_packed.untyped_storage().nbytes() > 0
+                assert torch.equal(layer(x), again) and layer(x) is not None
+                assert layer.weight_packed.untyped_storage().nbytes() == 0, name  # released again
+            twin = copy.deepcopy(layer)
+            assert twin._bound is None and torch.equal(twin(x), again), name
+            layer.set_ranges([ActRange(r.lo * 2, r.hi * 2, 1) for r in layer.ranges])
+            assert torch.equal(twin(x), again), name  # not bound to the original's tensors
+            monkeypatch.setenv("MIXDQ_INT8_BACKEND", "float")
+            layer.kernel = "int_mm"
+            assert layer.backend == "float" and layer._bound is None
+            with kernels.recording() as ran:
+                assert _rel(layer(x), _reference(layer, x)) < 1e-5, name
+            assert ran == [(layer, "float")]
+            monkeypatch.setenv("MIXDQ_INT8_BACKEND", backend)
+            layer.kernel = "int_mm"
+            layer(x), layer(x)
+            assert layer._bound_call() is not None or not bindable, name
+        gone = weakref.ref(layer)
+        del layer, twin, ran
+        assert gone() is None, name  # freed without a garbage collection: no cycle through its Bound

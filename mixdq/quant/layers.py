@@ -21,6 +21,10 @@ On the prepacked int8 backends (oneDNN, FBGEMM, where machine.pick_backends chos
 them) a layer's codes live in the backend's prepacked int8 copy from `prepare()`
 or the first call on (see `_release_codes`): the same bytes for 5-8-bit codes,
 2-4x the packed size for 2-4-bit ones (those backends have no low-bit kernels).
+After a CPU layer's first integer call (or `prepare()`) its eager calls go through a
+`common.Bound`: the backend's call with the copy, constants and activation parameters
+resolved once, dropped when a buffer is replaced or written (version counters), the
+backend changes, or the layer calibrates; compiled graphs never take it.
 """
 from __future__ import annotations
 
@@ -76,6 +80,7 @@ class QuantLayer(nn.Module):
     # [(name, packed), ...] while only a backend's prepacked copies hold the codes (_release_codes)
     _held_prepacked = None
     backend = "float"  # what runs the layer (kernels.BACKENDS), resolved from `kernel`
+    _bound = None  # (backend, common.Bound): eager calls with their lookups resolved (_bound_call)
 
     def __init__(self, weight_shape, has_bias: bool, bits: LayerBits, dtype, device=None,
                  split: int = 0, bos: bool = False):
@@ -128,6 +133,7 @@ class QuantLayer(nn.Module):
         self._resolve_backend()
 
     def _resolve_backend(self) -> None:
+        self._bound = None
         self.backend = kernels.layer_backend(self.op, self.weight_bits, self.act_bits, self.device,
                                              self._kernel, self.weight_shape, self.groups)
 
@@ -149,14 +155,17 @@ class QuantLayer(nn.Module):
         if self.backend in PREPACKED or (self.backend == "int_mm" and self.device.type == "cpu"):
             with torch.no_grad(), common.probing():
                 self.forward(self._probe_input())  # not the module's hooks: no input of the model's
+            self._bind()
 
     def refit(self) -> bool:
         """Between steps: make the backend's prepacked copy again for the input shape the
         layer has met, where it was made for none (common.prepack_shape); returns whether."""
         if self.backend not in PREPACKED or not common.refit_due(self.weight_packed):
             return False
+        self._bound = None  # bound to the copy made again now
         with torch.no_grad(), common.probing():
             self.forward(self._probe_input())
+        self._bind()
         return True
 
     # -- one copy of the codes on prepacked backends ------------------------------
@@ -182,6 +191,7 @@ class QuantLayer(nn.Module):
         """Give the codes their own storage again, for code that reads the buffer."""
         if self._held_prepacked is None:
             return
+        self._bound = None  # the next call goes the way that drops the codes again
         t, held = self.weight_packed, self._held_prepacked
         codes = common.read_back(held)
         # same contents as before the release: keep the version, so that the
@@ -202,7 +212,9 @@ class QuantLayer(nn.Module):
 
     def __getstate__(self):
         self._restore_codes()  # pickling and deepcopy copy the codes
-        return super().__getstate__()
+        state = dict(super().__getstate__())
+        state.pop("_bound", None)  # bound to this layer's tensors, not the copy's
+        return state
 
     # -- construction ---------------------------------------------------------
     def _load_float(self, weight: torch.Tensor, bias: torch.Tensor | None, bos_embedding=None):
@@ -288,6 +300,28 @@ class QuantLayer(nn.Module):
         fresh = common.take_fresh_prepacked(self.weight_packed)
         if fresh is not None:
             self._release_codes(fresh)
+        self._bind()
+
+    def _bind(self) -> None:
+        """After a CPU eager integer call or probe, which made what the backend makes once:
+        bind the backend's call to this layer (common.Bound), where the backend can."""
+        bind = getattr(REGISTRY[self.backend], "bind", None)
+        if (bind is None or self.device.type != "cpu" or torch.compiler.is_compiling() or common.probing.active
+                or any(t is not None and t.is_inference() for t in self._buffers.values())):
+            return
+        bound = bind(self)
+        self._bound = None if bound is None else (self.backend, bound.tie(self._buffers))
+
+    def _bound_call(self) -> common.Bound | None:
+        """The layer's Bound where this call may take it: eager, not calibrating nor
+        probing, the backend it was bound for, the same buffers at the same versions."""
+        if torch.compiler.is_compiling() or self._bound is None:
+            return None
+        backend, bound = self._bound
+        if (backend != self.backend or self.observing is not None or common.probing.active
+                or not bound.holds(self._buffers)):
+            return None
+        return bound
 
     def _int_path(self) -> bool:
         """Whether calls run the integer kernels: a backend resolved for them, and not
@@ -406,6 +440,12 @@ class QuantLinear(QuantLayer):
         return torch.zeros(1, self.weight_shape[1], dtype=self.dtype, device=self.device)
 
     def _linear(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        bound = self._bound_call()
+        if bound is not None:
+            kernels.note_ran(self, self.backend)
+            if residual is not None and bound.run_add is not None and _sums_into(residual, x, self.weight_shape[0]):
+                return bound.run_add(x, residual)
+            return add_into(residual, bound.run(x))
         # torch._int_mm's shape limits on CUDA bind only that backend (the triton kernel
         # takes any shape: a step's few-row time-embedding linears stay on it)
         rows = x.numel() // x.shape[-1]
@@ -511,6 +551,10 @@ class QuantConv2d(QuantLayer):
                            dtype=self.dtype, device=self.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bound = self._bound_call()
+        if bound is not None:
+            kernels.note_ran(self, self.backend)
+            return bound.run(x)
         if self._int_path():
             kernels.note_ran(self, self.backend)
             y = REGISTRY[self.backend].conv2d(self, x)

@@ -216,6 +216,37 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
+class Bound:
+    """A layer's eager call with what it looks up on every call resolved once: the
+    prepacked copy or epilogue constants, the activation scale and zero point as
+    numbers.  On layers of the embedded model's size those lookups cost more than
+    the kernel.  Made by a backend's `bind(layer)` once the layer's copies exist;
+    valid while the layer holds the same buffers at the same versions (`holds`).
+
+    run(x) -> y; run_add(x, residual) -> residual + y summed into residual's memory
+    by the kernel, or None where the backend has no such form."""
+
+    __slots__ = ("run", "run_add", "_buffers")
+
+    def __init__(self, run, run_add=None):
+        self.run, self.run_add = run, run_add
+        self._buffers = None
+
+    def tie(self, buffers: dict) -> "Bound":
+        """Tie to a layer's buffers as they are now (bind only outside inference mode:
+        inference tensors have no version counter)."""
+        self._buffers = [(name, t, None if t is None else t._version) for name, t in buffers.items()]
+        return self
+
+    def holds(self, buffers: dict) -> bool:
+        if len(buffers) != len(self._buffers):
+            return False
+        for name, t, version in self._buffers:
+            if buffers.get(name) is not t or (t is not None and t._version != version):
+                return False
+        return True
+
+
 # Prepacked copies hold the int8 codes themselves, in the backend's layout; each
 # reads back exactly (tested), which lets a layer keep only the prepacked copy.
 # A copy is cached under "<kind>" or, for one input slice of a split conv,
@@ -320,6 +351,13 @@ def prepack_shape(key: torch.Tensor, name: str, x: torch.Tensor) -> tuple | None
     return copy[0][-1]
 
 
+def prepacked_for(key: torch.Tensor, name: str) -> tuple | None:
+    """The input shape key's prepacked copy `name` was made for; None for a copy made for
+    none, or no copy."""
+    copy = _CACHE.get(_owner(key), {}).get(name)
+    return None if copy is None else copy[0][-1]
+
+
 def refit_due(key: torch.Tensor) -> bool:
     """Whether key's prepacked copy waits to be made for its noted input shape (prepack_shape);
     answering yes clears it."""
@@ -403,14 +441,15 @@ def _as_tensor(v, device) -> torch.Tensor:
 
 
 def _epilogue_consts(w_q2d: torch.Tensor, w_scale: torch.Tensor, bias, x_scale, x_zp, key, name):
-    """(scale per output channel, effective bias) of y = acc * scale + beff.
+    """(scale per output channel, effective bias) of y = acc * scale + beff (w_q2d: the
+    codes, or a callable returning them, called only when the constants are made).
 
     acc = sum_k (Xq - 128) Wq, so (Xq - z) Wq = acc - (z - 128) * rowsum(Wq).
     """
     def make():
         s = (w_scale.float() * _as_tensor(x_scale, w_scale.device)).reshape(-1)
         zp = _as_tensor(x_zp, w_scale.device) - SHIFT
-        rowsum = _rowsum(w_q2d).float()
+        rowsum = _rowsum(_codes(w_q2d)).float()
         beff = -zp * s * rowsum
         if bias is not None:
             beff = beff + bias.float()

@@ -12,12 +12,13 @@ conv as one GEMM per slice.  On AVX-512 VNNI it ran 3.7x (linears) and 2.8x
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 from ..packing import pack, unpack
-from .common import (SHIFT, _epilogue, _epilogue_consts, _pair, _prepacked, _scalar, _versions,
+from .common import (SHIFT, Bound, _epilogue, _epilogue_consts, _pair, _prepacked, _scalar, _versions,
                      contiguous_in_scratch, quantize_act, register_read_back, scratch, scratch_ok)
 from .reference import conv2d_reference
 
@@ -52,6 +53,42 @@ def conv2d(layer, x: torch.Tensor) -> torch.Tensor:
         codes = layer.int_codes()
     return conv2d_int_mm(x, layer.act_scale[0], layer.act_zero_point[0], codes, layer.weight_scale, layer.bias,
                          key=layer.weight_packed, **layer.conv_args)
+
+
+def bind(layer) -> Bound | None:
+    """The layer's CPU call with its epilogue constants, held codes and activation
+    parameters resolved (common.Bound); 2-4-bit codes are still unpacked per call."""
+    if layer.split or layer.device.type != "cpu":
+        return None
+    s, z = _scalar(layer.act_scale[0]), _scalar(layer.act_zero_point[0])
+    if layer.op == "linear":
+        codes = _codes_now(layer)
+        consts = ((layer.epilogue_scale, layer.epilogue_bias) if layer.holds_epilogue else
+                  _epilogue_consts(codes, layer.weight_scale, layer.bias, layer.act_scale, layer.act_zero_point,
+                                   layer.weight_packed, "lin_epi"))
+        return Bound(lambda x: linear_int_mm(x, s, z, codes(), None, consts=consts))
+    if holds_taps(layer):
+        taps = _prepacked(layer.weight_packed, TAPS, lambda: _versions(layer.weight_packed),
+                          lambda: TapMajorCodes(layer._codes_now(), layer.weight_bits))
+        codes, w2 = (lambda: taps), taps.taps
+    else:
+        codes = _codes_now(layer)
+        o = layer.weight_shape[0]
+        w2 = lambda: codes().reshape(o, -1)  # noqa: E731
+    consts = _epilogue_consts(w2, layer.weight_scale, layer.bias, layer.act_scale[0], layer.act_zero_point[0],
+                              layer.weight_packed, "conv_epi")
+    args = layer.conv_args
+    return Bound(lambda x: conv2d_int_mm(x, s, z, codes(), None, consts=consts, **args))
+
+
+def _codes_now(layer):
+    """The layer's codes for each call: the same view for 5-8 bits, unpacked per call for 2-4
+    (through a weak reference: a Bound the layer holds must not keep the layer alive)."""
+    if layer.weight_bits >= 5:
+        view = layer.int_codes()
+        return lambda: view
+    ref = weakref.ref(layer)
+    return lambda: ref().int_codes()
 
 
 TAPS = "int_mm_taps"
@@ -154,9 +191,10 @@ def _im2col_nhwc(xq_nhwc: torch.Tensor, pad_value: int, kh, kw, stride, padding,
 
 
 def conv2d_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0, dilation=1,
-                  groups=1, key=None):
+                  groups=1, key=None, consts=None):
     """Implicit-GEMM conv: NHWC im2col of the int8 codes, then the int8 GEMM.
-    w_q: (O, C, kh, kw) int8 codes, or a TapMajorCodes (already in patch order).
+    w_q: (O, C, kh, kw) int8 codes, or a TapMajorCodes (already in patch order);
+    consts: (scale, effective bias) as for linear_int_mm.
 
     Zero padding of the float input is the zero point in code space, so patches
     are padded with z - 128.  Output is returned as an NCHW-shaped view of the
@@ -199,7 +237,8 @@ def conv2d_int_mm(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0
         w2 = contiguous_in_scratch("int_mm_weight", w_q.view(torch.uint8).permute(0, 2, 3, 1))
         w2 = w2.view(o, kh * kw * c).view(torch.int8)
     # row sums do not depend on the order within a row: patch-order codes serve as well
-    scale, beff = _epilogue_consts(w2, w_scale, bias, x_scale, x_zp, key, "conv_epi")
+    scale, beff = consts if consts is not None else _epilogue_consts(w2, w_scale, bias, x_scale, x_zp, key,
+                                                                     "conv_epi")
     y = _int_mm_epilogue(cols, w2.t(), scale, beff, x.dtype)
     return y.view(b, ho, wo, o).permute(0, 3, 1, 2)
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from . import prepacked
-from .common import (_cache_name, _codes, _pair, _prepacked, _scalar, _versions, cached, codes_of, prepack_shape,
-                     quantize_act, register_read_back)
+from .common import (Bound, _cache_name, _codes, _pair, _prepacked, _scalar, _versions, cached, codes_of,
+                     prepack_shape, prepacked_for, quantize_act, register_read_back)
 
 NAME = "onednn"
 PREPACKED = True
@@ -58,23 +58,31 @@ def linear_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, key=None, part=-1, 
     part >= 0: w_q is one input slice of a split conv's weight, cached apart.
     into: a dense float32 tensor of the output's shape that the output is added to, in
     place (the sum post-op); returned."""
-    shape = x.shape
-    x2d = x.reshape(-1, shape[-1])
+    return _qlinear(x, _linear_args(x_scale, x_zp, w_q, w_scale, bias, key, part), into)
+
+
+def _linear_args(x_scale, x_zp, w_q, w_scale, bias, key, part):
+    """What qlinear_pointwise takes beside the input: the prepacked copy (made here the
+    first time), the activation scale and zero point, the weight's scales and zero points."""
     key = w_q if key is None else key
     n = w_scale.shape[0]
     packed = _prepacked(key, _cache_name("onednn_lin", part), lambda: _versions(key),
                         lambda: torch.ops.onednn.qlinear_prepack(_codes(w_q).contiguous(), None))
     wz = cached(key, "onednn_wz", (), lambda: _onednn_w_zp(n, w_scale.device))
-    ws = w_scale.float().contiguous()
-    xq = quantize_act(x2d.float(), x_scale, x_zp, signed=False)
+    return (_scalar(x_scale), int(round(_scalar(x_zp))), packed, w_scale.float().contiguous(), wz,
+            None if bias is None else bias.float())
+
+
+def _qlinear(x, args, into=None):
+    s, z, packed, ws, wz, bias = args
+    shape = x.shape
+    n = ws.shape[0]
+    xq = quantize_act(x.reshape(-1, shape[-1]).float(), s, z, signed=False)
     if into is not None:
         torch.ops.onednn.qlinear_pointwise.binary(
-            xq, _scalar(x_scale), int(round(_scalar(x_zp))), packed, ws, wz, into.view(-1, n),
-            None if bias is None else bias.float(), 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
+            xq, s, z, packed, ws, wz, into.view(-1, n), bias, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
         return into
-    y = torch.ops.onednn.qlinear_pointwise(
-        xq, _scalar(x_scale), int(round(_scalar(x_zp))), packed, ws, wz,
-        None if bias is None else bias.float(), 1.0, 0, torch.float32, "none", [], "")
+    y = torch.ops.onednn.qlinear_pointwise(xq, s, z, packed, ws, wz, bias, 1.0, 0, torch.float32, "none", [], "")
     return y.to(x.dtype).reshape(*shape[:-1], n)
 
 
@@ -82,20 +90,46 @@ def conv2d_onednn(x, x_scale, x_zp, w_q, w_scale, bias=None, stride=1, padding=0
                   groups=1, key=None):
     """onednn::qconv2d_pointwise on a cached prepacked weight (an extra weight copy), made
     for the shape of the first input it runs (common.prepack_shape)."""
-    stride, padding, dilation = map(lambda v: list(_pair(v)), (stride, padding, dilation))
     key = w_q if key is None else key
+    return _qconv(x, _conv_args(x_scale, x_zp, w_q, w_scale, bias, stride, padding, dilation, groups, key,
+                                prepack_shape(key, "onednn_conv", x)))
+
+
+def _conv_args(x_scale, x_zp, w_q, w_scale, bias, stride, padding, dilation, groups, key, shape):
+    """What qconv2d_pointwise takes beside the input; the prepacked copy made here for
+    input `shape` (None: any) where there is none."""
+    stride, padding, dilation = map(lambda v: list(_pair(v)), (stride, padding, dilation))
     s, z = _scalar(x_scale), int(round(_scalar(x_zp)))
     ws = w_scale.float().contiguous()
-    shape = prepack_shape(key, "onednn_conv", x)
     packed = _prepacked(key, "onednn_conv", lambda: _versions(key, w_scale) + (s, z, shape),
                         lambda: torch.ops.onednn.qconv_prepack(_codes(w_q).contiguous(), ws, s, z, stride, padding,
                                                                dilation, groups, None if shape is None else list(shape)))
     wz = cached(key, "onednn_wz", (), lambda: _onednn_w_zp(ws.shape[0], ws.device))
+    return s, z, packed, ws, wz, None if bias is None else bias.float(), stride, padding, dilation, groups
+
+
+def _qconv(x, args):
+    s, z, packed, ws, wz, bias, stride, padding, dilation, groups = args
     xq = quantize_act(x.float(), s, z, signed=False)
-    y = torch.ops.onednn.qconv2d_pointwise(
-        xq, s, z, packed, ws, wz, None if bias is None else bias.float(), stride, padding,
-        dilation, groups, 1.0, 0, torch.float32, "none", [], "")
+    y = torch.ops.onednn.qconv2d_pointwise(xq, s, z, packed, ws, wz, bias, stride, padding, dilation, groups,
+                                           1.0, 0, torch.float32, "none", [], "")
     return y.to(x.dtype)
+
+
+def bind(layer) -> Bound | None:
+    """The layer's call with its prepacked copy resolved (common.Bound); for a conv only
+    once its copy is made for the input shape it met (a refit may be due before)."""
+    if layer.op == "linear":
+        args = _linear_args(layer.act_scale[0], layer.act_zero_point[0], layer._codes_arg(), layer.weight_scale,
+                            layer.bias, layer.weight_packed, -1)
+        return Bound(lambda x: _qlinear(x, args), lambda x, residual: _qlinear(x, args, residual))
+    shape = prepacked_for(layer.weight_packed, "onednn_conv")
+    if layer.op != "conv" or shape is None:
+        return None
+    args = _conv_args(layer.act_scale[0], layer.act_zero_point[0], layer._codes_arg(), layer.weight_scale,
+                      layer.bias, key=layer.weight_packed, shape=shape,
+                      **(dict(stride=1, padding=0, dilation=1, groups=1) | layer.conv_args))
+    return Bound(lambda x: _qconv(x, args))
 
 
 register_read_back("onednn_lin", lambda packed: packed.to_dense().t())
