@@ -167,11 +167,17 @@ def test_loading_w8_codes_where_int8_kernels_saturate(tiny_sdxl_pipe, tmp_path, 
     monkeypatch.setenv("MIXDQ_INT8_BACKEND", "onednn")
     with pytest.warns(mixdq.SlowPathWarning, match=f"{n8} W8A8 layers .* int8_safe=True"):
         exact = mixdq.load_quantized(out, device="cpu", kernel="int_mm", int8_safe=False)
-    # the same codes, the W8A8 ones on the exact float path: the image up to float rounding
+    # the same codes, the W8A8 ones on the exact float path
     assert mixdq.current_plan(exact.unet) == plan
     backends = {str(layer.bits): layer.backend for layer in quantized_layers(exact.unet).values()}
     assert backends["W8A8"] == "float" and backends["W4A8"] == "onednn"
-    torch.testing.assert_close(_gen(exact), before, rtol=0, atol=2e-3)
+    from mixdq.metrics import psnr
+
+    # The image up to float rounding, bounded by PSNR, not per value: oneDNN and the float
+    # path round differently (more so capped to AVX2), a difference can move an activation
+    # across a rounding boundary and the steps amplify it.  Saturating W8 codes fall to
+    # about 30 dB.
+    assert float(psnr(_gen(exact), before)) > 40
 
     safe = mixdq.load_quantized(out, device="cpu", kernel="int_mm")
     safe_plan = mixdq.current_plan(safe.unet)
@@ -181,8 +187,6 @@ def test_loading_w8_codes_where_int8_kernels_saturate(tiny_sdxl_pipe, tmp_path, 
                if layer.act_bits == 8 and layer.weight_bits <= 8)
     assert mixdq.model_nbytes(safe.unet) == mixdq.model_nbytes(exact.unet)
     assert safe.unet.mixdq_state.fitted == {"layers": n8, "from": "W8A8", "to": "W7A8"}
-    from mixdq.metrics import psnr
-
     assert 30 < float(psnr(_gen(safe), before)) < float("inf")
 
 
