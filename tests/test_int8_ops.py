@@ -6,6 +6,7 @@ Reference: dequant(q_x) @ dequant(q_w)^T + b with asymmetric uint8 activations
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -385,6 +386,11 @@ def test_cpu_kind_override_pins_the_decisions(monkeypatch, tmp_path, kind):
     assert set(choice["linear_s"]) == {"float32", "int_mm", "fbgemm", "onednn"}
     assert set(choice["conv_s"]) == {"float32", "int_mm", "onednn"}
     times = {k: choice[k] for k in ("linear_s", "conv_s")}
+    # every path this build has was timed (inf means its call failed: a float32 linear
+    # that failed once made int_mm the AVX2 choice for packed codes, whatever its speed)
+    for op in ("linear", "conv"):
+        for be, s in times[f"{op}_s"].items():
+            assert math.isfinite(s) or (be != "float32" and not machine.built(be, op)), (op, be, s)
     assert {k: choice[k] for k in choice if k.endswith("_backend")} == machine.pick_backends(times, kind != "avx2")
     if kind == "avx512_vnni":
         assert choice["packed_linear_backend"] == choice["packed_conv_backend"] == "int_mm"

@@ -42,7 +42,7 @@ from .quantizers import fake_quantize_act
 
 CPU_KINDS = ("avx2", "avx512_vnni")
 # bump when _time_backends measures or pick_backends decides anew, so cached choices are redone
-_MEASURE_VERSION = 8
+_MEASURE_VERSION = 9
 
 
 def cache_dir() -> Path:
@@ -245,8 +245,8 @@ def _time_backends() -> dict:
     wcq = torch.round(wc / wcs[:, None, None, None]).to(torch.int8)
     conv = {"float32": lambda: F.conv2d(xc, wc, None, 1, 1)}
     for be in ("int_mm", "onednn"):
-        w = conv_codes_as_held(be, wcq, 8)
-        conv[be] = (lambda f=CONV_KERNELS[be], w=w: f(xc, xs, xz, w, wcs, None, 1, 1)) if built(be, "conv") else None
+        held = conv_codes_as_held(be, wcq, 8)
+        conv[be] = (lambda f=CONV_KERNELS[be], w=held: f(xc, xs, xz, w, wcs, None, 1, 1)) if built(be, "conv") else None
 
     with torch.inference_mode():
         t_lin, t_conv = _fastest(lin), _fastest(conv)
