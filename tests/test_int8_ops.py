@@ -406,6 +406,22 @@ def test_cpu_kind_override_pins_the_decisions(monkeypatch, tmp_path, kind):
         machine.vnni()
 
 
+def test_the_choice_is_measured_per_thread_count(monkeypatch, tmp_path):
+    """One choice per thread count: the backends scale differently with threads, and a
+    choice measured at one count (a 1-thread benchmark) must not decide for another."""
+    monkeypatch.setenv("MIXDQ_CACHE", str(tmp_path))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert machine.cpu_id().endswith(f"|threads {n}")
+            machine.cpu_choice()
+    finally:
+        torch.set_num_threads(threads)
+    keys = json.loads((tmp_path / "kernels.json").read_text())
+    assert sorted(k.rsplit("|", 1)[1] for k in keys) == ["threads 1", "threads 2"]
+
+
 # seconds per layer call, shaped like what _time_backends measured on the machines seen
 _VNNI_EPYC = {"float32": 4.2e-3, "int_mm": 1.3e-3, "fbgemm": 2.1e-3, "onednn": 1.1e-3}
 _AMX_XEON = {"float32": 5.7e-3, "int_mm": 1.9e-3, "fbgemm": 2.2e-3, "onednn": 0.9e-3}

@@ -5,8 +5,8 @@ The machines differ (see README): on an EPYC with AVX-512 VNNI `torch._int_mm`
 is several times faster than float32 matmul; on an AVX2-only EPYC it is 30-100x
 slower, while oneDNN's and FBGEMM's prepacked int8 kernels are about 2x faster
 than float32; on a Xeon with AMX oneDNN's are twice as fast as `torch._int_mm`.
-So the choice is measured once per machine (a micro-benchmark of well under a
-second, cached in ~/.cache/mixdq) and made by `pick_backends`; the same measurement
+So the choice is measured once per machine and thread count (a micro-benchmark of
+well under a second, cached in ~/.cache/mixdq) and made by `pick_backends`; the same measurement
 times attention in float32 and bfloat16 for `pick_attention` (attention.py).
 
 MIXDQ_CPU=avx2|avx512_vnni makes the library decide for that kind of CPU instead
@@ -111,12 +111,14 @@ def cpu_kind() -> str:
 
 
 def cpu_id() -> str:
-    """What a measured choice is valid for: the CPU, the kind decided for, and the
-    instruction-set caps of the kernel libraries (an emulated older CPU)."""
+    """What a measured choice is valid for: the CPU, the kind decided for, the
+    instruction-set caps of the kernel libraries (an emulated older CPU) and torch's
+    thread count (the backends scale differently with threads, so the ranking at one
+    count says little about another)."""
     caps = ",".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS",
                                                      "ATEN_CPU_CAPABILITY") if os.environ.get(k))
     return (f"{cpu_name()}|{torch.backends.cpu.get_cpu_capability()}|{cpu_kind()}|{caps}"
-            f"|torch {torch.__version__}")
+            f"|torch {torch.__version__}|threads {torch.get_num_threads()}")
 
 
 def cpu_capability() -> dict:
